@@ -1,0 +1,233 @@
+"""Adapter files: save / load (self-contained, fingerprinted), PEFT export, atomic writes.
+
+An adapter directory holds
+
+    adapter_config.json      {"format": "pissa-adapter", "version": 1, "config": AdapterConfig,
+                              "layers": {name: {"in", "out", "base_digest", "residual_digest"}},
+                              "base_fingerprint", "residual_fingerprint"}
+    adapter.safetensors      {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
+                             {name}.A0 (r, in),     {name}.B0 (out, r)       initial factors
+
+The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
+base weights (the same :func:`~pissa.decompose.residual_of` as at attach), so no residual
+model needs to be stored. No pickle anywhere; every file and directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .errors import PissaError
+from .fingerprint import model_fingerprint, weight_digest
+from .layer import dense_weight, is_adaptable, is_conv1d
+from .model import adapted_layers, rebuild
+
+FORMAT = "pissa-adapter"
+VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter.safetensors"
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` with the process umask applied (mkdtemp/mkstemp create private 0700/0600 entries)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
+
+    On error the temporary directory is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _layers_or_fail(model: nn.Module) -> list:
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise PissaError("this model has no pissa adapters; call pissa.attach(model, cfg) first")
+    return layers
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path."""
+    layers = _layers_or_fail(model)
+    cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for name, layer in layers:
+        for key, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)):
+            tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
+        meta[name] = {
+            "in": layer.in_features,
+            "out": layer.out_features,
+            "base_digest": layer.base_digest,
+            "residual_digest": weight_digest(layer.residual.weight),
+        }
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": cfg.to_dict(),
+        "layers": meta,
+        "base_fingerprint": model_fingerprint({n: m["base_digest"] for n, m in meta.items()}),
+        "residual_fingerprint": model_fingerprint({n: m["residual_digest"] for n, m in meta.items()}),
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config document and tensors of an adapter directory, validated."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
+        raise PissaError(f"{path} is not a pissa adapter directory (needs {CONFIG_FILE} and {TENSORS_FILE}); pass the folder save_adapter wrote")
+    try:
+        doc = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise PissaError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-save the adapter") from None
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise PissaError(f"{path} has format {doc.get('format')!r} v{doc.get('version')}; this pissa reads {FORMAT} v{VERSION}")
+    try:
+        tensors = load_file(str(path / TENSORS_FILE))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise PissaError(f"{path / TENSORS_FILE} cannot be read ({e}); re-save the adapter") from None
+    return doc, tensors
+
+
+def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Adapt ``base`` (the original model, unmodified) with the adapter at ``path``, in place.
+
+    The base may also be the residual model that ``pissa init`` wrote. Refuses any other model.
+    """
+    doc, tensors = read_adapter(path)
+    cfg = AdapterConfig.from_dict(doc["config"])
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    digests: dict[str, str] = {}
+    residual_ready: set[str] = set()
+    for name, meta in doc["layers"].items():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise PissaError(f"adapter at {path} was made for another model: layer {name!r} is missing here") from None
+        W = dense_weight(module) if is_adaptable(module) else None
+        if W is None or tuple(W.shape) != (meta["out"], meta["in"]):
+            raise PissaError(f"adapter at {path} was made for another model: layer {name!r} has a different type or shape")
+        digest = weight_digest(module.weight)
+        if digest == meta["residual_digest"]:
+            residual_ready.add(name)
+        elif digest != meta["base_digest"]:
+            raise PissaError(
+                f"adapter at {path} was made from a different base model (weights of {name!r} differ, "
+                f"fingerprint {doc['base_fingerprint']}); load it onto the model it was created from"
+            )
+        factors[name] = (tensors[f"{name}.A0"], tensors[f"{name}.B0"])
+        digests[name] = meta["base_digest"]
+    rebuild(base, cfg, factors, digests, residual_ready)
+    with torch.no_grad():
+        for name, layer in adapted_layers(base):
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+    return base
+
+
+def peft_factors(layer) -> tuple[Tensor, Tensor]:
+    """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]`` (rank 2r).
+
+    When ``B0 = 0`` (LoRA's init) the second half vanishes and rank r is enough.
+    Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
+    """
+    A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+    A0, B0 = layer.A0.float(), layer.B0.float()
+    if not B0.any():
+        return A, B
+    return torch.cat([A, A0], 0), torch.cat([B, -B0], 1)
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a Hugging Face PEFT LoRA adapter (rank 2r) that reproduces the trained model on the original base."""
+    layers = _layers_or_fail(model)
+    cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
+    if cfg.quantize is not None:
+        warnings.warn(
+            "the exported LoRA applies to the unquantized base weights; outputs differ from the "
+            "4-bit-residual model by the residual's quantization error",
+            stacklevel=2,
+        )
+    factors = {name: peft_factors(layer) for name, layer in layers}
+    ranks = {A.shape[0] for A, _ in factors.values()}
+    if len(ranks) != 1:
+        raise PissaError("layers export to different ranks; this adapter cannot be written as one PEFT LoRA")
+    r = ranks.pop()
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    names = [name for name, _ in layers]
+    arch = type(model).__name__
+    task = "CAUSAL_LM" if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") else None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": cfg.scaling * r,
+        "lora_dropout": cfg.dropout,
+        "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
+        "fan_in_fan_out": all(is_conv1d(layer.residual) for _, layer in layers),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return Path(path)

@@ -1,0 +1,208 @@
+"""attach / merge: put adapters into a model and take them out again.
+
+``attach`` finds the target layers, decomposes their weights (equal shapes batched together),
+and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
+``W - scaling * B0 @ A0``. Everything but the factors is frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import AdapterConfig
+from .decompose import InitOptions, check_weight, compute_dtype, init_factors, layer_seed, residual_of
+from .errors import PissaError
+from .fingerprint import weight_digest
+from .layer import PissaLinear, dense_weight, is_adaptable, set_dense_weight
+
+HEAD_NAMES = ("lm_head", "score", "classifier")
+"""Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
+
+BATCH_BYTES = 1 << 29
+"""Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
+    """(name, layer) for every adapted layer, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, PissaLinear):
+            yield name, module
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Names of the output head and of any layer whose weight is the input embedding matrix."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    emb = get_in() if callable(get_in) else None
+    emb_weight = getattr(emb, "weight", None)
+    heads = set()
+    for name, module in model.named_modules():
+        tied = emb_weight is not None and getattr(module, "weight", None) is emb_weight
+        if module is out or tied or any(part in HEAD_NAMES for part in name.split(".")):
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A target pattern matches a module name as the whole name, a dotted suffix, or a full regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the Linear/Conv1D layers selected by ``targets`` (see AdapterConfig.targets)."""
+    layers = [name for name, m in model.named_modules() if name and is_adaptable(m)]
+    if targets == "all-linear":
+        heads = _head_names(model)
+        chosen = [n for n in layers if n not in heads]
+        if not chosen:
+            raise PissaError("the model has no Linear or Conv1D layer besides its output head; nothing to adapt")
+        return chosen
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    chosen = [n for n in layers if any(_matches(n, p) for p in patterns)]
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise PissaError(
+            f"targets {patterns} matched no Linear/Conv1D layer; available names end in: {', '.join(suffixes[:20])}"
+            + (f" (e.g. {layers[0]})" if layers else "")
+        )
+    return chosen
+
+
+def _batches(names: list[str], weights: dict[str, Tensor]) -> Iterator[list[str]]:
+    """Group layer names by (shape, dtype, device), each group cut to at most BATCH_BYTES of float32."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for n in names:
+        W = weights[n]
+        groups[(tuple(W.shape), W.dtype, W.device)].append(n)
+    for (shape, _, _), group in groups.items():
+        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+        for i in range(0, len(group), per):
+            yield group[i : i + per]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> nn.Module:
+    """Adapt ``model`` in place and return it; only the adapter factors remain trainable.
+
+    For each target layer with weight ``W (out, in)``: ``(A, B) = method(W)`` in float32
+    (float64 for float64 weights), stored as ``A0 = A / sqrt(s)``, ``B0 = B / sqrt(s)`` in
+    ``cfg.factor_dtype`` (``s = alpha / rank``) so that ``s * B0 @ A0 = B @ A``; the residual
+    ``W - s * B0 @ A0`` is cast back to W's dtype. At init the outputs equal the base's up to
+    the rounding of that cast (fp32: ~1e-6 relative; bf16: ~1e-2).
+    """
+    if any(True for _ in adapted_layers(model)):
+        raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
+    names = find_targets(model, cfg.targets)
+    modules = {n: model.get_submodule(n) for n in names}
+    weights = {n: dense_weight(m).detach() for n, m in modules.items()}
+    for n in names:
+        check_weight(weights[n], cfg.rank, f"layer {n!r}")
+    if cfg.quantize is not None:
+        from .quant import check_quantizable
+
+        check_quantizable(cfg)
+    digests = {n: weight_digest(modules[n].weight) for n in names}
+    root = cfg.scaling**0.5
+    batches = list(_batches(names, weights))
+    bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
+    for batch in batches:
+        W = torch.stack([weights[n] for n in batch]).to(compute_dtype(weights[batch[0]].dtype))
+        opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
+        A, B = init_factors(W, cfg.rank, cfg.method, opt)
+        del W
+        for i, n in enumerate(batch):
+            A0 = (A[i] / root).to(cfg.torch_factor_dtype)
+            B0 = (B[i] / root).to(cfg.torch_factor_dtype)
+            _set_module(model, n, _make_layer(modules[n], weights[n], A0, B0, cfg, digests[n]))
+            bar.update(1)
+    bar.close()
+    return _freeze_base(model, cfg)
+
+
+def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Make the adapter factors the only trainable parameters and record the config on the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapted_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    model.pissa_config = cfg  # type: ignore[assignment]
+    return model
+
+
+def _make_layer(
+    module: nn.Module, W: Tensor, A0: Tensor, B0: Tensor, cfg: AdapterConfig, digest: str, is_residual: bool = False
+) -> PissaLinear:
+    """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
+
+    ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it.
+    """
+    if is_residual:
+        return _wrap(module, A0, B0, cfg, digest)
+    residual = residual_of(W, A0, B0, cfg.scaling)
+    if cfg.quantize is not None:
+        from .quant import quantize_residual
+
+        module = quantize_residual(module, residual, cfg.quantize)
+    else:
+        set_dense_weight(module, residual)
+    return _wrap(module, A0, B0, cfg, digest)
+
+
+def _wrap(residual: nn.Module, A0: Tensor, B0: Tensor, cfg: AdapterConfig, digest: str) -> PissaLinear:
+    layer = PissaLinear(residual, A0, B0, cfg.scaling, cfg.dropout)
+    layer.base_digest = digest
+    return layer
+
+
+def rebuild(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    factors: dict[str, tuple[Tensor, Tensor]],
+    digests: dict[str, str],
+    residual_ready: set[str] = frozenset(),  # type: ignore[assignment]
+) -> nn.Module:
+    """Adapt ``model`` from known initial factors ``{name: (A0, B0)}`` (used by load_adapter).
+
+    Layers named in ``residual_ready`` already hold their residual and are wrapped as they are.
+    """
+    if any(True for _ in adapted_layers(model)):
+        raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
+    for n, (A0, B0) in factors.items():
+        module = model.get_submodule(n)
+        layer = _make_layer(module, dense_weight(module).detach(), A0, B0, cfg, digests[n], n in residual_ready)
+        _set_module(model, n, layer)
+    return _freeze_base(model, cfg)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer (``W_res + s * B @ A``) and return the plain model."""
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise PissaError("this model has no pissa adapters to merge; call pissa.attach or pissa.load_adapter first")
+    for name, layer in layers:
+        _set_module(model, name, layer.merged())
+    if hasattr(model, "pissa_config"):
+        del model.pissa_config
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters with requires_grad (for PiSSA/LoRA: sum of rank * (in + out))."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

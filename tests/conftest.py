@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models of every supported layer kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A small MLP with Linear layers of three shapes."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 12)).to(dtype)
+
+
+def tiny_gpt2() -> nn.Module:
+    """A randomly initialized 2-layer GPT-2 (Conv1D projections, tied lm_head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    cfg = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialized 2-layer Llama (Linear projections, untied lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def train_steps(model: nn.Module, batches: list, loss_fn, steps: int = 5, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on the trainable parameters; returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for i in range(steps):
+        loss = loss_fn(model, batches[i % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

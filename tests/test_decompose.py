@@ -1,0 +1,123 @@
+"""decompose: residual + B A == W, and the principal part is optimal (property tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pissa
+from pissa.decompose import METHODS
+from pissa.svd import truncated_svd
+
+
+def optimal_residual(W: torch.Tensor, r: int) -> float:
+    """sqrt(sum of the discarded S^2): the Frobenius error of the best rank-r approximation."""
+    S = torch.linalg.svdvals(W.double())
+    return S[r:].pow(2).sum().sqrt().item()
+
+
+def decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
+    """A random m x n matrix with singular values decay^i (a trained-weight-like spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    S = decay ** torch.arange(k, dtype=torch.float64)
+    return (U * S) @ V.T
+
+
+shapes = st.tuples(st.integers(1, 96), st.integers(1, 96))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, rank_frac=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**31), method=st.sampled_from(sorted(METHODS)))
+def test_residual_plus_product_is_weight(shape, rank_frac, dtype, seed, method) -> None:
+    m, n = shape
+    r = max(1, round(rank_frac * min(m, n)))
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    d = pissa.decompose(W, r, method=method, seed=seed)
+    assert d.A.shape == (r, n) and d.B.shape == (m, r) and d.residual.shape == (m, n)
+    assert d.residual.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(d.residual + d.B @ d.A, W, atol=tol * max(1.0, W.abs().max().item()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(8, 160), n=st.integers(8, 160), rank_frac=st.floats(0.0, 0.5),
+       decay=st.floats(0.8, 0.999), seed=st.integers(0, 2**31))
+def test_pissa_principal_part_is_optimal(m, n, rank_frac, decay, seed) -> None:
+    """The default (block Krylov) residual is within 0.1% of the best rank-r residual."""
+    W = decaying(m, n, decay, seed).float()
+    r = max(1, round(rank_frac * min(m, n)))
+    d = pissa.decompose(W, r, method="pissa", seed=seed)
+    err = (W.double() - d.B.double() @ d.A.double()).norm().item()
+    assert err <= 1.001 * optimal_residual(W, r) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_decompose_in_float32(dtype) -> None:
+    W = torch.randn(64, 48).to(dtype)
+    d = pissa.decompose(W, 8)
+    assert d.A.dtype == torch.float32 and d.B.dtype == torch.float32 and d.residual.dtype == dtype
+    # the only error is the cast of the residual back to the half dtype (eps 2^-8 or 2^-11)
+    eps = torch.finfo(dtype).eps
+    assert (d.residual.float() + d.B @ d.A - W.float()).abs().max() <= eps * W.float().abs().max()
+
+
+def test_pissa_factors_are_balanced_singular_factors() -> None:
+    W = decaying(50, 30, 0.9, 0)
+    d = pissa.decompose(W, 5, svd="exact")
+    U, S, Vh = torch.linalg.svd(W)
+    # B^T B = A A^T = diag(S[:r]) for the sqrt(S) split
+    assert torch.allclose(d.B.T @ d.B, torch.diag(S[:5]), atol=1e-10)
+    assert torch.allclose(d.A @ d.A.T, torch.diag(S[:5]), atol=1e-10)
+
+
+def test_lora_init_is_kaiming_uniform_and_zero() -> None:
+    W = torch.randn(40, 100)
+    d = pissa.decompose(W, 4, method="lora", seed=3)
+    assert torch.count_nonzero(d.B) == 0 and torch.equal(d.residual, W)
+    assert d.A.abs().max() <= 1 / 100**0.5 and d.A.std() > 0.5 / 100**0.5 / 3**0.5
+    assert torch.equal(d.A, pissa.decompose(W, 4, method="lora", seed=3).A)
+    assert not torch.equal(d.A, pissa.decompose(W, 4, method="lora", seed=4).A)
+
+
+def test_krylov_matches_exact_svd_on_decaying_spectrum() -> None:
+    W = decaying(300, 200, 0.97, 1).float()
+    U, S, Vh = truncated_svd(W[None], 10, seeds=[0])
+    _, S_exact, _ = truncated_svd(W[None], 10, method="exact")
+    assert torch.allclose(S, S_exact, rtol=1e-4)
+    assert torch.allclose(U.mT @ U, torch.eye(10).expand(1, 10, 10), atol=1e-5)
+
+
+def test_batched_equals_single() -> None:
+    """A matrix's factors do not depend on which other matrices share its batch."""
+    Ws = torch.stack([decaying(120, 90, 0.95, s).float() for s in range(3)])
+    U, S, Vh = truncated_svd(Ws, 6, seeds=[5, 6, 7])
+    U1, S1, Vh1 = truncated_svd(Ws[1:2], 6, seeds=[6])
+    assert torch.allclose(S[1], S1[0], rtol=1e-5)
+    assert torch.allclose((U[1] * S[1]) @ Vh[1], (U1[0] * S1[0]) @ Vh1[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "weight, rank, message",
+    [
+        (torch.randn(8, 6), 0, "choose 1 <= rank <= 6"),
+        (torch.randn(8, 6), 7, "choose 1 <= rank <= 6"),
+        (torch.randint(-5, 5, (8, 6), dtype=torch.int8), 2, "cannot be decomposed"),
+        (torch.full((8, 6), float("nan")), 2, "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1, "NaN or Inf"),
+        (torch.randn(4, 3, 2), 1, "2-D"),
+    ],
+)
+def test_bad_weights_are_refused(weight, rank, message) -> None:
+    with pytest.raises(pissa.PissaError, match=message):
+        pissa.decompose(weight, rank)
+
+
+def test_unknown_method_is_refused() -> None:
+    with pytest.raises(pissa.PissaError, match="unknown method 'dora'; choose one of"):
+        pissa.decompose(torch.randn(4, 4), 2, method="dora")
