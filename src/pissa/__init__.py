@@ -11,7 +11,7 @@ from .decompose import METHODS, Decomposition, decompose
 from .errors import PissaError
 from .io import export_peft, load_adapter, save_adapter
 from .layer import PissaLinear
-from .model import adapted_layers, attach, merge, trainable_parameters
+from .model import adapted_layers, attach, merge, regularization, trainable_parameters
 
 __all__ = [
     "AdapterConfig",
@@ -25,6 +25,7 @@ __all__ = [
     "export_peft",
     "load_adapter",
     "merge",
+    "regularization",
     "save_adapter",
     "trainable_parameters",
 ]

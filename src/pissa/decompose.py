@@ -8,14 +8,19 @@ Every method maps a batch of weights ``W (L, out, in)`` (float32 or float64) to 
 
 so that ``residual + B @ A == W`` and the adapted model starts exactly where the base was.
 Adding a method is one function here, one line in ``METHODS`` and one test.
+
+Structured methods (SVFit, LoRA-XS, SORSA) return a :class:`Factors` instead of ``(A, B)``:
+an ``r x r`` (or diagonal) ``core`` between B and A and the list of parts that train. Their
+initial product is ``B @ core @ A`` and the residual ``W - B @ core @ A`` (same formula).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -41,7 +46,69 @@ def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-InitFn = Callable[[Tensor, int, InitOptions], tuple[Tensor, Tensor]]
+Part = Literal["A", "B", "core"]
+
+
+@dataclass(frozen=True)
+class Factors:
+    """An adapter's factors: the update is ``B @ core @ A`` (``B @ A`` without a core).
+
+    Shapes (leading batch dims allowed): ``A (..., r, in)``, ``B (..., out, r)``, ``core`` None,
+    ``(..., r)`` (a diagonal) or ``(..., r, r)``. ``train`` names the parts that are trainable;
+    ``orthonormal`` marks factors whose columns (B) and rows (A) should stay orthonormal
+    (:func:`pissa.regularization` penalizes the drift, as SORSA does).
+    """
+
+    A: Tensor
+    B: Tensor
+    core: Tensor | None = None
+    train: tuple[Part, ...] = ("A", "B")
+    orthonormal: bool = False
+
+    def layer(self, i: int) -> "Factors":
+        """Matrix ``i`` of a batch."""
+        core = None if self.core is None else self.core[i]
+        return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core)
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """``(A, B @ core)``: two factors with the same product."""
+        return self.A, fold_core(self.B, self.core)
+
+    def scaled(self, scaling: float) -> "Factors":
+        """Initial factors for an update scaled by ``s``: ``s * B0 @ core0 @ A0 == B @ core @ A``.
+
+        Without a core A and B are divided by ``sqrt(s)`` (balanced, as PiSSA's sqrt(S) split);
+        with a core only the core is divided by ``s``, so orthonormal A and B stay orthonormal.
+        """
+        if self.core is not None:
+            return dataclasses.replace(self, core=self.core / scaling)
+        root = scaling**0.5
+        return dataclasses.replace(self, A=self.A / root, B=self.B / root)
+
+    def to(self, dtype: torch.dtype) -> "Factors":
+        core = None if self.core is None else self.core.to(dtype)
+        return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core)
+
+
+def fold_core(B: Tensor, core: Tensor | None) -> Tensor:
+    """``B @ core`` (out, r) for a full ``(r, r)`` core, ``B * core`` for a diagonal ``(r,)``, B if None."""
+    if core is None:
+        return B
+    return B * core.unsqueeze(-2) if core.dim() == B.dim() - 1 else B @ core
+
+
+def as_factors(result: "tuple[Tensor, Tensor] | Factors") -> Factors:
+    """An init function's result as :class:`Factors` (a plain ``(A, B)`` pair: both train)."""
+    return result if isinstance(result, Factors) else Factors(A=result[0], B=result[1])
+
+
+def orthonormality(A: Tensor, B: Tensor) -> Tensor:
+    """SORSA's regularizer ``||B^T B - I||_F + ||A A^T - I||_F`` for ``A (r, in)``, ``B (out, r)`` (a 0-d tensor)."""
+    eye = torch.eye(A.shape[-2], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(B.mT @ B - eye) + torch.linalg.matrix_norm(A @ A.mT - eye)
+
+
+InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
 
 
 def pissa_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
@@ -64,9 +131,73 @@ def lora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     return A, torch.zeros(L, out_f, r, dtype=W.dtype, device=W.device)
 
 
+def milora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """MiLoRA (Wang et al., 2024, arXiv 2406.09044): the r *minor* singular triplets.
+
+    ``B = U[:, -r:] sqrt(S[-r:])``, ``A = sqrt(S[-r:]) V[:, -r:]^T`` (the last r of the
+    min(out, in) triplets); the residual is the principal part. Always a full (exact) SVD:
+    a randomized sketch cannot find the smallest singular values.
+    """
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = S[..., -r:].sqrt()
+    return root.unsqueeze(-1) * Vh[..., -r:, :], U[..., -r:] * root.unsqueeze(-2)
+
+
+def olora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """OLoRA (Büyükakyüz, 2024, arXiv 2406.01775): a thin QR ``W = Q R`` (Householder, LAPACK signs).
+
+    ``B = Q[:, :r]`` (orthonormal columns), ``A = R[:r]``: ``B A`` is W projected on the span
+    of its first r columns. As in PEFT's ``olora_init``; PEFT keeps ``(Q_r, R_r)`` and subtracts
+    ``s Q_r R_r`` from W, while here (every method) the residual is ``W - Q_r R_r`` and attach
+    stores the factors divided by sqrt(s), so the two agree exactly at scaling 1.
+    """
+    Q, R = torch.linalg.qr(W)
+    return R[..., :r, :], Q[..., :, :r]
+
+
+def svfit_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """SVFit (Sun et al., 2024, arXiv 2409.05926): train only the top-r singular values.
+
+    ``B = U_r``, ``core = S_r`` (diagonal, trainable: r parameters per layer), ``A = V_r^T``,
+    with U_r and V_r frozen; the residual is ``W - U_r diag(S_r) V_r^T``.
+    """
+    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    return Factors(A=Vh, B=U, core=S, train=("core",))
+
+
+def lora_xs_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """LoRA-XS (Bałazy et al., 2024, arXiv 2405.17604): a trainable ``r x r`` core between frozen SVD factors.
+
+    ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T`` (frozen), ``core = 0`` (trainable: r^2
+    parameters per layer), so the update ``B R A`` starts at zero and the residual is W. The
+    paper puts S_r on one side (``U_r S_r``, ``V_r^T``); the balanced sqrt split follows PEFT's
+    TinyLoRA and PiSSA.
+    """
+    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    root = S.sqrt()
+    core = torch.zeros(*S.shape, r, dtype=W.dtype, device=W.device)
+    return Factors(A=root.unsqueeze(-1) * Vh, B=U * root.unsqueeze(-2), core=core, train=("core",))
+
+
+def sorsa_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """SORSA (Cao, 2024, arXiv 2409.00055): PiSSA's principal part kept as ``U_r, S_r, V_r^T``, all trainable.
+
+    ``B = U_r``, ``core = S_r`` (diagonal), ``A = V_r^T`` (r (in + out) + r parameters per
+    layer); the orthonormality regularizer ``||U_r^T U_r - I||_F + ||V_r^T V_r - I||_F`` is
+    :func:`pissa.regularization` (``pissa finetune --reg-weight``).
+    """
+    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    return Factors(A=Vh, B=U, core=S, train=("A", "B", "core"), orthonormal=True)
+
+
 METHODS: dict[str, InitFn] = {
     "pissa": pissa_init,
     "lora": lora_init,
+    "milora": milora_init,
+    "olora": olora_init,
+    "svfit": svfit_init,
+    "lora-xs": lora_xs_init,
+    "sorsa": sorsa_init,
 }
 
 
@@ -95,14 +226,16 @@ def check_weight(W: Tensor, rank: int, name: str = "weight") -> None:
         raise PissaError(f"{name} contains NaN or Inf; fix or reload the model weights before adapting")
 
 
-def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
-    """``weight - scaling * B @ A``, computed in float32 (float64 if any input is) and cast to weight.dtype.
+def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core: Tensor | None = None) -> Tensor:
+    """``weight - scaling * B @ core @ A`` (no core: ``B @ A``), computed in float32 (float64 if any
+    input is) and cast to weight.dtype.
 
     The one formula for the residual: attach, load_adapter and decompose all call it, so a
     residual rebuilt from the saved initial factors is bit-identical to the one made at attach.
     """
-    dt = torch.float64 if torch.float64 in (weight.dtype, A.dtype, B.dtype) else torch.float32
-    delta = B.to(dt) @ A.to(dt)
+    dtypes = (weight.dtype, A.dtype, B.dtype) + (() if core is None else (core.dtype,))
+    dt = torch.float64 if torch.float64 in dtypes else torch.float32
+    delta = fold_core(B.to(dt), None if core is None else core.to(dt)) @ A.to(dt)
     if scaling != 1.0:
         delta = delta * scaling
     return (weight.to(dt) - delta).to(weight.dtype)
@@ -113,11 +246,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def init_factors(W: Tensor, rank: int, method: str, opt: InitOptions) -> tuple[Tensor, Tensor]:
-    """Run the registered method on ``W (L, out, in)`` in float32/float64; returns (A (L, r, in), B (L, out, r))."""
+def init_structured(W: Tensor, rank: int, method: str, opt: InitOptions) -> Factors:
+    """Run the registered method on ``W (L, out, in)`` in float32/float64; returns its :class:`Factors`."""
     if method not in METHODS:
         raise PissaError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[method](W.to(compute_dtype(W.dtype)), rank, opt)
+    return as_factors(METHODS[method](W.to(compute_dtype(W.dtype)), rank, opt))
+
+
+def init_factors(W: Tensor, rank: int, method: str, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """Like :func:`init_structured`, with any core folded into B: ``(A (L, r, in), B (L, out, r))``, same product."""
+    return init_structured(W, rank, method, opt).folded()
 
 
 def decompose(

@@ -7,6 +7,10 @@ An adapter directory holds
                               "base_fingerprint", "residual_fingerprint"}
     adapter.safetensors      {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
                              {name}.A0 (r, in),     {name}.B0 (out, r)       initial factors
+                             {name}.lora_core, {name}.core0 ((r,) or (r, r)) methods with a core
+
+A layer's entry in "layers" also records ``train`` (its trainable parts) and ``orthonormal``
+(absent in older files: A and B train, no core).
 
 The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
 base weights (the same :func:`~pissa.decompose.residual_of` as at attach), so no residual
@@ -30,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .decompose import Factors, fold_core
 from .errors import PissaError
 from .fingerprint import model_fingerprint, weight_digest
 from .layer import dense_weight, is_adaptable, is_conv1d
@@ -100,13 +105,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors: dict[str, Tensor] = {}
     meta: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        for key, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)):
+        parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
+        if layer.lora_core is not None:
+            parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
+        for key, t in parts:
             tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
         meta[name] = {
             "in": layer.in_features,
             "out": layer.out_features,
             "base_digest": layer.base_digest,
             "residual_digest": weight_digest(layer.residual.weight),
+            "train": list(layer.train_parts),
+            "orthonormal": layer.orthonormal,
         }
     doc = {
         "format": FORMAT,
@@ -147,7 +157,7 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     doc, tensors = read_adapter(path)
     cfg = AdapterConfig.from_dict(doc["config"])
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    factors: dict[str, Factors] = {}
     digests: dict[str, str] = {}
     residual_ready: set[str] = set()
     for name, meta in doc["layers"].items():
@@ -166,31 +176,46 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"adapter at {path} was made from a different base model (weights of {name!r} differ, "
                 f"fingerprint {doc['base_fingerprint']}); load it onto the model it was created from"
             )
-        factors[name] = (tensors[f"{name}.A0"], tensors[f"{name}.B0"])
+        factors[name] = Factors(
+            A=tensors[f"{name}.A0"],
+            B=tensors[f"{name}.B0"],
+            core=tensors.get(f"{name}.core0"),
+            train=tuple(meta.get("train", ("A", "B"))),
+            orthonormal=bool(meta.get("orthonormal", False)),
+        )
         digests[name] = meta["base_digest"]
     rebuild(base, cfg, factors, digests, residual_ready)
     with torch.no_grad():
         for name, layer in adapted_layers(base):
             layer.lora_A.copy_(tensors[f"{name}.lora_A"])
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+            if layer.lora_core is not None:
+                layer.lora_core.copy_(tensors[f"{name}.lora_core"])
     return base
 
 
 def peft_factors(layer) -> tuple[Tensor, Tensor]:
     """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]`` (rank 2r).
 
-    When ``B0 = 0`` (LoRA's init) the second half vanishes and rank r is enough.
+    A core is folded into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r
+    is enough when ``B0 C0 = 0`` (LoRA, LoRA-XS: ``[B C] A``) or when A is frozen, so A = A0
+    (SVFit, LoRA-XS: ``(B C - B0 C0) A``).
     Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
     """
-    A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
-    A0, B0 = layer.A0.float(), layer.B0.float()
-    if not B0.any():
-        return A, B
-    return torch.cat([A, A0], 0), torch.cat([B, -B0], 1)
+    core = None if layer.lora_core is None else layer.lora_core.detach().float()
+    core0 = None if layer.core0 is None else layer.core0.float()
+    A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
+    A0, BC0 = layer.A0.float(), fold_core(layer.B0.float(), core0)
+    if "A" not in layer.train_parts:
+        return A, BC - BC0
+    if not BC0.any():
+        return A, BC
+    return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a Hugging Face PEFT LoRA adapter (rank 2r) that reproduces the trained model on the original base."""
+    """Write a Hugging Face PEFT LoRA adapter (rank 2r, or r, see :func:`peft_factors`) that reproduces the
+    trained model on the original base."""
     layers = _layers_or_fail(model)
     cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
     if cfg.quantize is not None:

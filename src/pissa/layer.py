@@ -1,12 +1,17 @@
 """The adapted linear layer: a frozen residual layer plus a trainable low-rank path.
 
     y = residual(x) + scaling * (dropout(x) @ A^T) @ B^T
+    y = residual(x) + scaling * ((dropout(x) @ A^T) @ core^T) @ B^T     (with a core)
 
 ``residual`` is the original module (``nn.Linear``, or Hugging Face ``Conv1D`` whose weight is
 stored (in, out)) with its weight replaced by ``W_res = W - scaling * B0 @ A0`` and its bias
 kept. ``A (r, in)`` and ``B (out, r)`` train; ``A0``/``B0`` are the initial factors, kept as
 buffers because they (with the base weights) rebuild the residual exactly and define the
 update ``scaling * (B A - B0 A0)`` that ``export_peft`` writes.
+
+Structured methods (SVFit, LoRA-XS, SORSA) add a ``core`` (``(r,)`` diagonal or ``(r, r)``)
+and its initial value ``core0``; everywhere ``B`` reads ``B @ core`` (residual
+``W - s B0 core0 A0``), and ``train`` says which of A, B, core are trainable.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .decompose import Part, fold_core
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -38,19 +45,37 @@ def set_dense_weight(module: nn.Module, W: Tensor) -> None:
 
 
 class PissaLinear(nn.Module):
-    """A frozen residual layer plus ``scaling * B @ A``; see the module docstring for the formula."""
+    """A frozen residual layer plus ``scaling * B @ [core @] A``; see the module docstring for the formula."""
 
-    def __init__(self, residual: nn.Module, A: Tensor, B: Tensor, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        residual: nn.Module,
+        A: Tensor,
+        B: Tensor,
+        scaling: float,
+        dropout: float = 0.0,
+        core: Tensor | None = None,
+        train: tuple[Part, ...] = ("A", "B"),
+        orthonormal: bool = False,
+    ) -> None:
         super().__init__()
         self.residual = residual
         for p in self.residual.parameters():
             p.requires_grad_(False)
         self.lora_A = nn.Parameter(A.clone())
         self.lora_B = nn.Parameter(B.clone())
+        self.lora_core = None if core is None else nn.Parameter(core.clone())
         self.register_buffer("A0", A.clone())
         self.register_buffer("B0", B.clone())
+        self.register_buffer("core0", None if core is None else core.clone())
         self.scaling = float(scaling)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train_parts = tuple(train)
+        self.orthonormal = orthonormal
+
+    def factor(self, part: Part) -> nn.Parameter:
+        """The parameter of part "A", "B" or "core"."""
+        return {"A": self.lora_A, "B": self.lora_B, "core": self.lora_core}[part]
 
     @property
     def rank(self) -> int:
@@ -70,12 +95,15 @@ class PissaLinear(nn.Module):
         return self.residual.weight
 
     def delta(self) -> Tensor:
-        """The current low-rank term ``scaling * B @ A`` (out, in), in the factors' dtype."""
-        return self.scaling * (self.lora_B @ self.lora_A)
+        """The current low-rank term ``scaling * B @ core @ A`` (out, in), in the factors' dtype."""
+        return self.scaling * (fold_core(self.lora_B, self.lora_core) @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.residual(x)
-        h = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        if self.lora_core is not None:
+            h = h * self.lora_core if self.lora_core.dim() == 1 else F.linear(h, self.lora_core)
+        h = F.linear(h, self.lora_B)
         if self.scaling != 1.0:
             h = h * self.scaling
         return y + h.to(y.dtype)
@@ -88,4 +116,5 @@ class PissaLinear(nn.Module):
         return self.residual
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+        core = "" if self.lora_core is None else f", core={tuple(self.lora_core.shape)}, train={'+'.join(self.train_parts)}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}{core}"

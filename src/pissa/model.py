@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import AdapterConfig
-from .decompose import InitOptions, check_weight, compute_dtype, init_factors, layer_seed, residual_of
+from .decompose import (
+    Factors, InitOptions, as_factors, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
+)
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .layer import PissaLinear, dense_weight, is_adaptable, set_dense_weight
@@ -104,7 +106,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     (float64 for float64 weights), stored as ``A0 = A / sqrt(s)``, ``B0 = B / sqrt(s)`` in
     ``cfg.factor_dtype`` (``s = alpha / rank``) so that ``s * B0 @ A0 = B @ A``; the residual
     ``W - s * B0 @ A0`` is cast back to W's dtype. At init the outputs equal the base's up to
-    the rounding of that cast (fp32: ~1e-6 relative; bf16: ~1e-2).
+    the rounding of that cast (fp32: ~1e-6 relative; bf16: ~1e-2). Methods with a core
+    (``B @ core @ A``) keep A and B as returned and store ``core0 = core / s`` instead
+    (:meth:`~pissa.decompose.Factors.scaled`); only the parts the method names train.
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
@@ -118,18 +122,16 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
 
         check_quantizable(cfg)
     digests = {n: weight_digest(modules[n].weight) for n in names}
-    root = cfg.scaling**0.5
     batches = list(_batches(names, weights))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
     for batch in batches:
         W = torch.stack([weights[n] for n in batch]).to(compute_dtype(weights[batch[0]].dtype))
         opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
-        A, B = init_factors(W, cfg.rank, cfg.method, opt)
+        factors = init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
         del W
         for i, n in enumerate(batch):
-            A0 = (A[i] / root).to(cfg.torch_factor_dtype)
-            B0 = (B[i] / root).to(cfg.torch_factor_dtype)
-            _set_module(model, n, _make_layer(modules[n], weights[n], A0, B0, cfg, digests[n]))
+            init = factors.layer(i).to(cfg.torch_factor_dtype)
+            _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, digests[n]))
             bar.update(1)
     bar.close()
     return _freeze_base(model, cfg)
@@ -140,33 +142,34 @@ def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapted_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for part in layer.train_parts:
+            layer.factor(part).requires_grad_(True)
     model.pissa_config = cfg  # type: ignore[assignment]
     return model
 
 
 def _make_layer(
-    module: nn.Module, W: Tensor, A0: Tensor, B0: Tensor, cfg: AdapterConfig, digest: str, is_residual: bool = False
+    module: nn.Module, W: Tensor, init: Factors, cfg: AdapterConfig, digest: str, is_residual: bool = False
 ) -> PissaLinear:
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
-    ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it.
+    ``init`` holds the initial factors (A0, B0, core0). ``is_residual``: W already is the
+    residual (a model written by ``pissa init``), keep it.
     """
     if is_residual:
-        return _wrap(module, A0, B0, cfg, digest)
-    residual = residual_of(W, A0, B0, cfg.scaling)
+        return _wrap(module, init, cfg, digest)
+    residual = residual_of(W, init.A, init.B, cfg.scaling, init.core)
     if cfg.quantize is not None:
         from .quant import quantize_residual
 
         module = quantize_residual(module, residual, cfg.quantize)
     else:
         set_dense_weight(module, residual)
-    return _wrap(module, A0, B0, cfg, digest)
+    return _wrap(module, init, cfg, digest)
 
 
-def _wrap(residual: nn.Module, A0: Tensor, B0: Tensor, cfg: AdapterConfig, digest: str) -> PissaLinear:
-    layer = PissaLinear(residual, A0, B0, cfg.scaling, cfg.dropout)
+def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str) -> PissaLinear:
+    layer = PissaLinear(residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal)
     layer.base_digest = digest
     return layer
 
@@ -174,19 +177,19 @@ def _wrap(residual: nn.Module, A0: Tensor, B0: Tensor, cfg: AdapterConfig, diges
 def rebuild(
     model: nn.Module,
     cfg: AdapterConfig,
-    factors: dict[str, tuple[Tensor, Tensor]],
+    factors: dict[str, Factors | tuple[Tensor, Tensor]],
     digests: dict[str, str],
     residual_ready: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> nn.Module:
-    """Adapt ``model`` from known initial factors ``{name: (A0, B0)}`` (used by load_adapter).
+    """Adapt ``model`` from known initial factors ``{name: Factors or (A0, B0)}`` (used by load_adapter).
 
     Layers named in ``residual_ready`` already hold their residual and are wrapped as they are.
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
-    for n, (A0, B0) in factors.items():
+    for n, init in factors.items():
         module = model.get_submodule(n)
-        layer = _make_layer(module, dense_weight(module).detach(), A0, B0, cfg, digests[n], n in residual_ready)
+        layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready)
         _set_module(model, n, layer)
     return _freeze_base(model, cfg)
 
@@ -204,5 +207,20 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters with requires_grad (for PiSSA/LoRA: sum of rank * (in + out))."""
+    """Number of parameters with requires_grad, per layer: PiSSA/LoRA/MiLoRA/OLoRA ``r (in + out)``,
+    SVFit ``r``, LoRA-XS ``r^2``, SORSA ``r (in + out) + r``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def regularization(model: nn.Module) -> Tensor:
+    """SORSA's orthonormality penalty: the sum over layers with orthonormal factors of
+    ``||B^T B - I||_F + ||A A^T - I||_F`` (a differentiable 0-d tensor; zero for other methods).
+
+    Add ``weight * pissa.regularization(model)`` to the loss (``pissa finetune --reg-weight``).
+    """
+    layers = [layer for _, layer in adapted_layers(model)]
+    total = torch.zeros((), device=layers[0].lora_A.device if layers else None)
+    for layer in layers:
+        if layer.orthonormal:
+            total = total + orthonormality(layer.lora_A, layer.lora_B).float()
+    return total
