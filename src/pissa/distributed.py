@@ -1,0 +1,126 @@
+"""torch.distributed helpers: who does which share of the work, and how results reach every rank.
+
+Everything here degrades to the single-process case: without an initialized process group
+``world()`` is ``(0, 1)``, ``assign`` gives everything to rank 0, ``barrier`` does nothing and
+``shared_map`` computes every item locally. Under ``torchrun`` (``WORLD_SIZE > 1``)
+``init_from_env`` creates the process group (gloo on the CPU, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import heapq
+import os
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+
+TIMEOUT = datetime.timedelta(hours=6)
+"""Collective timeout: ranks may wait long at a barrier while the slowest finishes its share."""
+
+_local_only = False
+
+
+def init_from_env() -> bool:
+    """Create the default process group if launched by torchrun with ``WORLD_SIZE > 1``; True if distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return True
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when not distributed or inside :func:`local`."""
+    if _local_only or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within the block, behave as a single process (for work a caller already split across ranks)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
+
+
+def assign(costs: Sequence[float], world_size: int) -> list[int]:
+    """The owner rank of each item: greedy longest-processing-time balancing of ``costs``.
+
+    Deterministic (ties broken by index and rank), so every rank computes the same assignment.
+    The largest rank's load is at most 4/3 of the optimum.
+    """
+    owners = [0] * len(costs)
+    loads = [(0.0, r) for r in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, r = heapq.heappop(loads)
+        owners[i] = r
+        heapq.heappush(loads, (load + costs[i], r))
+    return owners
+
+
+def _comm_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_tensors(tensors: list[Tensor] | None, src: int) -> list[Tensor]:
+    """Rank ``src`` sends its list of tensors to every rank (shapes and dtypes go first); returns the list on every rank."""
+    header = [[(tuple(t.shape), t.dtype, t.device) for t in tensors] if dist.get_rank() == src else None]
+    dist.broadcast_object_list(header, src=src)
+    device = _comm_device()
+    out = []
+    for i, (shape, dtype, home) in enumerate(header[0]):
+        if tensors is not None:
+            buf = tensors[i].detach().to(device).contiguous()
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(buf, src=src)
+        out.append(buf.cpu() if home.type == "cpu" else buf)
+    return list(tensors) if tensors is not None else out
+
+
+def shared_map(
+    items: Sequence[T],
+    compute: Callable[[T], list[Tensor]],
+    costs: Sequence[float],
+) -> Iterator[tuple[T, list[Tensor]]]:
+    """``(item, compute(item))`` for every item, in order, on every rank.
+
+    Distributed: each rank computes its :func:`assign` share first (so the ranks work in
+    parallel), then every result is broadcast from its owner, so all ranks end with identical
+    tensors. Single process: computed lazily, one item at a time.
+    """
+    rank, size = world()
+    if size == 1:
+        for item in items:
+            yield item, compute(item)
+        return
+    owners = assign(costs, size)
+    mine = {i: compute(item) for i, item in enumerate(items) if owners[i] == rank}
+    for i, item in enumerate(items):
+        yield item, broadcast_tensors(mine.pop(i, None), owners[i])
