@@ -101,23 +101,35 @@ def _layers_or_fail(model: nn.Module) -> list:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's adapters to directory ``path`` (replaced atomically); returns the path."""
     layers = _layers_or_fail(model)
-    cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
     tensors: dict[str, Tensor] = {}
     meta: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
-        if layer.lora_core is not None:
-            parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
-        for key, t in parts:
-            tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
-        meta[name] = {
-            "in": layer.in_features,
-            "out": layer.out_features,
-            "base_digest": layer.base_digest,
-            "residual_digest": weight_digest(layer.residual.weight),
-            "train": list(layer.train_parts),
-            "orthonormal": layer.orthonormal,
-        }
+        layer_tensors, meta[name] = layer_entry(name, layer)
+        tensors.update(layer_tensors)
+    return write_adapter(path, model.pissa_config, tensors, meta)  # type: ignore[arg-type]
+
+
+def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One adapted layer's share of an adapter directory: its tensors ``{name}.{key}`` and its "layers" entry."""
+    tensors: dict[str, Tensor] = {}
+    parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
+    if layer.lora_core is not None:
+        parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
+    for key, t in parts:
+        tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
+    meta = {
+        "in": layer.in_features,
+        "out": layer.out_features,
+        "base_digest": layer.base_digest,
+        "residual_digest": weight_digest(layer.residual.weight),
+        "train": list(layer.train_parts),
+        "orthonormal": layer.orthonormal,
+    }
+    return tensors, meta
+
+
+def write_adapter(path: str | os.PathLike, cfg: AdapterConfig, tensors: dict[str, Tensor], meta: dict[str, dict[str, Any]]) -> Path:
+    """Write an adapter directory from the :func:`layer_entry` parts of its layers (save_adapter, ``pissa init``)."""
     doc = {
         "format": FORMAT,
         "version": VERSION,
