@@ -16,9 +16,9 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 TIMEOUT = datetime.timedelta(hours=6)
 """Collective timeout: ranks may wait long at a barrier while the slowest finishes its share."""
@@ -83,37 +83,13 @@ def assign(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def _comm_device() -> torch.device:
-    """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def broadcast_tensors(tensors: list[Tensor] | None, src: int) -> list[Tensor]:
-    """Rank ``src`` sends its list of tensors to every rank (shapes and dtypes go first); returns the list on every rank."""
-    header = [[(tuple(t.shape), t.dtype, t.device) for t in tensors] if dist.get_rank() == src else None]
-    dist.broadcast_object_list(header, src=src)
-    device = _comm_device()
-    out = []
-    for i, (shape, dtype, home) in enumerate(header[0]):
-        if tensors is not None:
-            buf = tensors[i].detach().to(device).contiguous()
-        else:
-            buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(buf, src=src)
-        out.append(buf.cpu() if home.type == "cpu" else buf)
-    return list(tensors) if tensors is not None else out
-
-
-def shared_map(
-    items: Sequence[T],
-    compute: Callable[[T], list[Tensor]],
-    costs: Sequence[float],
-) -> Iterator[tuple[T, list[Tensor]]]:
+def shared_map(items: Sequence[T], compute: Callable[[T], R], costs: Sequence[float]) -> Iterator[tuple[T, R]]:
     """``(item, compute(item))`` for every item, in order, on every rank.
 
     Distributed: each rank computes its :func:`assign` share first (so the ranks work in
-    parallel), then every result is broadcast from its owner, so all ranks end with identical
-    tensors. Single process: computed lazily, one item at a time.
+    parallel), then every result is broadcast from its owner (``broadcast_object_list``: results
+    are small, e.g. adapter factors), so all ranks end with identical results. Single process:
+    computed lazily, one item at a time.
     """
     rank, size = world()
     if size == 1:
@@ -123,4 +99,6 @@ def shared_map(
     owners = assign(costs, size)
     mine = {i: compute(item) for i, item in enumerate(items) if owners[i] == rank}
     for i, item in enumerate(items):
-        yield item, broadcast_tensors(mine.pop(i, None), owners[i])
+        box = [mine.pop(i, None)]
+        dist.broadcast_object_list(box, src=owners[i])
+        yield item, box[0]

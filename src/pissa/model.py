@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import AdapterConfig
 from .decompose import (
     Factors, InitOptions, as_factors, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
@@ -124,11 +125,15 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     digests = {n: weight_digest(modules[n].weight) for n in names}
     batches = list(_batches(names, weights))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
-    for batch in batches:
+
+    def factorize(batch: list[str]) -> Factors:
         W = torch.stack([weights[n] for n in batch]).to(compute_dtype(weights[batch[0]].dtype))
         opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
-        factors = init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
-        del W
+        return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
+
+    costs = [len(b) * weights[b[0]].numel() for b in batches]
+    # under torch.distributed each rank factorizes a share of the batches; all receive every result
+    for batch, factors in distributed.shared_map(batches, factorize, costs):
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
             _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, digests[n]))
