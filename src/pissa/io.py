@@ -44,6 +44,8 @@ FORMAT = "pissa-adapter"
 VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter.safetensors"
+HEAD_FILE = "head.safetensors"
+"""Trainable parameters outside the adapters (a classifier head), when the model has any."""
 
 
 def _umask_mode(mode: int) -> int:
@@ -106,7 +108,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, layer in layers:
         layer_tensors, meta[name] = layer_entry(name, layer)
         tensors.update(layer_tensors)
-    return write_adapter(path, model.pissa_config, tensors, meta)  # type: ignore[arg-type]
+    head = {n: p.detach().contiguous().cpu() for n, p in head_parameters(model).items()}
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None) if head else None
+    return write_adapter(path, model.pissa_config, tensors, meta, head=head, num_labels=num_labels)  # type: ignore[arg-type]
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the adapted layers (e.g. a classification head), by name."""
+    adapter = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter}
 
 
 def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -128,8 +138,19 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def write_adapter(path: str | os.PathLike, cfg: AdapterConfig, tensors: dict[str, Tensor], meta: dict[str, dict[str, Any]]) -> Path:
-    """Write an adapter directory from the :func:`layer_entry` parts of its layers (save_adapter, ``pissa init``)."""
+def write_adapter(
+    path: str | os.PathLike,
+    cfg: AdapterConfig,
+    tensors: dict[str, Tensor],
+    meta: dict[str, dict[str, Any]],
+    head: dict[str, Tensor] | None = None,
+    num_labels: int | None = None,
+) -> Path:
+    """Write an adapter directory from the :func:`layer_entry` parts of its layers (save_adapter, ``pissa init``).
+
+    ``head``: trained parameters outside the adapters (``HEAD_FILE``, listed under "head"), with
+    the classifier's ``num_labels``.
+    """
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -138,8 +159,13 @@ def write_adapter(path: str | os.PathLike, cfg: AdapterConfig, tensors: dict[str
         "base_fingerprint": model_fingerprint({n: m["base_digest"] for n, m in meta.items()}),
         "residual_fingerprint": model_fingerprint({n: m["residual_digest"] for n, m in meta.items()}),
     }
+    if head:
+        doc["head"] = sorted(head)
+        doc["num_labels"] = num_labels
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        if head:
+            save_file(head, str(tmp / HEAD_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     return Path(path)
 
@@ -203,7 +229,25 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])
             if layer.lora_core is not None:
                 layer.lora_core.copy_(tensors[f"{name}.lora_core"])
+    if doc.get("head"):
+        _load_head(base, Path(path), doc["head"])
     return base
+
+
+def _load_head(model: nn.Module, path: Path, names: list[str]) -> None:
+    """Copy the saved head parameters (``HEAD_FILE``) into ``model`` and make them trainable."""
+    try:
+        head = load_file(str(path / HEAD_FILE))
+    except Exception as e:  # missing or corrupt file
+        raise PissaError(f"{path / HEAD_FILE} cannot be read ({e}); re-save the adapter") from None
+    params = dict(model.named_parameters())
+    for n in names:
+        if n not in params or n not in head or params[n].shape != head[n].shape:
+            raise PissaError(f"adapter at {path} has a head parameter {n!r} this model lacks or shapes differently; "
+                             "load the model with the same head (e.g. num_labels from adapter_config.json)")
+        with torch.no_grad():
+            params[n].copy_(head[n])
+        params[n].requires_grad_(True)
 
 
 def peft_factors(layer) -> tuple[Tensor, Tensor]:
