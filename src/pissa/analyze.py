@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
-ANALYSES: dict[str, tuple[str, str]] = {}
+ANALYSES: dict[str, tuple[str, str]] = {
+    "spectrum": ("pissa.intruders", "singular values of adapted layers before and after fine-tuning (table + PNG)"),
+    "intruders": ("pissa.intruders", "intruder dimensions per layer of a fine-tuned adapter (table + PNG)"),
+}
 
 
 def command_analyze(parser: argparse.ArgumentParser):
