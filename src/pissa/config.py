@@ -32,6 +32,8 @@ class AdapterConfig:
     """"all-linear" (every Linear/Conv1D except the output head) or module-name suffixes / regexes."""
     quantize: Literal["nf4"] | None = None
     """None, or "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA)."""
+    quant_iters: int = 5
+    """QPiSSA iterations with quantize="nf4" (1 = plain PiSSA; each more: SVD of W - nf4(W_res), re-quantize)."""
     seed: int = 0
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: Literal["krylov", "exact"] = "krylov"
@@ -58,6 +60,8 @@ class AdapterConfig:
             raise PissaError(f"alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
         if self.quantize not in (None, "nf4"):
             raise PissaError(f"unsupported quantize={self.quantize!r}; use None or 'nf4'")
+        if not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool) or self.quant_iters < 1:
+            raise PissaError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
         if self.svd not in ("krylov", "exact"):
             raise PissaError(f"unknown svd={self.svd!r}; use 'krylov' or 'exact'")
         if self.niter < 0 or self.oversample < 0:

@@ -131,7 +131,8 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "in": layer.in_features,
         "out": layer.out_features,
         "base_digest": layer.base_digest,
-        "residual_digest": weight_digest(layer.residual.weight),
+        # a 4-bit residual records the digest of the dense residual it was quantized from (what `pissa init` writes)
+        "residual_digest": getattr(layer.residual, "source_digest", None) or weight_digest(layer.residual.weight),
         "train": list(layer.train_parts),
         "orthonormal": layer.orthonormal,
     }

@@ -109,11 +109,15 @@ class PissaLinear(nn.Module):
         return y + h.to(y.dtype)
 
     def merged(self) -> nn.Module:
-        """The residual module with ``W_res + scaling * B @ A`` folded into its weight (a plain layer again)."""
-        W = dense_weight(self.residual)
+        """The residual module with ``W_res + scaling * B @ A`` folded into its weight (a plain layer again).
+
+        A 4-bit residual (:class:`~pissa.quant.NF4Linear`) becomes a dense layer holding ``dq(W_res) + scaling * B @ A``.
+        """
+        residual = self.residual.to_dense() if hasattr(self.residual, "to_dense") else self.residual
+        W = dense_weight(residual)
         merged = (W.to(self.lora_A.dtype) + self.delta().detach()).to(W.dtype)
-        set_dense_weight(self.residual, merged)
-        return self.residual
+        set_dense_weight(residual, merged)
+        return residual
 
     def extra_repr(self) -> str:
         core = "" if self.lora_core is None else f", core={tuple(self.lora_core.shape)}, train={'+'.join(self.train_parts)}"

@@ -129,7 +129,12 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     def factorize(batch: list[str]) -> Factors:
         W = torch.stack([weights[n] for n in batch]).to(compute_dtype(weights[batch[0]].dtype))
         opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
-        return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
+        factors = init_structured(W, cfg.rank, cfg.method, opt)
+        if cfg.quantize is not None:  # QPiSSA: refine the factors against the quantized residual
+            from .quant import refine
+
+            factors = refine(W, factors, cfg.method, cfg.quant_iters, opt)
+        return factors.scaled(cfg.scaling)
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
@@ -159,16 +164,14 @@ def _make_layer(
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
     ``init`` holds the initial factors (A0, B0, core0). ``is_residual``: W already is the
-    residual (a model written by ``pissa init``), keep it.
+    residual (a model written by ``pissa init``), keep it (quantized if ``cfg.quantize``).
     """
-    if is_residual:
-        return _wrap(module, init, cfg, digest)
-    residual = residual_of(W, init.A, init.B, cfg.scaling, init.core)
+    residual = W if is_residual else residual_of(W, init.A, init.B, cfg.scaling, init.core)
     if cfg.quantize is not None:
         from .quant import quantize_residual
 
         module = quantize_residual(module, residual, cfg.quantize)
-    else:
+    elif not is_residual:
         set_dense_weight(module, residual)
     return _wrap(module, init, cfg, digest)
 

@@ -1,0 +1,212 @@
+"""QPiSSA: NF4 residuals (bitsandbytes on the CPU), the iterations, the error metric, 4-bit training and files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import pissa
+from conftest import mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from pissa import quant
+from pissa.decompose import InitOptions, pissa_init, residual_of
+from test_attach import TOKENS, lm_loss, logits
+
+MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230850219727, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])  # QLoRA's NF4 code book
+
+
+def nf4_reference(X: torch.Tensor) -> torch.Tensor:
+    """Round each block of 64 row-major values to the nearest NF4 level times the block's absmax (pure torch)."""
+    flat = X.reshape(-1).float()
+    pad = (-flat.numel()) % 64
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    nearest = ((blocks / absmax).unsqueeze(-1) - NF4_LEVELS).abs().argmin(-1)
+    return (NF4_LEVELS[nearest] * absmax).reshape(-1)[: flat.numel()].view(X.shape)
+
+
+def spectral_matrix(out_f: int = 64, in_f: int = 128, seed: int = 0) -> torch.Tensor:
+    """A weight-like matrix: a decaying spectrum (s_i = 1 / sqrt(i + 1)) on random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out_f, out_f, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(in_f, out_f, generator=g)).Q
+    s = 1 / torch.arange(1, out_f + 1).float().sqrt()
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (32, 32), (5, 40), (48, 24)])
+def test_nf4_round_trip_matches_the_code_book(shape) -> None:
+    """Including the shapes whose rows are not multiples of 64 (bitsandbytes' 2-D CPU dequantize gets those wrong)."""
+    X = torch.randn(shape)
+    assert torch.equal(quant.nf4(X), nf4_reference(X))
+    codes, absmax = quant.nf4_quantize(X)
+    assert codes.dtype == torch.uint8 and codes.numel() == (X.numel() + 1) // 2 and absmax.numel() == -(-X.numel() // 64)
+    batch = torch.randn(3, *shape)
+    assert torch.equal(quant.nf4(batch), torch.stack([nf4_reference(b) for b in batch]))
+
+
+def test_decompose_quantized_is_the_dequantized_residual_plus_ba() -> None:
+    W = spectral_matrix()
+    d = pissa.decompose(W, 8, quantize="nf4")
+    assert torch.equal(d.residual, quant.nf4(residual_of(W, d.A, d.B)))
+    error = relative_error(d.residual + d.B @ d.A, W)
+    assert 0 < error < relative_error(quant.nf4(W), W)  # better than quantizing W itself (QLoRA)
+    plain = pissa.decompose(W, 8)
+    assert relative_error(d.B @ d.A, plain.B @ plain.A) < 0.1  # the iterations move the factors only a little
+
+
+def test_nuclear_norm_matches_svdvals() -> None:
+    E = torch.randn(3, 20, 50)
+    expected = torch.linalg.svdvals(E.double()).sum(-1)
+    assert torch.allclose(quant.nuclear_norm(E), expected, rtol=1e-10)
+    assert torch.allclose(quant.nuclear_norm(E.mT), expected, rtol=1e-10)
+
+
+def test_reduction_ratio_is_zero_for_qlora_positive_and_grows_with_rank() -> None:
+    W = spectral_matrix().unsqueeze(0)
+    assert quant.reduction_ratio(W, quant.nf4(W), torch.zeros(1, 1, 128), torch.zeros(1, 64, 1)).item() == 0.0
+    ratios = []
+    for r in (2, 8, 24):
+        opt = InitOptions(svd="exact")
+        A, B = pissa_init(W, r, opt)
+        steps = quant.qpissa_iterates(W, A, B, opt)
+        one = quant.reduction_ratio(W, *next(steps))
+        for _ in range(3):
+            next(steps)
+        five = quant.reduction_ratio(W, *next(steps))
+        loftq = quant.loftq_iterates(W, r, opt)
+        loftq_one = quant.reduction_ratio(W, *next(loftq))
+        assert 0 <= one.item() <= five.item() and loftq_one.item() >= 0
+        ratios.append(five.item())
+    assert ratios[0] < ratios[1] < ratios[2]
+
+
+def test_attach_holds_a_4bit_residual_and_stays_close_to_the_base() -> None:
+    model = tiny_llama()
+    before = logits(model)
+    pissa.attach(model, pissa.AdapterConfig(rank=4, quantize="nf4"))
+    for name, layer in pissa.adapted_layers(model):
+        res = layer.residual
+        assert isinstance(res, quant.NF4Linear) and layer.weight.dtype == torch.uint8
+        stored = sum(b.numel() * b.element_size() for b in res.buffers())
+        assert stored == pytest.approx(0.5625 * layer.in_features * layer.out_features, rel=0.02)
+    assert relative_error(logits(model), before) < 0.1
+
+
+def test_refinement_lowers_the_layer_error_and_leaves_lora_alone() -> None:
+    W = spectral_matrix(48, 80)
+
+    def error(cfg):
+        model = nn.Sequential(nn.Linear(80, 48, bias=False))
+        model[0].weight.data.copy_(W)
+        layer = pissa.attach(model, cfg)[0]
+        return relative_error(layer.residual.dequantized() + layer.scaling * layer.B0 @ layer.A0, W), layer
+
+    one, _ = error(pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=1))
+    five, _ = error(pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=5, alpha=12.0))
+    assert five < one
+    _, qlora = error(pissa.AdapterConfig(method="lora", rank=6, quantize="nf4"))
+    assert not qlora.B0.any() and torch.equal(qlora.residual.dequantized(), quant.nf4(W))
+
+
+def test_4bit_backward_matches_the_dense_dequantized_layer() -> None:
+    layer = quant.NF4Linear(torch.randn(40, 48), torch.randn(40))
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Linear) and torch.equal(dense.weight, layer.dequantized())
+    x1 = torch.randn(5, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    layer(x1).square().sum().backward()
+    dense(x2).square().sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+
+
+def test_4bit_model_trains_and_only_the_factors_change() -> None:
+    model = tiny_llama()
+    pissa.attach(model, pissa.AdapterConfig(rank=4, quantize="nf4"))
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("codes", "absmax"))}
+    losses = train_steps(model, [TOKENS], lm_loss, steps=15, lr=1e-2)
+    assert losses[-1] < losses[0]
+    assert frozen and all(torch.equal(b, frozen[n]) for n, b in model.named_buffers() if n in frozen)
+
+
+def test_bf16_base_keeps_its_dtype() -> None:
+    model = mlp(torch.bfloat16)
+    pissa.attach(model, pissa.AdapterConfig(rank=4, quantize="nf4"))
+    assert model[0].residual.dequantized().dtype == torch.bfloat16
+    assert model(torch.randn(3, 24, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", MAKERS)
+def test_save_load_round_trip_rebuilds_identical_4bit_residuals(tmp_path, arch) -> None:
+    base = MAKERS[arch]()
+    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=4, alpha=8.0, quantize="nf4", quant_iters=3))
+    train_steps(model, [TOKENS], lm_loss, steps=3)
+    pissa.save_adapter(model, tmp_path / "a")
+    loaded = pissa.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    for (n1, a), (n2, b) in zip(pissa.adapted_layers(loaded), pissa.adapted_layers(model)):
+        assert n1 == n2 and isinstance(a.residual, quant.NF4Linear)
+        assert torch.equal(a.residual.codes, b.residual.codes) and torch.equal(a.residual.absmax, b.residual.absmax)
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    assert relative_error(logits(loaded), logits(model)) <= 1e-6  # same weights; kernels may sum in another order
+    # a dense residual checkpoint (what `pissa init --quantize nf4` writes) loads into the same 4-bit model
+    residual_model = copy.deepcopy(base)
+    for name, layer in pissa.adapted_layers(model):
+        module = residual_model.get_submodule(name)
+        W = module.weight.T if arch == "gpt2-conv1d" else module.weight
+        dense = residual_of(W.detach(), layer.A0, layer.B0, layer.scaling)
+        module.weight.data.copy_(dense.T if arch == "gpt2-conv1d" else dense)
+    from_residual = pissa.load_adapter(residual_model, tmp_path / "a")
+    for (_, a), (_, b) in zip(pissa.adapted_layers(from_residual), pissa.adapted_layers(model)):
+        assert torch.equal(a.residual.codes, b.residual.codes) and torch.equal(a.residual.absmax, b.residual.absmax)
+    assert relative_error(logits(from_residual), logits(model)) <= 1e-6
+
+
+def test_merge_gives_dense_layers_with_the_same_outputs() -> None:
+    for make in MAKERS.values():
+        model = pissa.attach(make(), pissa.AdapterConfig(rank=4, quantize="nf4"))
+        train_steps(model, [TOKENS], lm_loss, steps=2)
+        trained = logits(model)
+        pissa.merge(model)
+        assert not any(isinstance(m, (pissa.PissaLinear, quant.NF4Linear)) for m in model.modules())
+        assert relative_error(logits(model), trained) <= 1e-5
+
+
+def test_export_peft_warns_that_the_lora_applies_to_the_unquantized_base(tmp_path) -> None:
+    model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize="nf4"))
+    with pytest.warns(UserWarning, match="unquantized base weights"):
+        pissa.export_peft(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_already_quantized_base_is_refused() -> None:
+    import bitsandbytes as bnb
+
+    model = mlp()
+    model[0] = bnb.nn.Linear4bit(24, 48, quant_type="nf4").to("cpu")
+    with pytest.raises(pissa.PissaError, match="torch.uint8, which cannot be decomposed.*already-quantized model must be loaded unquantized"):
+        pissa.attach(model, pissa.AdapterConfig(rank=2, quantize="nf4"))
+    assert not list(pissa.adapted_layers(model))
+
+
+def test_bad_quantization_input_is_refused(monkeypatch) -> None:
+    with pytest.raises(pissa.PissaError, match="unsupported quantize='fp4'"):
+        pissa.AdapterConfig(quantize="fp4")
+    with pytest.raises(pissa.PissaError, match="quant_iters must be an integer >= 1"):
+        pissa.AdapterConfig(quantize="nf4", quant_iters=0)
+    with pytest.raises(pissa.PissaError, match="unsupported quantize='int8'"):
+        pissa.decompose(torch.randn(8, 8), 2, quantize="int8")
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # as if bitsandbytes were not installed
+    model = mlp()
+    with pytest.raises(pissa.PissaError, match="needs bitsandbytes; run: pip install"):
+        pissa.attach(model, pissa.AdapterConfig(rank=2, quantize="nf4"))
+    assert not list(pissa.adapted_layers(model))
