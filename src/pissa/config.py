@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import PissaError
+from .svd import NITER, OVERSAMPLE
 
 FACTOR_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -38,9 +39,9 @@ class AdapterConfig:
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: Literal["krylov", "exact"] = "krylov"
     """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
-    niter: int = 4
+    niter: int = NITER
     """Block Krylov iterations (more = closer to exact)."""
-    oversample: int = 4
+    oversample: int = OVERSAMPLE
     """Extra columns in each Krylov block beyond the rank."""
     dropout: float = 0.0
     """Dropout probability on the adapter path's input."""

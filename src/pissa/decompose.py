@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import PissaError
-from .svd import SVDMethod, seeded, truncated_svd
+from .svd import NITER, OVERSAMPLE, SVDMethod, seeded, truncated_svd
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -37,8 +37,8 @@ class InitOptions:
 
     seeds: Sequence[int] = (0,)
     svd: SVDMethod = "krylov"
-    niter: int = 4
-    oversample: int = 4
+    niter: int = NITER
+    oversample: int = OVERSAMPLE
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -222,7 +222,7 @@ def check_weight(W: Tensor, rank: int, name: str = "weight") -> None:
     limit = min(W.shape)
     if not 1 <= rank <= limit:
         raise PissaError(f"rank {rank} does not fit {name} of shape {tuple(W.shape)}; choose 1 <= rank <= {limit}")
-    if not bool(torch.isfinite(W).all()):
+    if not bool(torch.isfinite(W.sum())) and not bool(torch.isfinite(W).all()):  # cheap test first
         raise PissaError(f"{name} contains NaN or Inf; fix or reload the model weights before adapting")
 
 
@@ -235,10 +235,8 @@ def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core
     """
     dtypes = (weight.dtype, A.dtype, B.dtype) + (() if core is None else (core.dtype,))
     dt = torch.float64 if torch.float64 in dtypes else torch.float32
-    delta = fold_core(B.to(dt), None if core is None else core.to(dt)) @ A.to(dt)
-    if scaling != 1.0:
-        delta = delta * scaling
-    return (weight.to(dt) - delta).to(weight.dtype)
+    left = fold_core(B.to(dt), None if core is None else core.to(dt))
+    return torch.addmm(weight.to(dt), left, A.to(dt), alpha=-scaling).to(weight.dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -265,8 +263,8 @@ def decompose(
     quantize: str | None = None,
     *,
     svd: SVDMethod = "krylov",
-    niter: int = 4,
-    oversample: int = 4,
+    niter: int = NITER,
+    oversample: int = OVERSAMPLE,
     seed: int = 0,
 ) -> Decomposition:
     """Split ``weight (out, in)`` into trainable ``B (out, rank)``, ``A (rank, in)`` and a frozen residual.

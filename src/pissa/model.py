@@ -8,6 +8,7 @@ and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from typing import Iterator
 
@@ -122,7 +123,10 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         from .quant import check_quantizable
 
         check_quantizable(cfg)
-    digests = {n: weight_digest(modules[n].weight) for n in names}
+    # hash the base weights in a thread (hashlib releases the GIL) while the first batch factorizes
+    originals = {n: modules[n].weight for n in names}
+    hashing = ThreadPoolExecutor(max_workers=1)
+    digests_future = hashing.submit(lambda: {n: weight_digest(w) for n, w in originals.items()})
     batches = list(_batches(names, weights))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
@@ -139,11 +143,13 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
     for batch, factors in distributed.shared_map(batches, factorize, costs):
+        digests = digests_future.result()
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
             _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, digests[n]))
             bar.update(1)
     bar.close()
+    hashing.shutdown()
     return _freeze_base(model, cfg)
 
 

@@ -36,7 +36,7 @@ from .decompose import Decomposition, Factors, InitOptions, init_structured, pis
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .layer import is_conv1d
-from .svd import SVDMethod
+from .svd import NITER, OVERSAMPLE, SVDMethod
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
@@ -52,7 +52,7 @@ REFINED_METHODS = ("pissa",)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _bnb():
+def require_bnb():
     """``bitsandbytes.functional``, or a PissaError saying how to install it."""
     try:
         import bitsandbytes.functional as bnb_functional
@@ -65,7 +65,7 @@ def check_quantizable(cfg: "AdapterConfig") -> None:
     """Raise PissaError unless ``cfg.quantize`` names a supported type and bitsandbytes is importable."""
     if cfg.quantize not in QUANT_TYPES:
         raise PissaError(f"unsupported quantize={cfg.quantize!r}; use one of: {', '.join(QUANT_TYPES)}")
-    _bnb()
+    require_bnb()
 
 
 # ---------------------------------------------------------------- NF4 through bitsandbytes
@@ -78,7 +78,7 @@ def nf4_quantize(X: Tensor) -> tuple[Tensor, Tensor]:
     (float32 ``(ceil(numel / 64),)``). float16/bfloat16 inputs are widened to float32 exactly;
     float64 is rounded to float32 first. Deterministic: equal inputs give equal bytes.
     """
-    codes, state = _bnb().quantize_4bit(X.detach().reshape(-1).float(), blocksize=BLOCKSIZE, quant_type="nf4")
+    codes, state = require_bnb().quantize_4bit(X.detach().reshape(-1).float(), blocksize=BLOCKSIZE, quant_type="nf4")
     return codes, state.absmax
 
 
@@ -89,7 +89,7 @@ def nf4_dequantize(codes: Tensor, absmax: Tensor, shape: tuple[int, ...], dtype:
     2-D shape whose last dimension is not a multiple of 64 (e.g. (64, 96)); the flat layout is
     the same data and is always right.
     """
-    bnb = _bnb()
+    bnb = require_bnb()
     numel = torch.Size(shape).numel()
     kernel_dtype = dtype if dtype in KERNEL_DTYPES else torch.float32
     state = bnb.QuantState(absmax=absmax, shape=torch.Size([numel]), dtype=kernel_dtype, blocksize=BLOCKSIZE, quant_type="nf4")
@@ -232,8 +232,8 @@ def quantized_decompose(
     quantize: str,
     *,
     svd: SVDMethod = "krylov",
-    niter: int = 4,
-    oversample: int = 4,
+    niter: int = NITER,
+    oversample: int = OVERSAMPLE,
     seed: int = 0,
     iters: int = 5,
 ) -> Decomposition:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
+from .svd import NITER
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .io import layer_entry, write_adapter
@@ -392,7 +393,7 @@ def command_init(parser: argparse.ArgumentParser):
     parser.add_argument("--quantize", choices=["nf4"], default=None, help="QPiSSA: 4-bit NF4 residual")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     parser.add_argument("--svd", choices=["krylov", "exact"], default="krylov", help="SVD: randomized block Krylov or exact")
-    parser.add_argument("--niter", type=int, default=4, help="block Krylov iterations")
+    parser.add_argument("--niter", type=int, default=NITER, help="block Krylov iterations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
