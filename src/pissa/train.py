@@ -1,0 +1,634 @@
+"""The fine-tuning loop and the ``pissa finetune`` / ``pissa compare`` commands.
+
+One run, top to bottom::
+
+    prepare(cfg)              load model + data, encode, attach (or load a checkpoint): all validation
+    evaluate                  test loss / accuracy before training
+    for step in range(steps): train_step(micro-batches of step_indices(seed, step))   AdamW, clipping
+        checkpoint every --save-every steps (and on Ctrl-C)
+    evaluate                  after training; write metrics.json, loss.png, adapter/
+
+The batch of step s is a pure function of ``(seed, s)`` (:func:`step_indices`) and the
+learning rate a pure function of s (:func:`lr_at`), so a resumed run (or a data-parallel one)
+sees exactly the batches and rates of an uninterrupted single run: only the adapter, the
+optimizer moments, the RNG state and the step number need saving.
+
+Outputs appear atomically: a run works in ``OUT.partial/`` (checkpoints included) and renames
+it to ``OUT`` when done; bad input is caught before ``OUT.partial`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import hub, io
+from .config import AdapterConfig
+from .decompose import METHODS
+from .errors import PissaError
+from .model import attach, regularization, trainable_parameters
+from .objective import Batch, Encoded, Kind, collate, encode, evaluate, loss_sum
+
+DEFAULT_LR: dict[str, float] = {
+    "pissa": 5e-5,
+    "lora": 2e-4,
+}
+"""Default learning rate per method: the best of the sweep 2e-5, 5e-5, 1e-4, 2e-4, 5e-4 on the
+embedded task (SmolLM2-135M-Instruct, Rotten Tomatoes, rank 16, batch 8, 150 steps, cosine;
+``python benchmarks/convergence.py --sweep``, results in benchmarks/results/convergence.md).
+Methods not listed use :data:`FALLBACK_LR`."""
+
+FALLBACK_LR = 5e-5
+"""Learning rate of methods without a measured default (PiSSA's: the cautious choice)."""
+
+CHECKPOINT = "checkpoint"
+MAX_TEST = 1000
+"""The held-out test split holds min(1000, 20% of the examples); --eval-size of them are scored."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a fine-tuning run depends on (its ``run.json``)."""
+
+    model: str = "smollm2"
+    data: str = "rotten_tomatoes"
+    kind: Literal["auto", "causal-lm", "seq-cls"] = "auto"
+    method: str = "pissa"
+    rank: int = 16
+    alpha: float | None = None
+    targets: str | list[str] = "all-linear"
+    quantize: Literal["nf4"] | None = None
+    lr: float | None = None
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 64
+    eval_size: int = 200
+    warmup: int = 10
+    schedule: Literal["constant", "cosine"] = "cosine"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    reg_weight: float = 0.0
+    seed: int = 0
+    save_every: int = 50
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+
+    def validate(self) -> None:
+        """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
+        positive = ("steps", "batch_size", "grad_accum", "eval_size", "threads")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= {0 if name == 'steps' else 1}, got {value}")
+        if self.max_length < 2:
+            raise PissaError(f"--max-length must be >= 2 (a prompt token and a completion token), got {self.max_length}")
+        for name in ("warmup", "save_every"):
+            if getattr(self, name) < 0:
+                raise PissaError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PissaError(f"--lr must be a positive number, got {self.lr}")
+        if self.max_grad_norm <= 0 or self.weight_decay < 0 or self.reg_weight < 0:
+            raise PissaError("--max-grad-norm must be > 0, --weight-decay and --reg-weight >= 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise PissaError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        self.adapter_config()  # method, rank, alpha, quantize
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
+                             quantize=self.quantize, seed=self.seed)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- data order and learning rate: pure functions of (seed, step) -----------------------------
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def step_indices(n: int, seed: int, step: int, count: int) -> list[int]:
+    """Training-example indices of step ``step`` (``count`` = batch size x grad accumulation).
+
+    The data is read as a stream of epochs, each a permutation of ``range(n)`` seeded by
+    ``(seed, epoch)``; step s takes stream positions ``[s * count, (s + 1) * count)``.
+    """
+    positions = range(step * count, (step + 1) * count)
+    return [_epoch_order(n, seed, p // n)[p % n] for p in positions]
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup`` steps from
+    ``lr / warmup``, then constant or cosine decay to 0 at ``steps``."""
+    lr = cfg.learning_rate
+    if step < cfg.warmup:
+        return lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- the model and the data of a run -----------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """A loaded, adapted model with its encoded data, ready to train."""
+
+    cfg: RunConfig
+    kind: Kind
+    model: nn.Module
+    tokenizer: Any
+    dataset: data_mod.Dataset
+    train: list[Encoded]
+    test: list[Encoded]
+    label_ids: list[list[int]] | None
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        return collate([self.train[i] for i in indices], self.pad_id, self.kind)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.test, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
+                        batch_size=2 * self.cfg.batch_size)
+
+
+def resolve_kind(model: str, kind: str) -> Kind:
+    """``auto``: the embedded model's kind, else causal-lm when config.json names a causal LM
+    architecture (``*ForCausalLM``, ``*LMHeadModel``), else seq-cls."""
+    if kind != "auto":
+        return kind  # type: ignore[return-value]
+    entry = hub.EMBEDDED_MODELS.get(model)
+    if entry is not None:
+        return entry.kinds[0]
+    path = hub.resolve_model(model)
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise PissaError(f"{path / 'config.json'} is not valid JSON ({e}); fix the model folder") from None
+    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "seq-cls"
+
+
+def load_data(name: str, seed: int = 0) -> data_mod.Dataset:
+    """The dataset with a held-out test split of min(1000, 20%) examples (at least 1)."""
+    full = data_mod.load_dataset(name, test_size=0)
+    test_size = max(1, min(MAX_TEST, len(full.train) // 5))
+    train, test = data_mod.split(full.train, test_size=test_size, seed=seed, name=name)
+    return data_mod.Dataset(name=name, train=train, test=test, labels=full.labels)
+
+
+def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
+    """Load, encode and adapt (``checkpoint``: restore its adapter instead of a fresh attach).
+
+    Every user error surfaces here, before any output exists.
+    """
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    kind = resolve_kind(cfg.model, cfg.kind)
+    dataset = load_data(cfg.data)
+    if kind == "seq-cls" and dataset.labels is None:
+        raise PissaError(f"{cfg.model} is a sequence classifier: it needs labelled data (text,label columns), "
+                         f"but {cfg.data} has prompt,completion")
+    torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
+    num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
+    model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels)
+    encode_all = lambda xs: [encode(tokenizer, e, dataset.labels, kind, cfg.max_length) for e in xs]  # noqa: E731
+    train, test = encode_all(dataset.train), encode_all(dataset.test[: cfg.eval_size])
+    label_ids = None
+    if kind == "causal-lm" and dataset.labels is not None:
+        label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
+    if checkpoint is not None:
+        io.load_adapter(model, checkpoint / "adapter")
+    else:
+        attach(model, cfg.adapter_config(), progress=True)
+        if kind == "seq-cls":
+            mark_head_trainable(model)
+    model.train()
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids)
+
+
+def mark_head_trainable(model: nn.Module) -> list[str]:
+    """Make a classifier's freshly initialised head (``classifier``/``score`` modules) trainable;
+    it is saved with the adapter. Returns the parameter names."""
+    names = [n for n, p in model.named_parameters() if any(part in ("classifier", "score") for part in n.split("."))]
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(True)
+    return names
+
+
+# --- one optimizer step ------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay)
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
+               lr: float, cfg: RunConfig) -> float:
+    """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
+
+    Each micro-batch's summed loss is divided by the step's total number of targets, so the
+    gradient is that of the mean loss over the whole step whatever the split. Adds
+    ``reg_weight * pissa.regularization(model)`` (SORSA) when ``reg_weight > 0``.
+    Returns the step's mean loss.
+    """
+    total = sum(b.targets for b in micro_batches)
+    step_loss = 0.0
+    for b in micro_batches:
+        loss = loss_sum(model, b, kind) / total
+        loss.backward()
+        step_loss += loss.item()
+    if cfg.reg_weight > 0:
+        (cfg.reg_weight * regularization(model)).backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+# --- checkpoints (no pickle: safetensors + JSON) -----------------------------------------------
+
+
+@dataclass
+class Progress:
+    """The loop's state besides the model and optimizer."""
+
+    step: int = 0
+    train_loss: list[list[float]] = field(default_factory=list)
+    eval_before: dict[str, float] | None = None
+    seconds: float = 0.0
+    """Wall time of the run so far, every session (load, evaluation, training) included."""
+    train_seconds: float = 0.0
+    """Time spent in training steps."""
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self._mark = time.perf_counter()
+
+    def tick(self) -> None:
+        """Add the wall time since the last tick (or since this session started) to ``seconds``."""
+        now = time.perf_counter()
+        self.seconds += now - self._mark
+        self._mark = now
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+    """Write ``path`` atomically: ``adapter/`` (save_adapter), ``state.safetensors`` (optimizer
+    moments, torch RNG state), ``state.json`` (step, losses, optimizer hyper-parameters)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    for i, state in sd["state"].items():
+        for k, v in state.items():
+            tensors[f"optimizer.{i}.{k}"] = v.detach().contiguous().cpu()
+    progress.tick()
+    doc = {"progress": dataclasses.asdict(progress), "param_groups": sd["param_groups"]}
+    with io.atomic_dir(path) as tmp:
+        io.save_adapter(model, tmp / "adapter")
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(doc))
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> Progress:
+    """Restore the optimizer and RNG state from ``path`` (the adapter is restored by :func:`prepare`)."""
+    doc = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = t
+    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return Progress(**doc["progress"])
+
+
+class Abort(KeyboardInterrupt):
+    """A second Ctrl-C during a step: stop at once, without a checkpoint of a half-done step."""
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[list[bool]]:
+    """Within the block, the first Ctrl-C only sets ``flag[0]`` (the loop checkpoints at the end
+    of the step and stops); a second one raises :class:`Abort` at once."""
+    flag = [False]
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag[0]:
+            raise Abort
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- a whole run -------------------------------------------------------------------------------
+
+
+def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.optim.Optimizer,
+          show: bool = True) -> Progress:
+    """Run steps ``progress.step .. steps - 1``, checkpointing into ``workdir/checkpoint``.
+
+    On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt.
+    """
+    cfg, model = session.cfg, session.model
+    count = cfg.batch_size * cfg.grad_accum
+    bar = tqdm(total=cfg.steps, initial=progress.step, desc=f"{cfg.method} lr={cfg.learning_rate:g}",
+               unit="step", disable=not show, dynamic_ncols=True)
+    smooth = None
+    with deferred_interrupt() as interrupted:
+        while progress.step < cfg.steps:
+            start = time.perf_counter()
+            idx = step_indices(len(session.train), cfg.seed, progress.step, count)
+            micro = [session.batch(idx[j : j + cfg.batch_size]) for j in range(0, count, cfg.batch_size)]
+            loss = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg)
+            if not math.isfinite(loss):
+                raise PissaError(f"the loss diverged (became {loss}) at step {progress.step + 1}; lower --lr "
+                                 f"(now {cfg.learning_rate:g})")
+            progress.step += 1
+            tokens = sum(b.tokens for b in micro)
+            progress.tokens += tokens
+            progress.train_loss.append([progress.step, loss])
+            elapsed = time.perf_counter() - start
+            progress.train_seconds += elapsed
+            smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+            bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.update(1)
+            due = cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps
+            if due or interrupted[0]:
+                save_checkpoint(workdir / CHECKPOINT, model, optimizer, progress)
+            if interrupted[0]:
+                bar.close()
+                raise KeyboardInterrupt
+    bar.close()
+    return progress
+
+
+def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) -> dict[str, Any]:
+    """One fine-tuning run in ``workdir`` (created here, after validation); returns the metrics.
+
+    Writes ``workdir/{run.json, metrics.json, loss.png, adapter/}``; ``checkpoint/`` exists
+    while the run is unfinished. ``resume``: continue from ``workdir/checkpoint``.
+    """
+    from .report import plot_losses
+
+    started = time.perf_counter()
+    ckpt = workdir / CHECKPOINT
+    session = prepare(cfg, ckpt if resume else None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        io.atomic_write_text(workdir / "run.json", json.dumps(cfg.to_dict(), indent=2))
+    optimizer = make_optimizer(session.model, cfg)
+    progress = load_checkpoint(ckpt, optimizer) if resume else Progress()
+    progress._mark = started  # loading and attaching count towards ``seconds`` too
+    try:
+        if progress.eval_before is None:
+            progress.eval_before = session.evaluate()
+            print(f"{cfg.method}: before training: {_fmt(progress.eval_before)}", flush=True)
+        train(session, workdir, progress, optimizer, show=show)
+        eval_after = session.evaluate()
+    except Abort:
+        raise
+    except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
+        if progress.step > 0 and _checkpoint_step(ckpt) != progress.step:
+            save_checkpoint(ckpt, session.model, optimizer, progress)
+        if _checkpoint_step(ckpt) is not None:
+            print(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with --resume", flush=True)
+        raise
+    print(f"{cfg.method}: after {cfg.steps} steps: {_fmt(eval_after)}", flush=True)
+    progress.tick()
+    metrics = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "data": cfg.data,
+        "rank": cfg.rank,
+        "steps": cfg.steps,
+        "lr": cfg.learning_rate,
+        "train_loss": progress.train_loss,
+        "eval_before": progress.eval_before,
+        "eval_after": eval_after,
+        "trainable_params": trainable_parameters(session.model),
+        "seconds": round(progress.seconds, 2),
+        "train_seconds": round(progress.train_seconds, 2),
+        "kind": session.kind,
+        "alpha": cfg.alpha,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "max_length": cfg.max_length,
+        "schedule": cfg.schedule,
+        "warmup": cfg.warmup,
+        "seed": cfg.seed,
+        "train_examples": len(session.train),
+        "eval_examples": len(session.test),
+        "accuracy_kind": "label" if session.dataset.labels is not None else "token",
+        "tokens": progress.tokens,
+    }
+    io.save_adapter(session.model, workdir / "adapter")
+    plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
+    io.atomic_write_text(workdir / "metrics.json", json.dumps(metrics, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
+
+
+def _checkpoint_step(ckpt: Path) -> int | None:
+    """The step of the checkpoint on disk, None if there is none."""
+    if not (ckpt / "state.json").is_file():
+        return None
+    return json.loads((ckpt / "state.json").read_text())["progress"]["step"]
+
+
+def _fmt(ev: dict[str, float]) -> str:
+    return f"loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.3f}"
+
+
+# --- output folders and the commands -----------------------------------------------------------
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run into ``out`` works until it is finished."""
+    return out.with_name(out.name + ".partial")
+
+
+@contextmanager
+def output_folder(out: Path, resume: bool) -> Iterator[Path]:
+    """Yield the working folder ``OUT.partial``; rename it to ``OUT`` (replacing it) on success.
+
+    On failure it is deleted unless it holds a checkpoint (a resumable run is never thrown away).
+    """
+    work = partial_dir(out)
+    if resume and not work.is_dir():
+        done = (out / "metrics.json").is_file() or (out / "report.md").is_file()
+        raise PissaError(f"{out} is a finished run; nothing to resume" if done else
+                         f"no interrupted run at {work}; start without --resume")
+    if not resume and work.exists():
+        raise PissaError(f"{work} holds an interrupted run; continue it with --resume or delete that folder")
+    try:
+        yield work
+    except BaseException:
+        if work.exists() and not any(work.rglob(f"{CHECKPOINT}/state.json")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():  # replace an older OUT: move it aside, rename, delete
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
+
+
+def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
+    """The options shared by finetune and compare (defaults from :class:`RunConfig`)."""
+    d = RunConfig()
+    a = parser.add_argument
+    a("--model", default=d.model, help=f"embedded model ({', '.join(hub.EMBEDDED_MODELS)}) or a local Hugging Face folder")
+    a("--data", default=d.data, help="embedded dataset (rotten_tomatoes) or a .jsonl/.csv/.parquet file with "
+      "prompt,completion or text,label columns")
+    a("--kind", default=d.kind, choices=["auto", "causal-lm", "seq-cls"],
+      help="model head; auto: the embedded model's, else from config.json's architectures")
+    if compare:
+        a("--methods", default="pissa,lora", help=f"comma-separated methods ({', '.join(METHODS)})")
+    else:
+        a("--method", default=d.method, choices=sorted(METHODS), help="adapter initialization")
+    a("--rank", type=int, default=d.rank, help="adapter rank r")
+    a("--alpha", type=float, default=d.alpha, help="scaling numerator (update = alpha/r B A); default: alpha = r")
+    a("--targets", default="all-linear", help="all-linear, or comma-separated module-name suffixes/regexes")
+    a("--quantize", default=None, choices=["nf4"], help="hold the frozen residual in 4-bit NF4 (QPiSSA)")
+    a("--lr", type=float, default=None, help="peak learning rate; default: per method, measured on the embedded "
+      f"task ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())}, others {FALLBACK_LR:g})")
+    a("--steps", type=int, default=d.steps, help="optimizer steps")
+    a("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    a("--max-length", type=int, default=d.max_length, help="max tokens per example (longer prompts lose their start)")
+    a("--eval-size", type=int, default=d.eval_size, help="held-out test examples scored before and after training")
+    a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    a("--schedule", default=d.schedule, choices=["constant", "cosine"], help="learning rate after warm-up")
+    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (global L2 norm)")
+    a("--weight-decay", type=float, default=d.weight_decay,
+      help="AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)")
+    a("--reg-weight", type=float, default=d.reg_weight,
+      help="weight of pissa.regularization (SORSA's orthonormality penalty) in the loss")
+    a("--seed", type=int, default=d.seed, help="seed of the init, the data order and dropout")
+    a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
+    a("--resume", action="store_true", help="continue the interrupted run in OUT.partial (same options)")
+    a("--threads", type=int, default=d.threads, help="CPU threads (default: the cores available)")
+
+
+def config_from_args(args: argparse.Namespace, method: str) -> RunConfig:
+    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+    cfg = RunConfig(model=args.model, data=args.data, kind=args.kind, method=method, rank=args.rank, alpha=args.alpha,
+                    targets=targets, quantize=args.quantize, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, max_length=args.max_length, eval_size=args.eval_size,
+                    warmup=args.warmup, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+                    weight_decay=args.weight_decay, reg_weight=args.reg_weight, seed=args.seed,
+                    save_every=args.save_every, threads=args.threads)
+    cfg.validate()
+    return cfg
+
+
+def resumed_config(saved: Path, cfg: RunConfig, explicit: set[str]) -> RunConfig:
+    """The interrupted run's config; an option given now that contradicts it is an error."""
+    old = RunConfig(**json.loads(saved.read_text()))
+    for key in explicit:
+        if hasattr(old, key) and getattr(old, key) != getattr(cfg, key):
+            raise PissaError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the interrupted run's "
+                             f"{getattr(old, key)}; drop it to resume")
+    old.threads = cfg.threads
+    return old
+
+
+def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    return {k for k, v in vars(args).items() if k not in ("run", "command", "resume") and parser.get_default(k) != v}
+
+
+def command_finetune(parser: argparse.ArgumentParser):
+    """``pissa finetune``: one method; writes OUT/{metrics.json, loss.png, adapter/}."""
+    add_run_options(parser, compare=False)
+    parser.add_argument("--out", default=None, help="output folder (default: runs/finetune-METHOD)")
+
+    def run_cmd(args: argparse.Namespace) -> int:
+        cfg = config_from_args(args, args.method)
+        out = Path(args.out or f"runs/finetune-{cfg.method}")
+        with output_folder(out, args.resume) as work:
+            if args.resume:
+                cfg = resumed_config(work / "run.json", cfg, _explicit(parser, args))
+            run(cfg, work, resume=args.resume)
+        print(f"wrote {out}/metrics.json, loss.png, adapter/")
+        return 0
+
+    return run_cmd
+
+
+def command_compare(parser: argparse.ArgumentParser):
+    """``pissa compare --methods pissa,lora``: each method on the same data order and seed;
+    OUT/<method>/ per method plus OUT/report.md and OUT/loss.png with every curve."""
+    add_run_options(parser, compare=True)
+    parser.add_argument("--out", default="runs/compare", help="output folder")
+
+    def run_cmd(args: argparse.Namespace) -> int:
+        from .report import plot_losses, write_report
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods or len(set(methods)) != len(methods):
+            raise PissaError(f"--methods needs distinct comma-separated method names, got {args.methods!r}")
+        configs = [config_from_args(args, m) for m in methods]  # validates every method first
+        out = Path(args.out)
+        with output_folder(out, args.resume) as work:
+            results = {}
+            for cfg in configs:
+                sub = work / cfg.method
+                if (sub / "metrics.json").is_file():
+                    results[cfg.method] = json.loads((sub / "metrics.json").read_text())
+                    continue
+                resume = (sub / CHECKPOINT / "state.json").is_file()
+                if resume:
+                    cfg = resumed_config(sub / "run.json", cfg, _explicit(parser, args))
+                results[cfg.method] = run(cfg, sub, resume=resume)
+            plot_losses({m: r["train_loss"] for m, r in results.items()}, work / "loss.png",
+                        title=f"{args.model} on {args.data}, rank {args.rank}")
+            io.atomic_write_text(work / "report.md", write_report(results))
+        print((out / "report.md").read_text())
+        print(f"wrote {out}/report.md, loss.png and one folder per method")
+        return 0
+
+    return run_cmd

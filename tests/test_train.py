@@ -1,0 +1,341 @@
+"""The fine-tuning loop on a tiny random Llama and tiny data: loss goes down, metrics schema,
+resume equality (after a crash and after Ctrl-C), compare, seq-cls head, scoring, Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pissa
+from pissa import train as train_mod
+from pissa.cli import main
+from pissa.data import Example
+from pissa.objective import collate, encode, evaluate
+from pissa.train import RunConfig, lr_at, step_indices
+
+POS = "great good fun moving brilliant lovely".split()
+NEG = "bad dull boring awful tedious weak".split()
+FILL = "the movie film plot actors story was is and a of".split()
+METRIC_KEYS = {"method", "model", "data", "rank", "steps", "lr", "train_loss", "eval_before", "eval_after",
+               "trainable_params", "seconds"}
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Synthetic reviews: filler words plus one word that decides the label."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = r.choice(["positive", "negative"])
+        words = [r.choice(FILL) for _ in range(r.randint(2, 6))] + [r.choice(POS if label == "positive" else NEG)]
+        r.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": label})
+    return rows
+
+
+def tokenizer_for(texts: list[str]):
+    """A 300-token byte-level BPE trained on ``texts`` (offline, milliseconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``llama/`` (tiny random LlamaForCausalLM + tokenizer), ``bert/`` (tiny BERT),
+    ``data.jsonl`` (text,label) and ``free.jsonl`` (prompt,completion)."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    rows = sentiment_rows(160)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    free = [{"prompt": f"Q: {r['text']}\nA:", "completion": f" {r['label']} review"} for r in rows[:60]]
+    (root / "free.jsonl").write_text("".join(json.dumps(r) + "\n" for r in free))
+    tok = tokenizer_for([f"Text: {r['text']}\nLabel: {r['label']}" for r in rows])
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None))
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    bert.config.architectures = ["BertModel"]
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    return root
+
+
+def finetune(tiny: Path, out: Path, *extra: str) -> int:
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), "--rank", "4",
+            "--lr", "1e-2", "--steps", "8", "--batch-size", "4", "--eval-size", "16", "--warmup", "2",
+            "--threads", "1", "--out", str(out), *extra]
+    return main(args)
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter.safetensors"))
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+
+def test_step_indices_are_a_pure_function_covering_each_epoch() -> None:
+    n, count = 12, 4
+    assert step_indices(n, 0, 5, count) == step_indices(n, 0, 5, count)
+    epoch = [i for s in range(n // count) for i in step_indices(n, 0, s, count)]
+    assert sorted(epoch) == list(range(n))
+    assert step_indices(n, 0, 0, count) != step_indices(n, 1, 0, count)
+    across = step_indices(10, 0, 2, 4)  # positions 8..11 straddle epochs 0 and 1
+    assert across[:2] == step_indices(10, 0, 0, 10)[8:] and across[2:] == step_indices(10, 0, 1, 10)[:2]
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = RunConfig(lr=1e-3, steps=100, warmup=10, schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(55, cfg) == pytest.approx(5e-4)
+    assert lr_at(99, cfg) < 1e-5
+    cfg.schedule = "constant"
+    assert lr_at(99, cfg) == pytest.approx(1e-3)
+    assert RunConfig(method="lora").learning_rate > RunConfig(method="pissa").learning_rate
+
+
+def test_encode_masks_the_prompt_and_truncates_its_start(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "llama")
+    ex = Example("Text: great movie and a plot of the story\nLabel:", " positive", "positive")
+    full = encode(tok, ex, [" negative", " positive"], "causal-lm", 256)
+    short = encode(tok, ex, [" negative", " positive"], "causal-lm", 6)
+    completion = tok(" positive", add_special_tokens=False)["input_ids"]
+    assert list(full.ids[full.n_prompt :]) == completion and full.label == 1
+    assert len(short.ids) == 6 and short.ids[-len(completion) :] == full.ids[-len(completion) :]
+    assert short.ids[: short.n_prompt] == full.ids[full.n_prompt - short.n_prompt : full.n_prompt]
+    batch = collate([full, short], tok.pad_token_id, "causal-lm")
+    assert batch.target_mask.sum() == 2 * len(completion) and batch.targets == 2 * len(completion)
+
+
+@pytest.mark.parametrize("labels", [[" positive", " negative"], [" so positive", " very negative indeed"]])
+def test_label_scoring_matches_brute_force(tiny: Path, labels: list[str]) -> None:
+    """evaluate() (logits only at completion positions, batched) == full-logit scoring one sequence at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny / "llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny / "llama")
+    examples = [Example(f"Text: {r['text']}\nLabel:", labels[i % 2], labels[i % 2].strip()) for i, r in enumerate(sentiment_rows(6))]
+    items = [encode(tok, e, labels, "causal-lm", 64) for e in examples]
+    label_ids = [tok(label, add_special_tokens=False)["input_ids"] for label in labels]
+    got = evaluate(model, items, labels, label_ids, "causal-lm", tok.pad_token_id, batch_size=4)
+    scores, nll, n = [], 0.0, 0
+    with torch.no_grad():
+        for e, item in zip(examples, items):
+            prompt = list(item.ids[: item.n_prompt])
+            row = []
+            for ids in label_ids:
+                logp = model(input_ids=torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+                row.append(sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(ids)))
+            scores.append(row)
+            nll -= row[item.label]
+            n += len(label_ids[item.label])
+    accuracy = sum(max(range(len(r)), key=r.__getitem__) == it.label for r, it in zip(scores, items)) / len(items)
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-4)
+    assert got["accuracy"] == pytest.approx(accuracy)
+
+
+# --- whole runs ----------------------------------------------------------------------------------
+
+
+def test_finetune_lowers_the_loss_and_writes_the_outputs(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--steps", "30", "--schedule", "constant") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.json", "run.json"]
+    assert not (tmp_path / "run.partial").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(m)
+    assert m["method"] == "pissa" and m["rank"] == 4 and m["steps"] == 30 and m["lr"] == 1e-2
+    assert [s for s, _ in m["train_loss"]] == list(range(1, 31))
+    for key in ("eval_before", "eval_after"):
+        assert set(m[key]) == {"loss", "accuracy"} and 0 <= m[key]["accuracy"] <= 1
+    first = sum(loss for _, loss in m["train_loss"][:5]) / 5
+    last = sum(loss for _, loss in m["train_loss"][-5:]) / 5
+    assert last < first
+    assert m["eval_after"]["loss"] < m["eval_before"]["loss"]
+    assert m["trainable_params"] == 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)  # 2 layers x r x sum of (in + out)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model = pissa.load_adapter(_llama(tiny), out / "adapter")  # the saved adapter loads on the base model
+    assert pissa.trainable_parameters(model) == m["trainable_params"]
+
+
+def _llama(tiny: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny / "llama")
+
+
+def test_free_text_data_trains_with_token_accuracy(tiny: Path, tmp_path: Path) -> None:
+    assert finetune(tiny, tmp_path / "free", "--data", str(tiny / "free.jsonl"), "--steps", "4") == 0
+    m = json.loads((tmp_path / "free" / "metrics.json").read_text())
+    assert m["accuracy_kind"] == "token" and 0 <= m["eval_after"]["accuracy"] <= 1
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    assert finetune(tiny, tmp_path / "whole", "--save-every", "0") == 0
+    real_step, calls = train_mod.train_step, [0]
+
+    def crashing_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise RuntimeError("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune(tiny, tmp_path / "split", "--save-every", "4")
+    assert json.loads((tmp_path / "split.partial/checkpoint/state.json").read_text())["progress"]["step"] == 4
+    assert not (tmp_path / "split").exists()
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert finetune(tiny, tmp_path / "split", "--save-every", "4", "--resume") == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    assert finetune(tiny, tmp_path / "whole", "--save-every", "0") == 0
+    real_step, calls = train_mod.train_step, [0]
+
+    def interrupted_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the step still finishes, then the loop checkpoints
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    assert finetune(tiny, tmp_path / "split", "--save-every", "0") == 130
+    assert "continue with --resume" in capsys.readouterr().out
+    assert json.loads((tmp_path / "split.partial/checkpoint/state.json").read_text())["progress"]["step"] == 3
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert finetune(tiny, tmp_path / "split", "--save-every", "0", "--lr", "1e-3", "--resume") == 2  # contradicts
+    assert "differs from the interrupted run" in capsys.readouterr().err
+    assert finetune(tiny, tmp_path / "split", "--resume") == 0
+    _assert_same_run(tmp_path / "whole", tmp_path / "split")
+    assert finetune(tiny, tmp_path / "split", "--resume") == 2  # finished: nothing to resume
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) <= 1e-6
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    assert [s for s, _ in mb["train_loss"]] == list(range(1, 9))
+    assert [loss for _, loss in ma["train_loss"]] == pytest.approx([loss for _, loss in mb["train_loss"]], abs=1e-6)
+    assert ma["eval_after"] == pytest.approx(mb["eval_after"], abs=1e-6)
+
+
+def test_compare_writes_report_plot_and_one_folder_per_method(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "pissa,lora", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
+            "--rank", "4", "--steps", "6", "--batch-size", "4", "--eval-size", "8", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "| pissa | 5e-05 |" in report and "| lora | 0.0002 |" in report and "loss@6 (end)" in report
+    assert (out / "loss.png").is_file()
+    for method in ("pissa", "lora"):
+        m = json.loads((out / method / "metrics.json").read_text())
+        assert m["method"] == method and (out / method / "adapter" / "adapter_config.json").is_file()
+    a, b = (json.loads((out / m / "metrics.json").read_text()) for m in ("pissa", "lora"))
+    assert a["eval_before"] == pytest.approx(b["eval_before"], abs=1e-5)  # both start from the base model's function
+
+
+def test_seq_cls_trains_the_head_and_saves_it_with_the_adapter(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "cls"
+    assert finetune(tiny, out, "--model", str(tiny / "bert"), "--steps", "6") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "seq-cls"
+    head = load_file(str(out / "adapter" / "head.safetensors"))
+    assert {k.split(".")[0] for k in head} == {"classifier"}
+    assert m["trainable_params"] > sum(t.numel() for t in head.values())
+    torch.manual_seed(123)  # a different fresh head: loading must overwrite it
+    model = AutoModelForSequenceClassification.from_pretrained(tiny / "bert", num_labels=2)
+    pissa.load_adapter(model, out / "adapter")
+    assert torch.equal(model.classifier.weight, head["classifier.weight"])
+    assert pissa.trainable_parameters(model) == m["trainable_params"]
+
+
+# --- bad input: one line on stderr, exit 2, nothing written --------------------------------------
+
+
+def _bad_files(tiny: Path, tmp: Path) -> dict[str, list[str]]:
+    (tmp / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{not json\n')
+    (tmp / "empty.csv").write_text("")
+    (tmp / "cols.csv").write_text("question,answer\nwhat,that\nwho,them\n")
+    return {
+        "missing model": ["--model", str(tmp / "nope")],
+        "unknown method": ["--method", "dora"],
+        "rank 0": ["--rank", "0"],
+        "rank too big": ["--rank", "33"],
+        "negative steps": ["--steps", "-1"],
+        "malformed data": ["--data", str(tmp / "bad.jsonl")],
+        "empty data": ["--data", str(tmp / "empty.csv")],
+        "unknown columns": ["--data", str(tmp / "cols.csv")],
+        "missing data": ["--data", str(tmp / "nope.jsonl")],
+        "free text for a classifier": ["--model", str(tiny / "bert"), "--data", str(tiny / "free.jsonl")],
+    }
+
+
+BAD_CASES = ["missing model", "unknown method", "rank 0", "rank too big", "negative steps", "malformed data",
+             "empty data", "unknown columns", "missing data", "free text for a classifier"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_exit_2_and_no_output(case: str, tiny: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert finetune(tiny, out, *_bad_files(tiny, tmp_path)[case]) == 2
+    err = capsys.readouterr().err  # may hold model-loading progress bars before the error
+    assert err.endswith("\n") and err.splitlines()[-1].startswith("pissa: error: ")
+    assert err.count("pissa: error:") == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_bad_compare_methods_write_nothing(tiny: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "pissa,nope", "--model", str(tiny / "llama"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err and not out.exists() and not (tmp_path / "cmp.partial").exists()
+
+
+# --- transformers.Trainer on a pissa-attached model ----------------------------------------------
+
+
+def test_hf_trainer_trains_a_pissa_model(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_llama
+
+    model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (4, 12), generator=g)]  # one batch
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    pissa.save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
