@@ -210,3 +210,32 @@ def test_bad_quantization_input_is_refused(monkeypatch) -> None:
     with pytest.raises(pissa.PissaError, match="needs bitsandbytes; run: pip install"):
         pissa.attach(model, pissa.AdapterConfig(rank=2, quantize="nf4"))
     assert not list(pissa.adapted_layers(model))
+
+
+def test_quant_error_table_per_projection_type() -> None:
+    from pissa.quant_error import layer_ratios, markdown_table, method_names, projection_type, summarize
+
+    assert projection_type("model.layers.3.self_attn.q_proj") == "self_attn.q_proj"
+    assert projection_type("bert.pooler.dense") == "bert.pooler.dense"
+    weights = {f"layers.{i}.{p}": spectral_matrix(32, 64, seed=i) for i in range(2) for p in ("q", "up")}
+    methods = method_names([1, 2])
+    rows = layer_ratios(weights, 4, [1, 2])
+    assert [r.name for r in rows] == list(weights) and all(r.ratios["QLoRA"] == 0.0 for r in rows)
+    assert all(r.ratios[m] > 0 for r in rows for m in methods[1:])
+    summary = summarize(rows, methods)
+    assert [s[0] for s in summary] == ["q", "up", "average"] and summary[-1][2] == 4
+    assert summary[-1][3]["QPiSSA-2"] == pytest.approx(sum(r.ratios["QPiSSA-2"] for r in rows) / 4)
+    assert "| **average** |  | 4 | 0.00 |" in markdown_table(summary, methods)
+
+
+def test_analyze_quant_error_command_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys) -> None:
+    from pissa import cli, quant_error
+
+    weights = {f"model.layers.{i}.mlp.up_proj": spectral_matrix(32, 64, seed=i) for i in range(2)}
+    monkeypatch.setattr(quant_error, "model_weights", lambda *a: weights)
+    out = tmp_path / "qe"
+    assert cli.main(["analyze", "quant-error", "--model", "tiny", "--rank", "4", "--iters", "1", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["quant_error.csv", "quant_error.md", "quant_error.png"]
+    assert "| mlp.up_proj | 32x64 | 2 | 0.00 |" in capsys.readouterr().out
+    assert cli.main(["analyze", "quant-error", "--rank", "40", "--out", str(tmp_path / "bad")]) == 2
+    assert "rank 40 does not fit" in capsys.readouterr().err and not (tmp_path / "bad").exists()

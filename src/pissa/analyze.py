@@ -12,6 +12,7 @@ import importlib
 ANALYSES: dict[str, tuple[str, str]] = {
     "spectrum": ("pissa.intruders", "singular values of adapted layers before and after fine-tuning (table + PNG)"),
     "intruders": ("pissa.intruders", "intruder dimensions per layer of a fine-tuned adapter (table + PNG)"),
+    "quant-error": ("pissa.quant_error", "NF4 quantization error reduction of QPiSSA vs LoftQ vs QLoRA per projection (table + PNG)"),
 }
 
 

@@ -1,0 +1,213 @@
+"""``pissa analyze quant-error``: how much of NF4's quantization error QPiSSA and LoftQ remove.
+
+For every adapted layer ("all-linear") of a model and a rank r, the paper's reduction ratio
+(:func:`pissa.quant.reduction_ratio`, nuclear norm; QLoRA = 0 by definition) of
+
+    LoftQ-T   Q = nf4(W), then T alternations         (Li et al., 2023)
+    QPiSSA-T  nf4(W - B A) with T QPiSSA iterations   (PiSSA paper, Algorithm 1)
+
+for each T in ``--iters``. Equal-shape layers run as one batch; the rank-r SVDs are exact
+(LAPACK) unless ``--svd krylov``. Output: a markdown table per projection type (the module name
+after its layer index, e.g. ``self_attn.q_proj``) and on average over all layers, printed and
+written with a per-layer CSV and a bar chart PNG into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .decompose import InitOptions, layer_seed, pissa_init
+from .errors import PissaError
+from .quant import loftq_iterates, nf4, nuclear_norm, qpissa_iterates, reduction_ratio
+from .svd import SVDMethod
+
+CHUNK = 8
+"""Matrices of one shape processed together (bounds memory: a few copies of CHUNK weights)."""
+
+
+def projection_type(name: str) -> str:
+    """The part of a module name after its last numeric component (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``)."""
+    parts = name.split(".")
+    idx = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[idx[-1] + 1 :]) if idx and idx[-1] + 1 < len(parts) else name
+
+
+def method_names(iters: Sequence[int]) -> list[str]:
+    """Column names: QLoRA, LoftQ-T..., QPiSSA-T... for T in ``iters``."""
+    return ["QLoRA"] + [f"LoftQ-{t}" for t in iters] + [f"QPiSSA-{t}" for t in iters]
+
+
+def batch_ratios(W: Tensor, rank: int, iters: Sequence[int], opt: InitOptions) -> dict[str, Tensor]:
+    """Reduction ratios (%) of every method for a batch ``W (L, out, in)`` (float32): ``{method: (L,)}``."""
+    qlora_error = nuclear_norm(W - nf4(W))
+    out = {"QLoRA": torch.zeros(W.shape[0], dtype=torch.float64)}
+    for label, steps in (("LoftQ", loftq_iterates(W, rank, opt)), ("QPiSSA", qpissa_iterates(W, *pissa_init(W, rank, opt), opt))):
+        for t in range(1, max(iters) + 1):
+            Q, A, B = next(steps)
+            if t in iters:
+                out[f"{label}-{t}"] = reduction_ratio(W, Q, A, B, qlora_error)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerRatios:
+    name: str
+    shape: tuple[int, int]
+    ratios: dict[str, float]
+
+    @property
+    def type(self) -> str:
+        return projection_type(self.name)
+
+
+def layer_ratios(
+    weights: dict[str, Tensor],
+    rank: int,
+    iters: Sequence[int] = (1, 5),
+    *,
+    svd: SVDMethod = "exact",
+    niter: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[LayerRatios]:
+    """The ratios of every layer ``{name: W (out, in)}``, equal shapes batched; in the input order."""
+    for name, W in weights.items():
+        if not 1 <= rank <= min(W.shape):
+            raise PissaError(f"rank {rank} does not fit layer {name!r} of shape {tuple(W.shape)}; choose 1 <= rank <= {min(W.shape)}")
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, W in weights.items():
+        groups.setdefault(tuple(W.shape), []).append(name)
+    results: dict[str, LayerRatios] = {}
+    bar = tqdm(total=len(weights), desc=f"quant-error r={rank}", unit="layer", disable=not progress)
+    for shape, names in groups.items():
+        for i in range(0, len(names), CHUNK):
+            chunk = names[i : i + CHUNK]
+            W = torch.stack([weights[n].detach().float() for n in chunk])
+            opt = InitOptions(seeds=[layer_seed(seed, n) for n in chunk], svd=svd, niter=niter)
+            ratios = batch_ratios(W, rank, iters, opt)
+            for j, n in enumerate(chunk):
+                results[n] = LayerRatios(n, shape, {m: float(v[j]) for m, v in ratios.items()})  # type: ignore[arg-type]
+            bar.update(len(chunk))
+    bar.close()
+    return [results[n] for n in weights]
+
+
+def summarize(rows: list[LayerRatios], methods: list[str]) -> list[tuple[str, str, int, dict[str, float]]]:
+    """``(type, shape, layers, {method: mean ratio})`` per projection type, then ``("average", "", n, ...)`` over all layers."""
+    types: dict[str, list[LayerRatios]] = {}
+    for row in rows:
+        types.setdefault(row.type, []).append(row)
+
+    def mean(group: list[LayerRatios]) -> dict[str, float]:
+        return {m: sum(r.ratios[m] for r in group) / len(group) for m in methods}
+
+    table = [(t, "x".join(map(str, g[0].shape)), len(g), mean(g)) for t, g in types.items()]
+    return table + [("average", "", len(rows), mean(rows))]
+
+
+def markdown_table(summary: list[tuple[str, str, int, dict[str, float]]], methods: list[str]) -> str:
+    """The summary as a markdown table of reduction ratios in %."""
+    lines = ["| projection | shape | layers | " + " | ".join(methods) + " |", "|---|---|---:|" + "---:|" * len(methods)]
+    for t, shape, n, means in summary:
+        cells = " | ".join(f"{means[m]:.2f}" for m in methods)
+        lines.append(f"| {'**average**' if t == 'average' else t} | {shape} | {n} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: list[tuple[str, str, int, dict[str, float]]], methods: list[str], title: str):
+    """A grouped bar chart (one group per projection type and the average, one bar per method); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(summary)), 4.0))
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(summary))]
+        ax.bar(xs, [s[3][m] for s in summary], width, label=m)
+    ax.set_xticks(range(len(summary)), [s[0] for s in summary], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("quantization error reduction (%)")
+    ax.set_title(title)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def model_weights(model_name: str, kind: str | None = None, sample: int | None = None) -> dict[str, Tensor]:
+    """The (out, in) weights of a model's "all-linear" layers; ``sample``: at most that many per projection type, evenly spaced."""
+    from . import hub
+    from .layer import dense_weight
+    from .model import find_targets
+
+    if kind is None:
+        entry = hub.EMBEDDED_MODELS.get(model_name)
+        kind = entry.kinds[0] if entry is not None else "causal-lm"
+    model, _ = hub.load_model(model_name, kind=kind)  # type: ignore[arg-type]
+    names = find_targets(model, "all-linear")
+    if sample is not None:
+        by_type: dict[str, list[str]] = {}
+        for n in names:
+            by_type.setdefault(projection_type(n), []).append(n)
+        keep = set()
+        for group in by_type.values():
+            step = max(1, -(-len(group) // sample))
+            keep.update(group[::step][:sample])
+        names = [n for n in names if n in keep]
+    return {n: dense_weight(model.get_submodule(n)).detach().float() for n in names}
+
+
+def analysis_quant_error(parser: argparse.ArgumentParser):
+    """``pissa analyze quant-error --model M --rank r [--iters 1 5] [--out DIR]``."""
+    parser.add_argument("--model", default="smollm2", help="embedded model name (smollm2, minilm) or a local Hugging Face folder")
+    parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
+    parser.add_argument("--iters", type=int, nargs="+", default=[1, 5], help="LoftQ / QPiSSA iteration counts to report")
+    parser.add_argument("--svd", choices=["exact", "krylov"], default="exact", help="rank-r SVD: exact LAPACK or block Krylov")
+    parser.add_argument("--niter", type=int, default=8, help="block Krylov iterations (with --svd krylov)")
+    parser.add_argument("--sample", type=int, default=None, help="at most this many layers per projection type (default: all)")
+    parser.add_argument("--kind", choices=["causal-lm", "seq-cls"], default=None, help="model head (default: the embedded model's, else causal-lm)")
+    parser.add_argument("--out", default="quant_error", help="output folder (replaced): quant_error.md, .csv, .png")
+
+    def run(args: argparse.Namespace) -> int:
+        from .io import atomic_dir
+        from .quant import require_bnb
+
+        if args.rank < 1 or any(t < 1 for t in args.iters) or (args.sample is not None and args.sample < 1):
+            raise PissaError("--rank, --iters and --sample must be >= 1")
+        require_bnb()
+        iters = sorted(set(args.iters))
+        methods = method_names(iters)
+        weights = model_weights(args.model, args.kind, args.sample)
+        start = time.perf_counter()
+        rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True)
+        seconds = time.perf_counter() - start
+        summary = summarize(rows, methods)
+        title = f"{args.model}, rank {args.rank}: NF4 error reduction (nuclear norm)"
+        table = markdown_table(summary, methods)
+        text = f"# {title}\n\n{len(rows)} layers, svd={args.svd}, {seconds:.0f} s\n\n{table}"
+        print(text)
+        buf = _io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["layer", "type", "shape", *methods])
+        for r in rows:
+            writer.writerow([r.name, r.type, "x".join(map(str, r.shape)), *(f"{r.ratios[m]:.4f}" for m in methods)])
+        fig = bar_chart(summary, methods, title)
+        with atomic_dir(args.out) as tmp:
+            (Path(tmp) / "quant_error.md").write_text(text)
+            (Path(tmp) / "quant_error.csv").write_text(buf.getvalue())
+            fig.savefig(Path(tmp) / "quant_error.png", dpi=120)
+        print(f"wrote {args.out}/quant_error.md, quant_error.csv, quant_error.png")
+        return 0
+
+    return run
