@@ -270,7 +270,9 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
         loss.backward()
         step_loss += loss.item()
     if cfg.reg_weight > 0:
-        (cfg.reg_weight * regularization(model)).backward()
+        reg = regularization(model)
+        if reg.requires_grad:  # a constant zero (no graph) for methods without orthonormal factors
+            (cfg.reg_weight * reg).backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     for group in optimizer.param_groups:
