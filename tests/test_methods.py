@@ -149,7 +149,7 @@ def test_scaling_divides_the_core_and_keeps_factors_orthonormal() -> None:
 def test_regularization_is_zero_without_sorsa_and_penalizes_drift() -> None:
     plain = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4))
     r = pissa.regularization(plain)
-    assert r.dim() == 0 and r.item() == 0.0
+    assert r.dim() == 0 and r.item() == 0.0 and not r.requires_grad
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(method="sorsa", rank=4, alpha=8.0))
     at_init = pissa.regularization(model)
     assert at_init.item() < 1e-4

@@ -228,7 +228,8 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def regularization(model: nn.Module) -> Tensor:
     """SORSA's orthonormality penalty: the sum over layers with orthonormal factors of
-    ``||B^T B - I||_F + ||A A^T - I||_F`` (a differentiable 0-d tensor; zero for other methods).
+    ``||B^T B - I||_F + ||A A^T - I||_F``: a 0-d tensor, differentiable when some layer has
+    orthonormal factors, a constant zero (``requires_grad=False``) otherwise.
 
     Add ``weight * pissa.regularization(model)`` to the loss (``pissa finetune --reg-weight``).
     """
