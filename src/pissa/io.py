@@ -152,6 +152,19 @@ def write_adapter(
     ``head``: trained parameters outside the adapters (``HEAD_FILE``, listed under "head"), with
     the classifier's ``num_labels``.
     """
+    doc = adapter_doc(cfg, meta, head, num_labels)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+        if head:
+            save_file(head, str(tmp / HEAD_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return Path(path)
+
+
+def adapter_doc(
+    cfg: AdapterConfig, meta: dict[str, dict[str, Any]], head: dict[str, Tensor] | None = None, num_labels: int | None = None
+) -> dict[str, Any]:
+    """The ``CONFIG_FILE`` document of an adapter: config, per-layer entries and fingerprints."""
     doc = {
         "format": FORMAT,
         "version": VERSION,
@@ -163,12 +176,7 @@ def write_adapter(
     if head:
         doc["head"] = sorted(head)
         doc["num_labels"] = num_labels
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
-        if head:
-            save_file(head, str(tmp / HEAD_FILE), metadata={"format": FORMAT})
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
-    return Path(path)
+    return doc
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:

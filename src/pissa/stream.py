@@ -43,7 +43,7 @@ from .config import AdapterConfig
 from .svd import NITER
 from .errors import PissaError
 from .fingerprint import weight_digest
-from .io import layer_entry, write_adapter
+from .io import CONFIG_FILE, FORMAT, TENSORS_FILE, adapter_doc, atomic_dir, layer_entry
 from .layer import is_conv1d
 from .model import _matches, adapted_layers, attach, find_targets
 
@@ -51,6 +51,8 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 """safetensors dtypes a target weight may have."""
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of the safetensors dtypes an adapter may hold."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 """Files never copied to OUT/residual besides the residual shards (other copies of the base weights)."""
 
@@ -244,14 +246,41 @@ def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig) -> tuple[Te
     return layer.residual.weight.detach(), tensors, meta
 
 
+def _raw(t: Tensor) -> memoryview:
+    """A tensor's bytes in memory order (no copy for a contiguous tensor)."""
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
 def _write_at(path: Path, offset: int, t: Tensor) -> None:
-    """Overwrite ``t``'s raw bytes at ``offset`` of file ``path`` and flush them to disk."""
-    data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+    """Overwrite ``t``'s raw bytes at ``offset`` of file ``path``.
+
+    No fsync: a killed process loses nothing written, and a resume re-verifies every target's
+    bytes against its recorded digest anyway.
+    """
     with open(path, "r+b") as f:
         f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        f.write(_raw(t))
+
+
+def _write_safetensors(path: Path, records: list[Path], metadata: dict[str, str]) -> None:
+    """Concatenate the tensors of several safetensors files into one, one source file in memory at a time."""
+    specs = []
+    for record in records:
+        with safe_open(str(record), framework="pt") as f:
+            specs += [(key, f.get_slice(key)) for key in sorted(f.keys())]
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, sl in specs:
+        size = torch.Size(sl.get_shape()).numel() * DTYPE_BYTES[sl.get_dtype()]
+        header[key] = {"dtype": sl.get_dtype(), "shape": sl.get_shape(), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for record in records:
+            for _, t in sorted(load_file(str(record)).items()):
+                out.write(_raw(t))
 
 
 def _read(path: Path, key: str) -> Tensor:
@@ -321,15 +350,15 @@ def _prepare(work: Path, job: dict[str, Any]) -> None:
 
 
 def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: Path, out: Path) -> None:
-    """Rank 0: the adapter from the records, the index and non-weight files, then the rename to ``out``."""
-    tensors: dict[str, Tensor] = {}
+    """Rank 0: the adapter from the records (one in memory at a time), the index and non-weight files, the rename to ``out``."""
+    records = [_record_path(work / "state", t) for t in targets]
     meta: dict[str, dict[str, Any]] = {}
-    for t in targets:
-        record = _record_path(work / "state", t)
-        tensors.update(load_file(str(record)))
+    for t, record in zip(targets, records):
         with safe_open(str(record), framework="pt") as f:
             meta[t.name] = json.loads(f.metadata()["layer"])
-    write_adapter(work / "adapter", cfg, tensors, meta)
+    with atomic_dir(work / "adapter") as tmp:
+        _write_safetensors(tmp / TENSORS_FILE, records, {"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_doc(cfg, meta), indent=2))
     for src in ckpt.root.iterdir():
         if src.is_file() and not src.name.startswith(".") and not src.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(src, work / "residual" / src.name)  # config, index, tokenizer, generation config
