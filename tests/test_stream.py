@@ -190,3 +190,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, llama_dir, ca
     err = capsys.readouterr().err
     assert err.startswith("pissa: error:") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_quantized_init_loads_to_the_in_memory_qpissa_model(tmp_path, monkeypatch, llama_dir) -> None:
+    """--quantize nf4: the checkpoint holds the dense residual; load_adapter quantizes it to the same 4-bit layer."""
+    from transformers import LlamaForCausalLM
+
+    cfg = pissa.AdapterConfig(rank=4, quantize="nf4", quant_iters=2, seed=3)
+    out = stream.init_checkpoint(llama_dir, tmp_path / "out", cfg, progress=False)
+    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)
+    model = pissa.attach(tiny_llama(), cfg)
+    pissa.save_adapter(model, tmp_path / "ref")
+    (doc, tensors), (ref_doc, ref_tensors) = adapter_of(out / "adapter"), adapter_of(tmp_path / "ref")
+    assert doc == ref_doc and all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors)
+    loaded = pissa.load_adapter(LlamaForCausalLM.from_pretrained(out / "residual"), out / "adapter")
+    for (n1, a), (n2, b) in zip(pissa.adapted_layers(loaded), pissa.adapted_layers(model)):
+        assert n1 == n2 and torch.equal(a.residual.codes, b.residual.codes)
+    assert relative_error(logits(loaded), logits(model)) <= 1e-6

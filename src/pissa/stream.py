@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
+from .decompose import residual_of
 from .svd import NITER
 from .errors import PissaError
 from .fingerprint import weight_digest
@@ -49,7 +50,7 @@ from .model import _matches, adapted_layers, attach, find_targets
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DECOMPOSABLE = ("F64", "F32", "BF16", "F16")
 """safetensors dtypes a target weight may have."""
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 """Bytes per element of the safetensors dtypes an adapter may hold."""
@@ -204,7 +205,7 @@ def resolve_targets(ckpt: Checkpoint, targets: str | list[str]) -> list[Target]:
 def _check_targets(ckpt: Checkpoint, targets: list[Target], rank: int) -> None:
     for t in targets:
         e = ckpt.entries[t.key]
-        if e.dtype not in DTYPES or len(e.shape) != 2:
+        if e.dtype not in DECOMPOSABLE or len(e.shape) != 2:
             raise PissaError(f"{t.key} is {e.dtype} {list(e.shape)}, not a float matrix; it cannot be decomposed (drop it from --targets)")
         if not 1 <= rank <= min(e.shape):
             raise PissaError(f"rank {rank} does not fit {t.key} of shape {list(e.shape)}; choose 1 <= rank <= {min(e.shape)}")
@@ -235,15 +236,23 @@ def _stand_in(name: str, weight: Tensor, conv1d: bool) -> nn.Module:
 def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
     """Adapt one stored weight exactly as ``attach`` does in memory.
 
-    Returns the residual in the stored layout and dtype, and the layer's adapter tensors and
-    ``layers`` entry (:func:`pissa.io.layer_entry`).
+    Returns the dense residual in the stored layout and dtype, and the layer's adapter tensors and
+    ``layers`` entry (:func:`pissa.io.layer_entry`). With ``cfg.quantize`` the checkpoint gets the
+    dense residual that the 4-bit layer was quantized from (``load_adapter`` quantizes it again).
     """
     model = _stand_in(target.name, weight, target.conv1d)
     with distributed.local():
         attach(model, dataclasses.replace(cfg, targets=[re.escape(target.name)]))
     (name, layer), = adapted_layers(model)
     tensors, meta = layer_entry(name, layer)
-    return layer.residual.weight.detach(), tensors, meta
+    if cfg.quantize is None:
+        residual = layer.residual.weight.detach()
+    else:  # the 4-bit layer keeps no dense copy: the same formula on the same inputs gives it bit-exactly
+        dense = residual_of(weight.T if target.conv1d else weight, layer.A0, layer.B0, layer.scaling, layer.core0)
+        residual = dense.T.contiguous() if target.conv1d else dense
+    if weight_digest(residual) != meta["residual_digest"]:
+        raise RuntimeError(f"internal error: the residual of {name} does not match its digest")
+    return residual, tensors, meta
 
 
 def _raw(t: Tensor) -> memoryview:
@@ -309,8 +318,6 @@ def _do_target(ckpt: Checkpoint, target: Target, cfg: AdapterConfig, residual_di
     """Adapt one target: residual bytes into the copied shard, then its record (renamed into place last)."""
     entry = ckpt.entries[target.key]
     residual, tensors, meta = adapt_tensor(_read(ckpt.root / entry.shard, target.key), target, cfg)
-    if residual.dtype != DTYPES[entry.dtype] or residual.numel() * residual.element_size() != entry.end - entry.start:
-        raise PissaError(f"the residual of {target.key} does not fit its stored bytes; --quantize cannot be streamed this way")
     _write_at(residual_dir / entry.shard, entry.start, residual)
     record = _record_path(state, target)
     part = record.with_name(record.name + ".partial")
@@ -419,7 +426,11 @@ def command_init(parser: argparse.ArgumentParser):
     parser.add_argument("--method", default="pissa", help="initialization method (pissa, lora, ...)")
     parser.add_argument("--alpha", type=float, default=None, help="scaling numerator (scaling = alpha / rank); default alpha = rank")
     parser.add_argument("--targets", nargs="+", default=None, help="layer-name suffixes or regexes; default: all-linear from config.json")
-    parser.add_argument("--quantize", choices=["nf4"], default=None, help="QPiSSA: 4-bit NF4 residual")
+    parser.add_argument(
+        "--quantize", choices=["nf4"], default=None,
+        help="QPiSSA: factors refined against a 4-bit NF4 residual; OUT/residual holds the dense residual, load_adapter quantizes it",
+    )
+    parser.add_argument("--quant-iters", type=int, default=AdapterConfig.quant_iters, help="QPiSSA iterations (with --quantize)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     parser.add_argument("--svd", choices=["krylov", "exact"], default="krylov", help="SVD: randomized block Krylov or exact")
     parser.add_argument("--niter", type=int, default=NITER, help="block Krylov iterations")
@@ -428,7 +439,7 @@ def command_init(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         cfg = AdapterConfig(
             method=args.method, rank=args.rank, alpha=args.alpha, targets=args.targets or "all-linear",
-            quantize=args.quantize, seed=args.seed, svd=args.svd, niter=args.niter,
+            quantize=args.quantize, quant_iters=args.quant_iters, seed=args.seed, svd=args.svd, niter=args.niter,
         )
         distributed.init_from_env()
         out = init_checkpoint(args.model, args.out, cfg, progress=not args.no_progress)
