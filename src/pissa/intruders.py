@@ -191,9 +191,10 @@ def analysis_intruders(parser: argparse.ArgumentParser):
         hit = sum(1 for r in rows if r[1] > 0)
         summary = (
             f"Intruder dimensions (k = {args.k}, threshold {args.threshold}): {total} in total, "
-            f"{hit} of {len(rows)} layers have at least one.\n\n"
+            f"{hit} of {len(rows)} layers have at least one. \"min max cos\": the lowest, over the top-{args.k} "
+            "singular vectors of W + ΔW, of their largest |cosine| with a singular vector of W.\n\n"
         )
-        md = summary + _table(["layer", "intruders", "min max-|cos|", "‖ΔW‖/‖W‖"], rows)
+        md = summary + _table(["layer", "intruders", "min max cos", "‖ΔW‖/‖W‖"], rows)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(rows)), 3))
         ax.bar(range(len(rows)), [r[1] for r in rows], width=0.9)
         ax.set_xlabel("adapted layer (module order)")
