@@ -219,9 +219,9 @@ def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOption
     """
     if method not in REFINED_METHODS or iters <= 1:
         return factors
-    steps = qpissa_iterates(W, factors.A, factors.B, opt)
-    for _ in range(iters):
-        _, A, B = next(steps)
+    A, B = factors.A, factors.B
+    for _ in range(iters - 1):  # the iteration of qpissa_iterates, without the final Q (attach quantizes the residual)
+        A, B = pissa_init(W - nf4(W - B @ A), A.shape[-2], opt)
     return dataclasses.replace(factors, A=A, B=B)
 
 
