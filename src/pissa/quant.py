@@ -26,6 +26,7 @@ The paper's metric, with ``||.||_*`` the nuclear norm (QLoRA, ``Q = nf4(W)`` and
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -54,6 +55,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def require_bnb():
     """``bitsandbytes.functional``, or a PissaError saying how to install it."""
+    # bitsandbytes warns at import that its optional fused CPU 4-bit matmul (package `kernels`) is
+    # missing; NF4Linear dequantizes and calls torch's matmul instead, so the warning is noise here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
