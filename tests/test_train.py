@@ -339,3 +339,20 @@ def test_hf_trainer_trains_a_pissa_model(tmp_path: Path) -> None:
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     pissa.save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+
+
+# --- the real embedded model ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_default_end_to_end(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct on Rotten Tomatoes for a few steps (q/v projections only, to stay quick)."""
+    out = tmp_path / "real"
+    args = ["finetune", "--steps", "2", "--batch-size", "2", "--eval-size", "4", "--lr", "1e-3", "--warmup", "1",
+            "--targets", "q_proj,v_proj", "--max-length", "40", "--out", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "smollm2" and m["data"] == "rotten_tomatoes" and m["accuracy_kind"] == "label"
+    assert m["eval_after"]["loss"] < m["eval_before"]["loss"]  # the label words become likely at once
+    assert m["trainable_params"] == 30 * 16 * ((576 + 576) + (576 + 192))
+    assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "loss.png").is_file()

@@ -65,31 +65,42 @@ class Batch:
         return int(self.target_mask.sum()) if bool(self.target_mask.any()) else len(self.labels)
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts in one call (fast tokenizers batch it in Rust)."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
-def encode(tokenizer, example: Example, labels: Sequence[str] | None, kind: Kind, max_length: int) -> Encoded:
-    """Tokenize one example, at most ``max_length`` tokens.
+def encode_all(tokenizer, examples: Sequence[Example], labels: Sequence[str] | None, kind: Kind, max_length: int) -> list[Encoded]:
+    """Tokenize examples, each at most ``max_length`` tokens.
 
     Causal LM: ``tokenizer(prompt)`` (with the tokenizer's special tokens) followed by
     ``tokenizer(completion)`` (none), plus the eos token for free text so the model learns to
     stop. Too long: the prompt loses tokens from its start (its end, next to the completion,
     is what matters), then the completion from its end. Seq-cls: the prompt, truncated at its end.
     """
-    label = labels.index(example.completion) if labels is not None else None
+    if not examples:
+        return []
+    label_of = [labels.index(e.completion) if labels is not None else None for e in examples]
+    prompts = [e.prompt for e in examples]
     if kind == "seq-cls":
-        ids = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
-        return Encoded(tuple(ids), len(ids), label)
-    prompt = _ids(tokenizer, example.prompt, True)
-    completion = _ids(tokenizer, example.completion, False)
-    if labels is None and tokenizer.eos_token_id is not None:
-        completion.append(tokenizer.eos_token_id)
-    completion = completion[: max_length - 1]
-    prompt = prompt[max(0, len(prompt) - (max_length - len(completion))) :]
-    if not prompt or not completion:
-        raise PissaError("an example encodes to an empty prompt or completion; check the data or raise --max-length")
-    return Encoded(tuple(prompt + completion), len(prompt), label)
+        encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        return [Encoded(tuple(ids), len(ids), label) for ids, label in zip(encoded, label_of)]
+    unique = sorted({e.completion for e in examples})
+    completion_ids = dict(zip(unique, _ids(tokenizer, unique, False)))
+    eos = [tokenizer.eos_token_id] if labels is None and tokenizer.eos_token_id is not None else []
+    out = []
+    for e, prompt, label in zip(examples, _ids(tokenizer, prompts, True), label_of):
+        completion = (completion_ids[e.completion] + eos)[: max_length - 1]
+        prompt = prompt[max(0, len(prompt) - (max_length - len(completion))) :]
+        if not prompt or not completion:
+            raise PissaError("an example encodes to an empty prompt or completion; check the data or raise --max-length")
+        out.append(Encoded(tuple(prompt + completion), len(prompt), label))
+    return out
+
+
+def encode(tokenizer, example: Example, labels: Sequence[str] | None, kind: Kind, max_length: int) -> Encoded:
+    """One example (see :func:`encode_all`)."""
+    return encode_all(tokenizer, [example], labels, kind, max_length)[0]
 
 
 def collate(items: Sequence[Encoded], pad_id: int, kind: Kind) -> Batch:
@@ -156,8 +167,9 @@ def evaluate(
 
     ``label_ids``: the completion tokens of each label (causal LM with labels). When every label
     is one distinct token, one forward pass per example scores all labels at once; otherwise
-    each (example, label) pair is scored as its own sequence.
+    each (example, label) pair is scored as its own sequence. Examples are batched by length.
     """
+    items = sorted(items, key=lambda e: len(e.ids))  # similar lengths together: little padding
     was_training = model.training
     model.eval()
     try:

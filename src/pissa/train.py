@@ -45,7 +45,7 @@ from .config import AdapterConfig
 from .decompose import METHODS
 from .errors import PissaError
 from .model import attach, regularization, trainable_parameters
-from .objective import Batch, Encoded, Kind, collate, encode, evaluate, loss_sum
+from .objective import Batch, Encoded, Kind, collate, encode_all, evaluate, loss_sum
 
 DEFAULT_LR: dict[str, float] = {
     "pissa": 5e-5,
@@ -77,7 +77,7 @@ class RunConfig:
     targets: str | list[str] = "all-linear"
     quantize: Literal["nf4"] | None = None
     lr: float | None = None
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 64
@@ -221,8 +221,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
     model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels)
-    encode_all = lambda xs: [encode(tokenizer, e, dataset.labels, kind, cfg.max_length) for e in xs]  # noqa: E731
-    train, test = encode_all(dataset.train), encode_all(dataset.test[: cfg.eval_size])
+    train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
+    test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     label_ids = None
     if kind == "causal-lm" and dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
@@ -533,10 +533,10 @@ def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
     else:
         a("--method", default=d.method, choices=sorted(METHODS), help="adapter initialization")
     a("--rank", type=int, default=d.rank, help="adapter rank r")
-    a("--alpha", type=float, default=d.alpha, help="scaling numerator (update = alpha/r B A); default: alpha = r")
+    a("--alpha", type=float, default=d.alpha, help="scaling numerator: the update is (alpha / rank) B A; None means alpha = rank")
     a("--targets", default="all-linear", help="all-linear, or comma-separated module-name suffixes/regexes")
     a("--quantize", default=None, choices=["nf4"], help="hold the frozen residual in 4-bit NF4 (QPiSSA)")
-    a("--lr", type=float, default=None, help="peak learning rate; default: per method, measured on the embedded "
+    a("--lr", type=float, default=None, help="peak learning rate; None: the method's best rate measured on the embedded "
       f"task ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())}, others {FALLBACK_LR:g})")
     a("--steps", type=int, default=d.steps, help="optimizer steps")
     a("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
@@ -553,7 +553,7 @@ def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
     a("--seed", type=int, default=d.seed, help="seed of the init, the data order and dropout")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial (same options)")
-    a("--threads", type=int, default=d.threads, help="CPU threads (default: the cores available)")
+    a("--threads", type=int, default=d.threads, help="CPU threads (the cores available to this process)")
 
 
 def config_from_args(args: argparse.Namespace, method: str) -> RunConfig:
@@ -586,7 +586,7 @@ def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[
 def command_finetune(parser: argparse.ArgumentParser):
     """``pissa finetune``: one method; writes OUT/{metrics.json, loss.png, adapter/}."""
     add_run_options(parser, compare=False)
-    parser.add_argument("--out", default=None, help="output folder (default: runs/finetune-METHOD)")
+    parser.add_argument("--out", default=None, help="output folder; None: runs/finetune-METHOD")
 
     def run_cmd(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, args.method)
