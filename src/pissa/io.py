@@ -309,7 +309,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "lora_alpha": cfg.scaling * r,
         "lora_dropout": cfg.dropout,
         "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
-        "fan_in_fan_out": all(is_conv1d(layer.residual) for _, layer in layers),
+        # a 4-bit residual (quant.NF4Linear) remembers whether its base was a Conv1D
+        "fan_in_fan_out": all(is_conv1d(layer.residual) or getattr(layer.residual, "conv1d", False) for _, layer in layers),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
