@@ -119,7 +119,11 @@ def collate(items: Sequence[Encoded], pad_id: int, kind: Kind) -> Batch:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Whether ``model.forward`` takes ``logits_to_keep`` (a PEFT wrapper passes it on to its base model)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return True
+    base = getattr(model, "get_base_model", None)
+    return callable(base) and "logits_to_keep" in inspect.signature(base().forward).parameters
 
 
 def completion_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
