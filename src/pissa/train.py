@@ -571,7 +571,7 @@ def config_from_args(args: argparse.Namespace, method: str) -> RunConfig:
 def resumed_config(saved: Path, cfg: RunConfig, explicit: set[str]) -> RunConfig:
     """The interrupted run's config; an option given now that contradicts it is an error."""
     old = RunConfig(**json.loads(saved.read_text()))
-    for key in explicit:
+    for key in explicit - {"threads"}:  # the thread count may change between sessions
         if hasattr(old, key) and getattr(old, key) != getattr(cfg, key):
             raise PissaError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the interrupted run's "
                              f"{getattr(old, key)}; drop it to resume")
