@@ -2,7 +2,8 @@
 
 For every "all-linear" layer of each model and each rank, the paper's ratio
 ``(1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) * 100`` (see :mod:`pissa.quant`) for LoftQ and
-QPiSSA after 1 and 5 iterations, exact rank-r SVDs; per model and rank the mean over layers,
+QPiSSA after 1 and 5 iterations (both on their final pair ``(Q_T, B_T A_T)``: the last step is
+the SVD step), exact rank-r SVDs; per model and rank the mean over layers,
 the margin QPiSSA-5 - LoftQ-5 (done-criterion: >= 2 points) and the wall time. Per-projection
 tables follow. Writes ``benchmarks/results/quant_error.md``.
 

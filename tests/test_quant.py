@@ -57,8 +57,13 @@ def test_nf4_round_trip_matches_the_code_book(shape) -> None:
 
 def test_decompose_quantized_is_the_dequantized_residual_plus_ba() -> None:
     W = spectral_matrix()
-    d = pissa.decompose(W, 8, quantize="nf4")
-    assert torch.equal(d.residual, quant.nf4(residual_of(W, d.A, d.B)))
+    d = pissa.decompose(W, 8, quantize="nf4", svd="exact")
+    opt = InitOptions(svd="exact")
+    steps = quant.qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 8, opt), opt)
+    for _ in range(5):  # the default iterations: residual Q_5, factors A_5, B_5
+        Q, A, B = next(steps)
+    assert torch.equal(d.A, A[0]) and torch.equal(d.B, B[0])
+    assert relative_error(d.residual, Q[0]) < 1e-3  # the same NF4 codes up to a rare rounding tie
     error = relative_error(d.residual + d.B @ d.A, W)
     assert 0 < error < relative_error(quant.nf4(W), W)  # better than quantizing W itself (QLoRA)
     plain = pissa.decompose(W, 8)
@@ -86,9 +91,24 @@ def test_reduction_ratio_is_zero_for_qlora_positive_and_grows_with_rank() -> Non
         five = quant.reduction_ratio(W, *next(steps))
         loftq = quant.loftq_iterates(W, r, opt)
         loftq_one = quant.reduction_ratio(W, *next(loftq))
-        assert 0 <= one.item() <= five.item() and loftq_one.item() >= 0
+        assert 0 <= one.item() < five.item() and loftq_one.item() >= 0
         ratios.append(five.item())
     assert ratios[0] < ratios[1] < ratios[2]
+
+
+def test_qpissa_iterates_end_on_the_svd_step() -> None:
+    """(Q_t, A_t, B_t): Q_t quantizes W - B_{t-1} A_{t-1}, B_t A_t is the best rank-r fit of W - Q_t."""
+    W = spectral_matrix().unsqueeze(0)
+    opt = InitOptions(svd="exact")
+    A0, B0 = pissa_init(W, 6, opt)
+    steps = quant.qpissa_iterates(W, A0, B0, opt)
+    Q1, A1, B1 = next(steps)
+    Q2, A2, B2 = next(steps)
+    assert torch.equal(Q1, quant.nf4(W - B0 @ A0)) and torch.equal(Q2, quant.nf4(W - B1 @ A1))
+    fit, _ = pissa_init(W - Q2, 6, opt)
+    assert torch.equal(A2, fit)
+    # the SVD step is optimal for its Q: never worse (Frobenius) than keeping the previous factors
+    assert torch.linalg.matrix_norm(W - Q2 - B2 @ A2) <= torch.linalg.matrix_norm(W - Q2 - B1 @ A1)
 
 
 def test_attach_holds_a_4bit_residual_and_stays_close_to_the_base() -> None:
@@ -113,10 +133,31 @@ def test_refinement_lowers_the_layer_error_and_leaves_lora_alone() -> None:
         return relative_error(layer.residual.dequantized() + layer.scaling * layer.B0 @ layer.A0, W), layer
 
     one, _ = error(pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=1))
-    five, _ = error(pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=5, alpha=12.0))
+    five, layer = error(pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=5, alpha=12.0, svd="exact"))
     assert five < one
+    # the residual is nf4(W - s Br Ar) with the previous iteration's factors; A0, B0 are refit to it, so the
+    # init is better than re-quantizing after the last SVD step (the former behaviour: nf4(W - s B0 A0) + s B0 A0)
+    assert torch.equal(layer.residual.dequantized(), quant.nf4(residual_of(W, layer.Ar, layer.Br, layer.scaling)))
+    requantized = quant.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)) + layer.scaling * layer.B0 @ layer.A0
+    assert five < relative_error(requantized, W)
     _, qlora = error(pissa.AdapterConfig(method="lora", rank=6, quantize="nf4"))
-    assert not qlora.B0.any() and torch.equal(qlora.residual.dequantized(), quant.nf4(W))
+    assert not qlora.B0.any() and torch.equal(qlora.residual.dequantized(), quant.nf4(W)) and qlora.Ar is None
+
+
+def test_attach_output_is_qt_plus_bt_at() -> None:
+    """After T iterations the layer computes x (Q_T + B_T A_T)^T, the T-th iterate of qpissa_iterates."""
+    W = spectral_matrix(48, 80)
+    model = nn.Sequential(nn.Linear(80, 48, bias=False))
+    model[0].weight.data.copy_(W)
+    layer = pissa.attach(model, pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=3, svd="exact"))[0]
+    opt = InitOptions(svd="exact")
+    steps = quant.qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 6, opt), opt)
+    for _ in range(3):
+        Q, A, B = next(steps)
+    assert torch.equal(layer.residual.dequantized(), Q[0])  # s = 1: the same residual, bit for bit
+    assert torch.equal(layer.A0, A[0]) and torch.equal(layer.B0, B[0])
+    x = torch.randn(5, 80)
+    assert torch.allclose(model(x), x @ (Q[0] + B[0] @ A[0]).T, atol=1e-5)
 
 
 def test_4bit_backward_matches_the_dense_dequantized_layer() -> None:
@@ -157,13 +198,15 @@ def test_save_load_round_trip_rebuilds_identical_4bit_residuals(tmp_path, arch) 
         assert n1 == n2 and isinstance(a.residual, quant.NF4Linear)
         assert torch.equal(a.residual.codes, b.residual.codes) and torch.equal(a.residual.absmax, b.residual.absmax)
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+        assert b.Ar is not None and torch.equal(a.Ar, b.Ar) and torch.equal(a.Br, b.Br)
+        assert torch.equal(a.A0, b.A0) and torch.equal(a.B0, b.B0)
     assert relative_error(logits(loaded), logits(model)) <= 1e-6  # same weights; kernels may sum in another order
     # a dense residual checkpoint (what `pissa init --quantize nf4` writes) loads into the same 4-bit model
     residual_model = copy.deepcopy(base)
     for name, layer in pissa.adapted_layers(model):
         module = residual_model.get_submodule(name)
         W = module.weight.T if arch == "gpt2-conv1d" else module.weight
-        dense = residual_of(W.detach(), layer.A0, layer.B0, layer.scaling)
+        dense = residual_of(W.detach(), layer.Ar, layer.Br, layer.scaling)
         module.weight.data.copy_(dense.T if arch == "gpt2-conv1d" else dense)
     from_residual = pissa.load_adapter(residual_model, tmp_path / "a")
     for (_, a), (_, b) in zip(pissa.adapted_layers(from_residual), pissa.adapted_layers(model)):
@@ -181,11 +224,33 @@ def test_merge_gives_dense_layers_with_the_same_outputs() -> None:
         assert relative_error(logits(model), trained) <= 1e-5
 
 
+def test_adapter_without_residual_factors_still_loads(tmp_path) -> None:
+    """Files written before residual factors existed: the residual is nf4(W - s B0 A0), as then."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama()
+    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=4, quantize="nf4", quant_iters=2))
+    pissa.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / "adapter.safetensors"
+    tensors = {k: v for k, v in load_file(str(file)).items() if not k.endswith((".Ar", ".Br"))}
+    save_file(tensors, str(file), metadata={"format": "pissa-adapter"})
+    loaded = pissa.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    for name, layer in pissa.adapted_layers(loaded):
+        W = base.get_submodule(name).weight.detach()
+        assert layer.Ar is None and torch.equal(layer.residual.dequantized(), quant.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)))
+
+
 def test_export_peft_warns_that_the_lora_applies_to_the_unquantized_base(tmp_path) -> None:
+    from pissa.io import peft_factors
+
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize="nf4"))
+    train_steps(model, [TOKENS], lm_loss, steps=2)
     with pytest.warns(UserWarning, match="unquantized base weights"):
         pissa.export_peft(model, tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
+    for _, layer in pissa.adapted_layers(model):  # the update relative to W: s (B A - Br Ar)
+        A, B = peft_factors(layer)
+        assert torch.allclose(B @ A, (layer.lora_B @ layer.lora_A - layer.Br @ layer.Ar).detach(), atol=1e-6)
 
 
 def test_already_quantized_base_is_refused() -> None:

@@ -34,7 +34,7 @@ class AdapterConfig:
     quantize: Literal["nf4"] | None = None
     """None, or "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA)."""
     quant_iters: int = 5
-    """QPiSSA iterations with quantize="nf4" (1 = plain PiSSA; each more: SVD of W - nf4(W_res), re-quantize)."""
+    """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A, then B A = rank-r SVD of W - nf4(W - B A)."""
     seed: int = 0
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: Literal["krylov", "exact"] = "krylov"

@@ -56,7 +56,9 @@ class Factors:
     Shapes (leading batch dims allowed): ``A (..., r, in)``, ``B (..., out, r)``, ``core`` None,
     ``(..., r)`` (a diagonal) or ``(..., r, r)``. ``train`` names the parts that are trainable;
     ``orthonormal`` marks factors whose columns (B) and rows (A) should stay orthonormal
-    (:func:`pissa.regularization` penalizes the drift, as SORSA does).
+    (:func:`pissa.regularization` penalizes the drift, as SORSA does). ``Ar (..., r, in)``,
+    ``Br (..., out, r)``: residual factors, when the residual is ``W - Br Ar`` rather than
+    ``W - B core A`` (QPiSSA, :func:`pissa.quant.refine`); None otherwise.
     """
 
     A: Tensor
@@ -64,11 +66,17 @@ class Factors:
     core: Tensor | None = None
     train: tuple[Part, ...] = ("A", "B")
     orthonormal: bool = False
+    Ar: Tensor | None = None
+    Br: Tensor | None = None
 
     def layer(self, i: int) -> "Factors":
         """Matrix ``i`` of a batch."""
-        core = None if self.core is None else self.core[i]
-        return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core)
+        core, Ar, Br = (None if t is None else t[i] for t in (self.core, self.Ar, self.Br))
+        return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core, Ar=Ar, Br=Br)
+
+    def residual_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(A, B, core)`` of the term the residual subtracts: ``(Ar, Br, None)`` if set, else ``(A, B, core)``."""
+        return (self.Ar, self.Br, None) if self.Ar is not None and self.Br is not None else (self.A, self.B, self.core)
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """``(A, B @ core)``: two factors with the same product."""
@@ -79,15 +87,17 @@ class Factors:
 
         Without a core A and B are divided by ``sqrt(s)`` (balanced, as PiSSA's sqrt(S) split);
         with a core only the core is divided by ``s``, so orthonormal A and B stay orthonormal.
+        Residual factors (no core) are divided by ``sqrt(s)``: ``s * Br0 @ Ar0 == Br @ Ar``.
         """
-        if self.core is not None:
-            return dataclasses.replace(self, core=self.core / scaling)
         root = scaling**0.5
-        return dataclasses.replace(self, A=self.A / root, B=self.B / root)
+        Ar, Br = (None if t is None else t / root for t in (self.Ar, self.Br))
+        if self.core is not None:
+            return dataclasses.replace(self, core=self.core / scaling, Ar=Ar, Br=Br)
+        return dataclasses.replace(self, A=self.A / root, B=self.B / root, Ar=Ar, Br=Br)
 
     def to(self, dtype: torch.dtype) -> "Factors":
-        core = None if self.core is None else self.core.to(dtype)
-        return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core)
+        core, Ar, Br = (None if t is None else t.to(dtype) for t in (self.core, self.Ar, self.Br))
+        return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core, Ar=Ar, Br=Br)
 
 
 def fold_core(B: Tensor, core: Tensor | None) -> Tensor:

@@ -8,13 +8,15 @@ An adapter directory holds
     adapter.safetensors      {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
                              {name}.A0 (r, in),     {name}.B0 (out, r)       initial factors
                              {name}.lora_core, {name}.core0 ((r,) or (r, r)) methods with a core
+                             {name}.Ar (r, in),     {name}.Br (out, r)       QPiSSA residual factors
 
 A layer's entry in "layers" also records ``train`` (its trainable parts) and ``orthonormal``
 (absent in older files: A and B train, no core).
 
 The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
 base weights (the same :func:`~pissa.decompose.residual_of` as at attach), so no residual
-model needs to be stored. No pickle anywhere; every file and directory appears atomically.
+model needs to be stored; a QPiSSA layer rebuilds its 4-bit residual ``nf4(W - s * Br @ Ar)``
+from its residual factors instead (files without them load as before). No pickle anywhere; every file and directory appears atomically.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
     if layer.lora_core is not None:
         parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
+    if layer.Ar is not None:
+        parts += [("Ar", layer.Ar), ("Br", layer.Br)]
     for key, t in parts:
         tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
     meta = {
@@ -229,6 +233,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             core=tensors.get(f"{name}.core0"),
             train=tuple(meta.get("train", ("A", "B"))),
             orthonormal=bool(meta.get("orthonormal", False)),
+            Ar=tensors.get(f"{name}.Ar"),
+            Br=tensors.get(f"{name}.Br"),
         )
         digests[name] = meta["base_digest"]
     rebuild(base, cfg, factors, digests, residual_ready)
@@ -264,13 +270,14 @@ def peft_factors(layer) -> tuple[Tensor, Tensor]:
 
     A core is folded into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r
     is enough when ``B0 C0 = 0`` (LoRA, LoRA-XS: ``[B C] A``) or when A is frozen, so A = A0
-    (SVFit, LoRA-XS: ``(B C - B0 C0) A``).
+    (SVFit, LoRA-XS: ``(B C - B0 C0) A``). With residual factors (QPiSSA) the residual
+    subtracts ``Br Ar`` instead of ``B0 A0``: ``s (B A - Br Ar) = s [B | -Br] [A ; Ar]``.
     Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
     """
     core = None if layer.lora_core is None else layer.lora_core.detach().float()
-    core0 = None if layer.core0 is None else layer.core0.float()
     A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
-    A0, BC0 = layer.A0.float(), fold_core(layer.B0.float(), core0)
+    A0, B0, core0 = (None if t is None else t.float() for t in layer.residual_factors())
+    BC0 = fold_core(B0, core0)
     if "A" not in layer.train_parts:
         return A, BC - BC0
     if not BC0.any():

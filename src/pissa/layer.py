@@ -12,6 +12,10 @@ update ``scaling * (B A - B0 A0)`` that ``export_peft`` writes.
 Structured methods (SVFit, LoRA-XS, SORSA) add a ``core`` (``(r,)`` diagonal or ``(r, r)``)
 and its initial value ``core0``; everywhere ``B`` reads ``B @ core`` (residual
 ``W - s B0 core0 A0``), and ``train`` says which of A, B, core are trainable.
+
+QPiSSA adds residual factors ``Ar (r, in)``, ``Br (out, r)`` (buffers, None otherwise): its
+residual is ``nf4(W - s Br Ar)``, quantized one iteration before ``A0, B0``
+(:func:`pissa.quant.refine`), and its update relative to W is ``s (B A - Br Ar)``.
 """
 
 from __future__ import annotations
@@ -57,17 +61,22 @@ class PissaLinear(nn.Module):
         core: Tensor | None = None,
         train: tuple[Part, ...] = ("A", "B"),
         orthonormal: bool = False,
+        Ar: Tensor | None = None,
+        Br: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.residual = residual
         for p in self.residual.parameters():
             p.requires_grad_(False)
-        self.lora_A = nn.Parameter(A.clone())
-        self.lora_B = nn.Parameter(B.clone())
-        self.lora_core = None if core is None else nn.Parameter(core.clone())
+        # contiguous copies: SVD factors are often transposed views, and FSDP2 shards contiguous parameters only
+        self.lora_A = nn.Parameter(A.clone(memory_format=torch.contiguous_format))
+        self.lora_B = nn.Parameter(B.clone(memory_format=torch.contiguous_format))
+        self.lora_core = None if core is None else nn.Parameter(core.clone(memory_format=torch.contiguous_format))
         self.register_buffer("A0", A.clone())
         self.register_buffer("B0", B.clone())
         self.register_buffer("core0", None if core is None else core.clone())
+        self.register_buffer("Ar", None if Ar is None else Ar.clone())
+        self.register_buffer("Br", None if Br is None else Br.clone())
         self.scaling = float(scaling)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.train_parts = tuple(train)
@@ -93,6 +102,10 @@ class PissaLinear(nn.Module):
     def weight(self) -> Tensor:
         """The residual's (native-layout) weight, for code that inspects ``layer.weight.dtype``/device."""
         return self.residual.weight
+
+    def residual_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(A, B, core)`` whose scaled product the residual subtracts from W: ``(Ar, Br, None)`` or ``(A0, B0, core0)``."""
+        return (self.Ar, self.Br, None) if self.Ar is not None and self.Br is not None else (self.A0, self.B0, self.core0)
 
     def delta(self) -> Tensor:
         """The current low-rank term ``scaling * B @ core @ A`` (out, in), in the factors' dtype."""

@@ -169,10 +169,13 @@ def _make_layer(
 ) -> PissaLinear:
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
-    ``init`` holds the initial factors (A0, B0, core0). ``is_residual``: W already is the
-    residual (a model written by ``pissa init``), keep it (quantized if ``cfg.quantize``).
+    ``init`` holds the initial factors (A0, B0, core0) and, for QPiSSA, the residual factors
+    (Ar, Br): the residual is ``W - s * Br @ Ar`` then, else ``W - s * B0 @ core0 @ A0``.
+    ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it
+    (quantized if ``cfg.quantize``).
     """
-    residual = W if is_residual else residual_of(W, init.A, init.B, cfg.scaling, init.core)
+    A, B, core = init.residual_factors()
+    residual = W if is_residual else residual_of(W, A, B, cfg.scaling, core)
     if cfg.quantize is not None:
         from .quant import quantize_residual
 
@@ -183,7 +186,7 @@ def _make_layer(
 
 
 def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str) -> PissaLinear:
-    layer = PissaLinear(residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal)
+    layer = PissaLinear(residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal, init.Ar, init.Br)
     layer.base_digest = digest
     return layer
 

@@ -7,16 +7,20 @@ normal-quantile levels. Storage: two 4-bit codes per byte plus one float32 absma
 below is the round trip ``dequantize(quantize(X))``.
 
 QPiSSA (PiSSA paper, Algorithm 1) keeps the principal part ``B A`` in full precision and
-quantizes only the residual; T iterations lower the quantization error further:
+quantizes only the residual. It is LoftQ's alternation started from PiSSA's factors instead of
+from 0, and like LoftQ it ends on the SVD step (optimal for the last Q):
 
-    t = 1:       B A = best rank-r approximation of W                 (PiSSA)
-    t = 2 .. T:  B A = best rank-r approximation of W - nf4(W - B A)
-    stored:      nf4(W - B A), B, A
+    B_0 A_0 = best rank-r approximation of W                           (PiSSA)
+    t = 1 .. T:  Q_t = nf4(W - B_{t-1} A_{t-1});  B_t A_t = best rank-r approximation of W - Q_t
+    stored:      Q_T = nf4(W - Br Ar) with the residual factors (Ar, Br) = (A_{T-1}, B_{T-1}),
+                 and the trainable initial factors (A, B) = (A_T, B_T)
 
 LoftQ (Li et al., 2023), the baseline, quantizes W itself first and then alternates:
 
     Q = nf4(W);  repeat T times: B A = best rank-r of W - Q, then (except the last time) Q = nf4(W - B A)
     stored:      Q, B, A
+
+Both are measured on their final pair ``(Q_T, B_T A_T)``.
 
 The paper's metric, with ``||.||_*`` the nuclear norm (QLoRA, ``Q = nf4(W)`` and ``B A = 0``, scores 0):
 
@@ -196,15 +200,16 @@ def quantize_residual(module: nn.Module, residual: Tensor, kind: str) -> nn.Modu
 
 
 def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """QPiSSA's iterates ``(Q, A, B)`` for t = 1, 2, ...: ``Q = nf4(W - B A)``, then ``B A`` <- best rank-r of ``W - Q``.
+    """QPiSSA's iterates ``(Q_t, A_t, B_t)`` for t = 1, 2, ...: ``Q_t = nf4(W - B_{t-1} A_{t-1})``, then
+    ``B_t A_t`` = best rank-r of ``W - Q_t``.
 
-    ``W (L, out, in)``; ``(A, B)`` are iteration 1's factors (PiSSA's). Endless: take what you need.
+    ``W (L, out, in)``; ``(A, B) = (A_0, B_0)`` are PiSSA's factors. Endless: take what you need.
     """
     r = A.shape[-2]
     while True:
         Q = nf4(W - B @ A)
-        yield Q, A, B
         A, B = pissa_init(W - Q, r, opt)
+        yield Q, A, B
 
 
 def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -217,16 +222,19 @@ def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor
 
 
 def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOptions) -> Factors:
-    """The initial factors for a 4-bit residual: QPiSSA's iteration ``iters`` for PiSSA, unchanged otherwise.
+    """The factors for a 4-bit residual: QPiSSA's iteration ``T = iters`` for PiSSA, unchanged otherwise.
 
-    ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it.
+    ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it
+    (``A_0, B_0``). Returns ``A, B = A_T, B_T`` (trainable) and the residual factors
+    ``Ar, Br = A_{T-1}, B_{T-1}``: the residual is ``nf4(W - Br Ar) = Q_T``, as in :func:`qpissa_iterates`.
     """
-    if method not in REFINED_METHODS or iters <= 1:
+    if method not in REFINED_METHODS:
         return factors
     A, B = factors.A, factors.B
-    for _ in range(iters - 1):  # the iteration of qpissa_iterates, without the final Q (attach quantizes the residual)
-        A, B = pissa_init(W - nf4(W - B @ A), A.shape[-2], opt)
-    return dataclasses.replace(factors, A=A, B=B)
+    for _ in range(iters):
+        Ar, Br = A, B
+        A, B = pissa_init(W - nf4(W - Br @ Ar), A.shape[-2], opt)
+    return dataclasses.replace(factors, A=A, B=B, Ar=Ar, Br=Br)
 
 
 def quantized_decompose(
@@ -243,8 +251,9 @@ def quantized_decompose(
 ) -> Decomposition:
     """:func:`pissa.decompose` with a 4-bit residual: ``weight ≈ residual + B @ A``, ``residual`` = dequantized NF4.
 
-    For PiSSA the factors come from ``iters`` QPiSSA iterations; other methods keep their init.
-    The residual is exactly what :class:`NF4Linear` stores for this layer, in weight's dtype.
+    For PiSSA the factors come from ``iters`` QPiSSA iterations (``A, B = A_T, B_T``, residual
+    ``Q_T = nf4(W - B_{T-1} A_{T-1})``); other methods keep their init. The residual is exactly
+    what :class:`NF4Linear` stores for this layer, in weight's dtype.
     """
     if quantize not in QUANT_TYPES:
         raise PissaError(f"unsupported quantize={quantize!r}; use one of: {', '.join(QUANT_TYPES)}")
@@ -253,8 +262,10 @@ def quantized_decompose(
     opt = InitOptions(seeds=(seed,), svd=svd, niter=niter, oversample=oversample)
     W = weight.unsqueeze(0)
     factors = init_structured(W, rank, method, opt)
-    A, B = refine(W.to(factors.A.dtype), factors, method, iters, opt).folded()
-    return Decomposition(A=A[0], B=B[0], residual=nf4(residual_of(weight, A[0], B[0])))
+    refined = refine(W.to(factors.A.dtype), factors, method, iters, opt).layer(0)
+    A, B = refined.folded()
+    Ar, Br, core = refined.residual_factors()
+    return Decomposition(A=A, B=B, residual=nf4(residual_of(weight, Ar, Br, 1.0, core)))
 
 
 # ---------------------------------------------------------------- the error metric

@@ -3,8 +3,11 @@
 For every adapted layer ("all-linear") of a model and a rank r, the paper's reduction ratio
 (:func:`pissa.quant.reduction_ratio`, nuclear norm; QLoRA = 0 by definition) of
 
-    LoftQ-T   Q = nf4(W), then T alternations         (Li et al., 2023)
-    QPiSSA-T  nf4(W - B A) with T QPiSSA iterations   (PiSSA paper, Algorithm 1)
+    LoftQ-T   Q = nf4(W), then T alternations                         (Li et al., 2023)
+    QPiSSA-T  the same alternation from PiSSA's B A, T quantizations   (PiSSA paper, Algorithm 1)
+
+both measured on their final pair ``(Q_T, B_T A_T)``, whose last step is the SVD step (the
+pair a QPiSSA model holds at init, :func:`pissa.quant.refine`).
 
 for each T in ``--iters``. Equal-shape layers run as one batch; the rank-r SVDs are exact
 (LAPACK) unless ``--svd krylov``. Output: a markdown table per projection type (the module name

@@ -248,7 +248,8 @@ def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig) -> tuple[Te
     if cfg.quantize is None:
         residual = layer.residual.weight.detach()
     else:  # the 4-bit layer keeps no dense copy: the same formula on the same inputs gives it bit-exactly
-        dense = residual_of(weight.T if target.conv1d else weight, layer.A0, layer.B0, layer.scaling, layer.core0)
+        A, B, core = layer.residual_factors()  # QPiSSA: the residual factors (Ar, Br), saved in the adapter too
+        dense = residual_of(weight.T if target.conv1d else weight, A, B, layer.scaling, core)
         residual = dense.T.contiguous() if target.conv1d else dense
     if weight_digest(residual) != meta["residual_digest"]:
         raise RuntimeError(f"internal error: the residual of {name} does not match its digest")
