@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
+from test_train import tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
 from pissa import distributed, stream
 
 CFG = dict(rank=4, alpha=8.0, seed=3)
@@ -61,6 +62,7 @@ def test_attach_under_torchrun_gives_every_rank_the_single_process_factors(tmp_p
         import pissa
         from pissa import distributed
         from conftest import tiny_llama
+from test_train import tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
         assert distributed.init_from_env()
         rank, size = distributed.world()
         model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
@@ -97,3 +99,65 @@ def test_stream_init_under_torchrun_equals_single_process(tmp_path, one_thread) 
     for rel in files:
         assert (tmp_path / "dist" / rel).read_bytes() == (single / rel).read_bytes(), rel
     assert len(load_file(str(single / "adapter" / "adapter.safetensors"))) == 14 * 4
+
+
+FINETUNE = ["--rank", "4", "--lr", "1e-2", "--steps", "4", "--batch-size", "4", "--grad-accum", "2",
+            "--eval-size", "9", "--warmup", "1", "--threads", "1", "--save-every", "2"]
+
+SPY = """
+import sys
+from safetensors.torch import save_file
+from pissa import distributed, train
+from pissa.cli import main
+models = []
+real = train.train
+def spy(session, *args, **kwargs):
+    models.append(session.model)
+    return real(session, *args, **kwargs)
+train.train = spy
+code = main(sys.argv[2:])
+rank = distributed.world()[0]
+params = {n: p.detach().contiguous() for n, p in models[0].named_parameters() if p.requires_grad}
+save_file(params, f"{sys.argv[1]}/rank{rank}.safetensors")
+sys.exit(code)
+"""
+
+
+def test_finetune_under_torchrun_equals_one_process_on_the_same_global_batches(tmp_path, tiny, one_thread) -> None:
+    """2 ranks x half of every micro-batch == 1 process x whole micro-batches: same adapters, metrics and outputs."""
+    import json
+
+    from pissa.cli import main
+
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE]
+    torchrun(SPY, tmp_path, str(tmp_path), *args, "--out", str(tmp_path / "dist"))
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    dist_adapter = load_file(str(tmp_path / "dist" / "adapter" / "adapter.safetensors"))
+    single_adapter = load_file(str(tmp_path / "single" / "adapter" / "adapter.safetensors"))
+    assert dist_adapter.keys() == single_adapter.keys()
+    for k in single_adapter:
+        assert torch.allclose(dist_adapter[k], single_adapter[k], rtol=1e-4, atol=1e-6), k
+    trained = [k for k in single_adapter if k.endswith(".lora_A")]
+    assert trained and all(not torch.equal(single_adapter[k], single_adapter[k.replace(".lora_A", ".A0")]) for k in trained)
+    m_dist, m_single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("dist", "single"))
+    for key in ("eval_before", "eval_after"):
+        for metric in ("loss", "accuracy"):
+            assert abs(m_dist[key][metric] - m_single[key][metric]) <= 1e-5, (key, metric)
+    assert [s for s, _ in m_dist["train_loss"]] == [1, 2, 3, 4]
+    assert all(abs(a[1] - b[1]) <= 1e-5 for a, b in zip(m_dist["train_loss"], m_single["train_loss"]))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("dist")) == ["dist"]  # rank 0 only, no leftovers
+    # `pissa finetune --nproc 2` relaunches itself under torchrun: the same run as above
+    assert main([*args, "--out", str(tmp_path / "nproc"), "--nproc", "2"]) == 0
+    nproc_adapter = load_file(str(tmp_path / "nproc" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(nproc_adapter[k], dist_adapter[k]) for k in dist_adapter)
+
+
+def test_nproc_larger_than_the_batch_is_refused(tmp_path, tiny, capsys) -> None:
+    from pissa.cli import main
+
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), "--batch-size", "1"]
+    assert main([*args, "--nproc", "2", "--out", str(tmp_path / "out")]) == 2
+    assert "--batch-size 1 is smaller than --nproc 2" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

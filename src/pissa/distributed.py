@@ -8,14 +8,18 @@ Everything here degrades to the single-process case: without an initialized proc
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import heapq
 import os
-from typing import Callable, Iterator, Sequence, TypeVar
+import subprocess
+import sys
+from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -102,3 +106,71 @@ def shared_map(items: Sequence[T], compute: Callable[[T], R], costs: Sequence[fl
         box = [mine.pop(i, None)]
         dist.broadcast_object_list(box, src=owners[i])
         yield item, box[0]
+
+
+# --- data-parallel training ----------------------------------------------------------------------
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, drop: set[str]) -> list[str]:
+    """The sub-command of ``parser`` and the options of ``args`` that differ from their defaults (minus ``drop``), as argv."""
+    argv = [parser.prog.split()[-1]]
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in drop or action.dest == "help" or value == action.default:
+            continue
+        option = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:  # a flag
+            argv.append(option)
+        else:
+            argv += [option, *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m pissa ARGV`` under torchrun with ``nproc`` processes on this machine; its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pissa", *argv]
+    return subprocess.call(cmd)
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when distributed (gradients of the trainable
+    parameters are averaged over ranks in backward), else ``model`` itself.
+
+    Buffers (A0, B0, 4-bit codes) never change, so they are not re-broadcast at every forward.
+    """
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = _comm_device()
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or ``model``)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def no_sync(model: nn.Module, skip: bool) -> ContextManager:
+    """Within the block, backward does not all-reduce (gradient accumulation) when ``skip`` and ``model`` is DDP."""
+    return model.no_sync() if skip and unwrap(model) is not model else contextlib.nullcontext()
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """This rank's items of a global list: ``items[rank::world_size]``."""
+    rank, size = world()
+    return list(items[rank::size])
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sums over ranks (float64); ``values`` itself in a single process."""
+    if world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _comm_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -45,6 +45,7 @@ from .config import AdapterConfig
 from .decompose import METHODS
 from .errors import PissaError
 from .model import attach, regularization, trainable_parameters
+from . import distributed
 from .objective import Batch, Encoded, Kind, collate, encode_all, evaluate, loss_sum
 
 DEFAULT_LR: dict[str, float] = {
@@ -178,8 +179,23 @@ class Session:
         return collate([self.train[i] for i in indices], self.pad_id, self.kind)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.test, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                        batch_size=2 * self.cfg.batch_size)
+        """Test loss and accuracy; under torchrun each rank scores its share and the means are combined."""
+        items = distributed.my_share(self.test)
+        result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
+                          batch_size=2 * self.cfg.batch_size) if items else {"loss": 0.0, "accuracy": 0.0}
+        loss_w, acc_w = self.metric_weights(items)
+        loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
+        return {"loss": loss / loss_n, "accuracy": acc / acc_n}
+
+    def metric_weights(self, items: Sequence[Encoded]) -> tuple[float, float]:
+        """What :func:`~pissa.objective.evaluate` averages over: (loss terms, accuracy terms) of ``items``."""
+        if self.kind == "seq-cls":
+            return len(items), len(items)
+        if self.dataset.labels is None:  # free text: every completion token, for both
+            tokens = sum(len(e.ids) - e.n_prompt for e in items)
+            return tokens, tokens
+        assert self.label_ids is not None
+        return sum(len(self.label_ids[e.label]) for e in items), len(items)
 
 
 def resolve_kind(model: str, kind: str) -> Kind:
@@ -212,6 +228,9 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     Every user error surfaces here, before any output exists.
     """
     cfg.validate()
+    if cfg.batch_size < distributed.world()[1]:
+        raise PissaError(f"--batch-size {cfg.batch_size} is smaller than the {distributed.world()[1]} processes; "
+                         "each process takes a share of every micro-batch")
     torch.set_num_threads(cfg.threads)
     kind = resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data)
@@ -259,20 +278,25 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
     Each micro-batch's summed loss is divided by the step's total number of targets, so the
-    gradient is that of the mean loss over the whole step whatever the split. Adds
+    gradient is that of the mean loss over the whole step whatever the split (over micro-batches
+    and, under torchrun, over ranks: ``model`` is then DDP and each rank holds a share). Adds
     ``reg_weight * pissa.regularization(model)`` (SORSA) when ``reg_weight > 0``.
     Returns the step's mean loss.
     """
-    total = sum(b.targets for b in micro_batches)
+    ranks = distributed.world()[1]
+    total = distributed.all_sum([sum(b.targets for b in micro_batches)])[0]
     step_loss = 0.0
-    for b in micro_batches:
-        loss = loss_sum(model, b, kind) / total
-        loss.backward()
-        step_loss += loss.item()
-    if cfg.reg_weight > 0:
-        reg = regularization(model)
-        if reg.requires_grad:  # a constant zero (no graph) for methods without orthonormal factors
-            (cfg.reg_weight * reg).backward()
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with distributed.no_sync(model, skip=not last):  # DDP all-reduces in the last backward only
+            loss = loss_sum(model, b, kind) / total
+            step_loss += loss.item()
+            if last and cfg.reg_weight > 0:
+                reg = regularization(model)
+                if reg.requires_grad:  # a constant zero (no graph) for methods without orthonormal factors
+                    loss = loss + cfg.reg_weight * reg / ranks
+            (loss * ranks).backward()  # DDP averages over ranks; times ranks: the sum, i.e. the whole step's gradient
+    step_loss = distributed.all_sum([step_loss])[0]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     for group in optimizer.param_groups:
@@ -373,22 +397,22 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
 
     On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt.
     """
-    cfg, model = session.cfg, session.model
+    cfg, model = session.cfg, distributed.data_parallel(session.model)
     count = cfg.batch_size * cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=progress.step, desc=f"{cfg.method} lr={cfg.learning_rate:g}",
-               unit="step", disable=not show, dynamic_ncols=True)
+               unit="step", disable=not show or not distributed.is_main(), dynamic_ncols=True)
     smooth = None
     with deferred_interrupt() as interrupted:
         while progress.step < cfg.steps:
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
-            micro = [session.batch(idx[j : j + cfg.batch_size]) for j in range(0, count, cfg.batch_size)]
+            micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]
             loss = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg)
             if not math.isfinite(loss):
                 raise PissaError(f"the loss diverged (became {loss}) at step {progress.step + 1}; lower --lr "
                                  f"(now {cfg.learning_rate:g})")
             progress.step += 1
-            tokens = sum(b.tokens for b in micro)
+            tokens = int(distributed.all_sum([sum(b.tokens for b in micro)])[0])
             progress.tokens += tokens
             progress.train_loss.append([progress.step, loss])
             elapsed = time.perf_counter() - start
@@ -397,8 +421,8 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
             due = cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps
-            if due or interrupted[0]:
-                save_checkpoint(workdir / CHECKPOINT, model, optimizer, progress)
+            if (due or interrupted[0]) and distributed.is_main():
+                save_checkpoint(workdir / CHECKPOINT, session.model, optimizer, progress)
             if interrupted[0]:
                 bar.close()
                 raise KeyboardInterrupt
@@ -418,7 +442,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
     ckpt = workdir / CHECKPOINT
     session = prepare(cfg, ckpt if resume else None)
     workdir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and distributed.is_main():  # under torchrun rank 0 writes every file
         io.atomic_write_text(workdir / "run.json", json.dumps(cfg.to_dict(), indent=2))
     optimizer = make_optimizer(session.model, cfg)
     progress = load_checkpoint(ckpt, optimizer) if resume else Progress()
@@ -432,7 +456,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
     except Abort:
         raise
     except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
-        if progress.step > 0 and _checkpoint_step(ckpt) != progress.step:
+        if progress.step > 0 and _checkpoint_step(ckpt) != progress.step and distributed.is_main():
             save_checkpoint(ckpt, session.model, optimizer, progress)
         if _checkpoint_step(ckpt) is not None:
             print(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with --resume", flush=True)
@@ -465,10 +489,11 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "accuracy_kind": "label" if session.dataset.labels is not None else "token",
         "tokens": progress.tokens,
     }
-    io.save_adapter(session.model, workdir / "adapter")
-    plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
-    io.atomic_write_text(workdir / "metrics.json", json.dumps(metrics, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if distributed.is_main():
+        io.save_adapter(session.model, workdir / "adapter")
+        plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
+        io.atomic_write_text(workdir / "metrics.json", json.dumps(metrics, indent=2))
+        shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 
 
@@ -504,6 +529,9 @@ def output_folder(out: Path, resume: bool) -> Iterator[Path]:
                          f"no interrupted run at {work}; start without --resume")
     if not resume and work.exists():
         raise PissaError(f"{work} holds an interrupted run; continue it with --resume or delete that folder")
+    if not distributed.is_main():  # under torchrun rank 0 renames or cleans up
+        yield work
+        return
     try:
         yield work
     except BaseException:
@@ -554,6 +582,8 @@ def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial (same options)")
     a("--threads", type=int, default=d.threads, help="CPU threads (the cores available to this process)")
+    a("--nproc", type=int, default=1, help="data-parallel processes on this machine (relaunches under torchrun; "
+      "DistributedDataParallel, gloo on the CPU, NCCL on GPUs); the cores are split between them")
 
 
 def config_from_args(args: argparse.Namespace, method: str) -> RunConfig:
@@ -583,19 +613,33 @@ def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[
     return {k for k, v in vars(args).items() if k not in ("run", "command", "resume") and parser.get_default(k) != v}
 
 
+def launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--nproc N``: rerun the same command under torchrun with N processes, the cores split between them."""
+    if args.batch_size < args.nproc:
+        raise PissaError(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}; "
+                         "each process takes a share of every micro-batch")
+    if "threads" not in _explicit(parser, args):
+        args.threads = max(1, args.threads // args.nproc)
+    return distributed.launch(args.nproc, distributed.command_line(parser, args, drop={"nproc"}))
+
+
 def command_finetune(parser: argparse.ArgumentParser):
     """``pissa finetune``: one method; writes OUT/{metrics.json, loss.png, adapter/}."""
     add_run_options(parser, compare=False)
     parser.add_argument("--out", default=None, help="output folder; None: runs/finetune-METHOD")
 
     def run_cmd(args: argparse.Namespace) -> int:
+        if args.nproc > 1:
+            return launch(parser, args)
+        distributed.init_from_env()
         cfg = config_from_args(args, args.method)
         out = Path(args.out or f"runs/finetune-{cfg.method}")
         with output_folder(out, args.resume) as work:
             if args.resume:
                 cfg = resumed_config(work / "run.json", cfg, _explicit(parser, args))
             run(cfg, work, resume=args.resume)
-        print(f"wrote {out}/metrics.json, loss.png, adapter/")
+        if distributed.is_main():
+            print(f"wrote {out}/metrics.json, loss.png, adapter/")
         return 0
 
     return run_cmd
@@ -610,6 +654,9 @@ def command_compare(parser: argparse.ArgumentParser):
     def run_cmd(args: argparse.Namespace) -> int:
         from .report import plot_losses, write_report
 
+        if args.nproc > 1:
+            return launch(parser, args)
+        distributed.init_from_env()
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods or len(set(methods)) != len(methods):
             raise PissaError(f"--methods needs distinct comma-separated method names, got {args.methods!r}")
