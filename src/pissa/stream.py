@@ -8,15 +8,19 @@ How: a residual has its weight's dtype and shape, so it occupies the same bytes 
 shard. Each input shard is copied (a kernel copy, no user memory), then each target tensor is
 read alone (``safe_open``), adapted by :func:`pissa.attach` on a one-layer stand-in model (the
 very code of the in-memory path: same per-layer seed, factors, residual and digests) and its
-residual is written over its byte range. Peak memory is one target tensor, its float32 copy and
-the SVD workspace (a small multiple of the largest target tensor), whatever the checkpoint's size.
+residual is written over its byte range. Other tensors (embeddings, norms, the head) are never
+loaded. Peak memory is one target tensor, its float32 copy and the SVD workspace (a small
+multiple of the largest target tensor) plus one layer's factors when the adapter file is
+assembled, whatever the checkpoint's size. With ``quantize="nf4"`` the checkpoint holds the
+dense residual the 4-bit layer is quantized from (``load_adapter`` quantizes it again).
 
 Resumable: work happens in ``.OUT.tmp-init`` next to OUT. A shard copy counts once renamed from
 ``*.partial``; a target counts once its record (the layer's adapter tensors plus its digests) is
 renamed into ``state/`` and the residual bytes in the shard match the recorded digest. A rerun of
 the same command skips what is verified and redoes the rest; the finished folder is renamed to
 OUT in one step. Under torchrun the shard copies and the targets are split across ranks
-(balanced by size); rank 0 writes the adapter and the index.
+(balanced by size; all ranks write into the same work folder, so several machines need a
+shared filesystem); rank 0 writes the adapter and the index.
 """
 
 from __future__ import annotations
