@@ -161,3 +161,48 @@ def test_nproc_larger_than_the_batch_is_refused(tmp_path, tiny, capsys) -> None:
     assert main([*args, "--nproc", "2", "--out", str(tmp_path / "out")]) == 2
     assert "--batch-size 1 is smaller than --nproc 2" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+FSDP = """
+import sys, torch
+from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+import pissa
+from pissa import distributed
+from conftest import tiny_llama
+from test_distributed import fsdp_steps
+assert distributed.init_from_env()
+rank = distributed.world()[0]
+model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
+for block in model.model.layers:
+    fully_shard(block)
+fully_shard(model)
+fsdp_steps(model, rows=slice(2 * rank, 2 * rank + 2))
+full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+save_file({n: t.contiguous() for n, t in full.items()}, f"{sys.argv[1]}/fsdp{rank}.safetensors")
+"""
+
+
+def fsdp_steps(model, rows: slice, steps: int = 3) -> None:
+    """AdamW steps on ``rows`` of a fixed (4, 10) batch (no padding: every row has 9 targets)."""
+    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))[rows]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_thread) -> None:
+    """FSDP2 shards the adapted model over 2 CPU processes; each trains on half the batch and the
+    gathered adapters equal one process training on the whole batch (gradients are averaged)."""
+    torchrun(FSDP, tmp_path, str(tmp_path))
+    model = pissa.attach(tiny_llama(), pissa.AdapterConfig(**CFG))
+    fsdp_steps(model, rows=slice(0, 4))
+    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"fsdp{rank}.safetensors"))
+        assert got.keys() == single.keys()
+        for k in single:
+            assert torch.allclose(got[k], single[k], rtol=1e-4, atol=1e-6), (rank, k)
+    assert any(not torch.equal(single[k], pissa.attach(tiny_llama(), pissa.AdapterConfig(**CFG)).state_dict()[k]) for k in single)
