@@ -62,7 +62,6 @@ def test_attach_under_torchrun_gives_every_rank_the_single_process_factors(tmp_p
         import pissa
         from pissa import distributed
         from conftest import tiny_llama
-from test_train import tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
         assert distributed.init_from_env()
         rank, size = distributed.world()
         model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
