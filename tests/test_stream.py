@@ -15,7 +15,7 @@ import pissa
 from conftest import relative_error, tiny_gpt2, tiny_llama
 from pissa import cli, model as pmodel, stream
 from pissa.model import find_targets
-from test_attach import TOKENS, logits
+from test_attach import logits
 
 CFG = pissa.AdapterConfig(rank=4, alpha=8.0, seed=3)
 

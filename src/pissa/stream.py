@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
-from .decompose import residual_of
-from .svd import NITER
+from .decompose import METHODS, residual_of
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .io import CONFIG_FILE, FORMAT, TENSORS_FILE, adapter_doc, atomic_dir, layer_entry
 from .layer import is_conv1d
 from .model import _matches, adapted_layers, attach, find_targets
+from .svd import NITER
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -428,7 +428,7 @@ def command_init(parser: argparse.ArgumentParser):
     parser.add_argument("--model", required=True, help="Hugging Face model folder: config.json and model.safetensors or shards + index")
     parser.add_argument("--out", required=True, help="new output folder: OUT/residual (checkpoint) and OUT/adapter")
     parser.add_argument("--rank", type=int, default=16, help="rank r of the trainable factors")
-    parser.add_argument("--method", default="pissa", help="initialization method (pissa, lora, ...)")
+    parser.add_argument("--method", default="pissa", choices=sorted(METHODS), help="initialization method")
     parser.add_argument("--alpha", type=float, default=None, help="scaling numerator (scaling = alpha / rank); default alpha = rank")
     parser.add_argument("--targets", nargs="+", default=None, help="layer-name suffixes or regexes; default: all-linear from config.json")
     parser.add_argument(
