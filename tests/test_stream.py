@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ def llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "llama"
     tiny_llama().save_pretrained(path, max_shard_size="40KB")
     (path / "tokenizer_config.json").write_text("{}")
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text("{}")
+    (path / "1_Pooling" / "weights.bin").write_bytes(b"not copied")
     assert len(list(path.glob("*.safetensors"))) == 3
     return path
 
@@ -89,7 +93,8 @@ def test_residual_model_and_base_both_load_the_adapter(tmp_path, llama_dir) -> N
     assert relative_error(logits(from_residual), base_logits) <= 1e-5
     for (n1, a), (n2, b) in zip(pissa.adapted_layers(from_residual), pissa.adapted_layers(from_base)):
         assert n1 == n2 and torch.equal(a.residual.weight, b.residual.weight)
-    assert (out / "residual" / "tokenizer_config.json").is_file()
+    assert (out / "residual" / "tokenizer_config.json").is_file() and (out / "residual" / "1_Pooling" / "config.json").is_file()
+    assert not (out / "residual" / "1_Pooling" / "weights.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
 
@@ -116,7 +121,9 @@ def test_killed_init_resumes_and_verifies(tmp_path, monkeypatch, llama_dir) -> N
     monkeypatch.setattr(stream, "_do_target", lambda *a: (calls.append(a[1].name), real(*a)))
     out = stream.init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
     assert len(calls) == 14 - 5 + 1 and first.name in calls
-    for rel in ["adapter/adapter_config.json", "adapter/adapter.safetensors", *[f"residual/{p.name}" for p in (reference / "residual").iterdir()]]:
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for rel in files:
         assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
     assert not work.exists()
 
@@ -154,10 +161,7 @@ def test_cli_explicit_targets_and_unknown_architecture(tmp_path, llama_dir, caps
     assert run_cli("--model", str(llama_dir), "--out", str(tmp_path / "qv"), "--rank", "2", "--targets", "q_proj", "v_proj") == 0
     doc, _ = adapter_of(tmp_path / "qv" / "adapter")
     assert sorted(doc["layers"]) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    for f in llama_dir.iterdir():
-        (unknown / f.name).write_bytes(f.read_bytes())
+    unknown = Path(shutil.copytree(llama_dir, tmp_path / "unknown"))
     (unknown / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo"}))
     assert run_cli("--model", str(unknown), "--out", str(tmp_path / "u1")) == 2
     assert "unknown architecture 'FooForCausalLM'" in capsys.readouterr().err
@@ -170,10 +174,7 @@ def test_cli_explicit_targets_and_unknown_architecture(tmp_path, llama_dir, caps
 
 @pytest.mark.parametrize("damage", ["no-safetensors", "truncated", "no-config", "rank-too-big"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, llama_dir, capsys, damage) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in llama_dir.iterdir():
-        (src / f.name).write_bytes(f.read_bytes())
+    src = Path(shutil.copytree(llama_dir, tmp_path / "src"))
     rank = "4"
     if damage == "no-safetensors":
         for f in src.glob("*.safetensors*"):

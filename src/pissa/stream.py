@@ -361,6 +361,11 @@ def _prepare(work: Path, job: dict[str, Any]) -> None:
     job_file.write_text(json.dumps(job))
 
 
+def _not_copied(folder: str | os.PathLike, names: list[str]) -> list[str]:
+    """Names never copied to OUT/residual: hidden files and weight files (a ``shutil.copytree`` ignore)."""
+    return [n for n in names if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES)]
+
+
 def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: Path, out: Path) -> None:
     """Rank 0: the adapter from the records (one in memory at a time), the index and non-weight files, the rename to ``out``."""
     records = [_record_path(work / "state", t) for t in targets]
@@ -371,9 +376,12 @@ def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: P
     with atomic_dir(work / "adapter") as tmp:
         _write_safetensors(tmp / TENSORS_FILE, records, {"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_doc(cfg, meta), indent=2))
-    for src in ckpt.root.iterdir():
-        if src.is_file() and not src.name.startswith(".") and not src.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(src, work / "residual" / src.name)  # config, index, tokenizer, generation config
+    for src in ckpt.root.iterdir():  # config, index, tokenizer, generation config, folders such as 1_Pooling/
+        if not _not_copied(src.parent, [src.name]):
+            if src.is_dir():
+                shutil.copytree(src, work / "residual" / src.name, ignore=_not_copied)
+            else:
+                shutil.copyfile(src, work / "residual" / src.name)
     shutil.rmtree(work / "state")
     if out.exists():
         raise PissaError(f"{out} appeared while initializing; the result is in {work}, rename it yourself")
