@@ -172,7 +172,7 @@ def test_cli_explicit_targets_and_unknown_architecture(tmp_path, llama_dir, caps
         assert f.metadata() == {"format": "pt"}
 
 
-@pytest.mark.parametrize("damage", ["no-safetensors", "truncated", "no-config", "rank-too-big"])
+@pytest.mark.parametrize("damage", ["no-safetensors", "truncated", "no-config", "rank-too-big", "nan-weight"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, llama_dir, capsys, damage) -> None:
     src = Path(shutil.copytree(llama_dir, tmp_path / "src"))
     rank = "4"
@@ -184,6 +184,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, llama_dir, ca
         shard.write_bytes(shard.read_bytes()[:-100])
     elif damage == "no-config":
         (src / "config.json").unlink()
+    elif damage == "nan-weight":  # found only when that tensor is read, after other targets are done
+        target = stream.resolve_targets(stream.open_checkpoint(src), "all-linear")[5]
+        entry = stream.open_checkpoint(src).entries[target.key]
+        stream._write_at(src / entry.shard, entry.start, torch.tensor([float("nan")]))
     else:
         rank = "999"
     before = sorted(p.name for p in tmp_path.iterdir())

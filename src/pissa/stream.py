@@ -419,10 +419,14 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
     state, residual_dir = work / "state", work / "residual"
     todo = [t for t in mine if not _verified(state, residual_dir / ckpt.entries[t.key].shard, t)]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="decomposing", unit="tensor", disable=not progress or rank != 0)
-    for t in todo:
-        bar.set_postfix_str(t.name, refresh=False)
-        _do_target(ckpt, t, cfg, residual_dir, state)
-        bar.update(1)
+    try:
+        for t in todo:
+            bar.set_postfix_str(t.name, refresh=False)
+            _do_target(ckpt, t, cfg, residual_dir, state)
+            bar.update(1)
+    except PissaError:  # bad input found on the way (a NaN weight): nothing worth resuming
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     bar.close()
     distributed.barrier()
     if rank == 0:
