@@ -349,7 +349,7 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct on Rotten Tomatoes for a few steps (q/v projections only, to stay quick)."""
     out = tmp_path / "real"
     args = ["finetune", "--steps", "2", "--batch-size", "2", "--eval-size", "4", "--lr", "1e-3", "--warmup", "1",
-            "--targets", "q_proj,v_proj", "--max-length", "40", "--out", str(out)]
+            "--targets", "q_proj,v_proj", "--max-length", "40", "--threads", "1", "--out", str(out)]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == "smollm2" and m["data"] == "rotten_tomatoes" and m["accuracy_kind"] == "label"
