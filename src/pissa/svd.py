@@ -87,7 +87,8 @@ def krylov_svd(
 
     so that ``T = Q^T W P`` is block upper-bidiagonal (``R_j`` on the diagonal, ``L_j^T`` above
     it) and ``Q (m, t b)`` spans the Krylov space ``[W P_1, (W W^T) W P_1, ...]``. The top-b
-    Ritz vectors ``Z = Q U_T[:, :b]`` of the small ``T`` span the dominant subspace; one last
+    Ritz vectors ``Z = Q U_T[:, :b]`` of the small ``T`` (eigenvectors of ``T T^T``) span the
+    dominant subspace; one last
     pass in W's own precision, ``svd(Z^T W)``, gives the triplets (Rayleigh-Ritz).
     Cost: ``2 t - 1`` skinny passes over W (in :func:`pass_dtype`) plus one in W's dtype. If
     ``t b >= min(m, n)`` the exact SVD is cheaper and is used instead.
@@ -115,7 +116,8 @@ def krylov_svd(
             P[..., nxt], L_ = _orthonormal_step(Y, P[..., : (j + 1) * b])
             T[..., cols, nxt] = L_.mT
     del Ml, P
-    Z = Q @ torch.linalg.svd(T).U[..., :b]  # (L, m', b) orthonormal
+    # top-b left singular vectors of T = top eigenvectors of T T^T (only a subspace is needed here)
+    Z = Q @ torch.linalg.eigh(T @ T.mT).eigenvectors[..., -b:].flip(-1)  # (L, m', b) orthonormal
     Uz, S, Vh = torch.linalg.svd(Z.mT @ M, full_matrices=False)
     U, S, Vh = Z @ Uz[..., :k], S[..., :k], Vh[..., :k, :]
     return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
