@@ -117,7 +117,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     names = find_targets(model, cfg.targets)
     modules = {n: model.get_submodule(n) for n in names}
     weights = {n: dense_weight(m).detach() for n, m in modules.items()}
-    for n in names:
+    for n in sorted(names, key=lambda n: min(weights[n].shape)):  # a too-large rank names the smallest layer
         check_weight(weights[n], cfg.rank, f"layer {n!r}")
     if cfg.quantize is not None:
         from .quant import check_quantizable
