@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -542,13 +541,7 @@ def output_folder(out: Path, resume: bool) -> Iterator[Path]:
         if work.exists() and not any(work.rglob(f"{CHECKPOINT}/state.json")):
             shutil.rmtree(work, ignore_errors=True)
         raise
-    if out.exists():  # replace an older OUT: move it aside, rename, delete
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    io.replace_dir(work, out)  # replaces an older OUT
 
 
 def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
