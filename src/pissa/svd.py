@@ -49,14 +49,14 @@ def seeded(seeds: Sequence[int], shape: tuple[int, ...], like: Tensor, normal: b
 
 
 def _orthonormal_step(Y: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """QR of ``Y (L, d, b)`` after removing its components along the orthonormal ``basis (L, d, c)``.
+    """QR of ``Y (L, d, b)`` after removing its components along the orthonormal rows of ``basis (L, c, d)``.
 
     Classical Gram-Schmidt applied twice ("CGS2"), which keeps the basis orthonormal to working
     precision; returns ``(Q (L, d, b), R (L, b, b))``.
     """
-    if basis.shape[-1]:
+    if basis.shape[-2]:
         for _ in range(2):
-            Y = torch.baddbmm(Y, basis, basis.mT @ Y, alpha=-1)
+            Y = torch.baddbmm(Y, basis.mT, basis @ Y, alpha=-1)
     return torch.linalg.qr(Y)
 
 
@@ -103,23 +103,26 @@ def krylov_svd(
     low = pass_dtype(M)
     Ml = M.to(low)
     batch = M.shape[:-2]
-    Q = M.new_zeros(*batch, M.shape[-2], width)
-    P = M.new_zeros(*batch, M.shape[-1], width)
+    # the bases are stored as rows (LAPACK's column-major Q transposes into them without a strided copy)
+    Qt = M.new_zeros(*batch, width, M.shape[-2])
+    Pt = M.new_zeros(*batch, width, M.shape[-1])
     T = M.new_zeros(*batch, width, width)
-    P[..., :b] = torch.linalg.qr(seeded(seeds, (M.shape[-1], b), M)).Q
+    Pt[..., :b, :] = torch.linalg.qr(seeded(seeds, (M.shape[-1], b), M)).Q.mT
     for j in range(steps):
-        cols, nxt = slice(j * b, (j + 1) * b), slice((j + 1) * b, (j + 2) * b)
-        Y = (Ml @ P[..., cols].to(low)).to(M.dtype)
-        Q[..., cols], T[..., cols, cols] = _orthonormal_step(Y, Q[..., : j * b])
+        rows, nxt = slice(j * b, (j + 1) * b), slice((j + 1) * b, (j + 2) * b)
+        Y = (Ml @ Pt[..., rows, :].mT.to(low)).to(M.dtype)
+        Q, T[..., rows, rows] = _orthonormal_step(Y, Qt[..., : j * b, :])
+        Qt[..., rows, :] = Q.mT
         if j < steps - 1:
-            Y = (Ml.mT @ Q[..., cols].to(low)).to(M.dtype)
-            P[..., nxt], L_ = _orthonormal_step(Y, P[..., : (j + 1) * b])
-            T[..., cols, nxt] = L_.mT
-    del Ml, P
+            Y = (Ml.mT @ Q.to(low)).to(M.dtype)
+            P, L_ = _orthonormal_step(Y, Pt[..., : (j + 1) * b, :])
+            Pt[..., nxt, :] = P.mT
+            T[..., rows, nxt] = L_.mT
+    del Ml, Pt
     # top-b left singular vectors of T = top eigenvectors of T T^T (only a subspace is needed here)
-    Z = Q @ torch.linalg.eigh(T @ T.mT).eigenvectors[..., -b:].flip(-1)  # (L, m', b) orthonormal
-    Uz, S, Vh = torch.linalg.svd(Z.mT @ M, full_matrices=False)
-    U, S, Vh = Z @ Uz[..., :k], S[..., :k], Vh[..., :k, :]
+    Zt = torch.linalg.eigh(T @ T.mT).eigenvectors[..., -b:].flip(-1).mT @ Qt  # (L, b, m') orthonormal rows
+    Uz, S, Vh = torch.linalg.svd(Zt @ M, full_matrices=False)
+    U, S, Vh = Zt.mT @ Uz[..., :k], S[..., :k], Vh[..., :k, :]
     return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
 
 
