@@ -40,6 +40,10 @@ class InitOptions:
     niter: int = NITER
     oversample: int = OVERSAMPLE
 
+    def top_svd(self, W: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-r triplets ``U (L, out, r), S (L, r), Vh (L, r, in)`` of the batch W with these options."""
+        return truncated_svd(W, r, method=self.svd, niter=self.niter, oversample=self.oversample, seeds=self.seeds)
+
 
 def layer_seed(seed: int, name: str) -> int:
     """A 63-bit seed for layer ``name`` derived from the config seed (stable across runs and machines)."""
@@ -127,7 +131,7 @@ def pissa_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     ``W = U S V^T``; ``B = U[:, :r] sqrt(S[:r])``, ``A = sqrt(S[:r]) V[:, :r]^T``, so ``B A`` is
     the best rank-r approximation of W and the residual holds the minor components.
     """
-    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    U, S, Vh = opt.top_svd(W, r)
     root = S.sqrt()
     return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
 
@@ -171,7 +175,7 @@ def svfit_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
     ``B = U_r``, ``core = S_r`` (diagonal, trainable: r parameters per layer), ``A = V_r^T``,
     with U_r and V_r frozen; the residual is ``W - U_r diag(S_r) V_r^T``.
     """
-    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    U, S, Vh = opt.top_svd(W, r)
     return Factors(A=Vh, B=U, core=S, train=("core",))
 
 
@@ -183,7 +187,7 @@ def lora_xs_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
     paper puts S_r on one side (``U_r S_r``, ``V_r^T``); the balanced sqrt split follows PEFT's
     TinyLoRA and PiSSA.
     """
-    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    U, S, Vh = opt.top_svd(W, r)
     root = S.sqrt()
     core = torch.zeros(*S.shape, r, dtype=W.dtype, device=W.device)
     return Factors(A=root.unsqueeze(-1) * Vh, B=U * root.unsqueeze(-2), core=core, train=("core",))
@@ -196,7 +200,7 @@ def sorsa_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
     layer); the orthonormality regularizer ``||U_r^T U_r - I||_F + ||V_r^T V_r - I||_F`` is
     :func:`pissa.regularization` (``pissa finetune --reg-weight``).
     """
-    U, S, Vh = truncated_svd(W, r, method=opt.svd, niter=opt.niter, oversample=opt.oversample, seeds=opt.seeds)
+    U, S, Vh = opt.top_svd(W, r)
     return Factors(A=Vh, B=U, core=S, train=("A", "B", "core"), orthonormal=True)
 
 
