@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import PissaError
-from .svd import NITER, OVERSAMPLE
+from .svd import BLOCK
 
 FACTOR_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,10 +39,11 @@ class AdapterConfig:
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: Literal["krylov", "exact"] = "krylov"
     """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
-    niter: int = NITER
-    """Block Krylov iterations (more = closer to exact)."""
-    oversample: int = OVERSAMPLE
-    """Extra columns in each Krylov block beyond the rank."""
+    niter: int | None = None
+    """Block Lanczos steps of the "krylov" SVD, two passes over W each (more = closer to exact);
+    None = ``3 + ceil(rank / 4)`` (:func:`pissa.svd.krylov_steps`)."""
+    block: int = BLOCK
+    """Columns per block Lanczos step."""
     dropout: float = 0.0
     """Dropout probability on the adapter path's input."""
     factor_dtype: str = "float32"
@@ -65,8 +66,10 @@ class AdapterConfig:
             raise PissaError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
         if self.svd not in ("krylov", "exact"):
             raise PissaError(f"unknown svd={self.svd!r}; use 'krylov' or 'exact'")
-        if self.niter < 0 or self.oversample < 0:
-            raise PissaError("niter and oversample must be >= 0")
+        if self.niter is not None and (not isinstance(self.niter, int) or self.niter < 1):
+            raise PissaError(f"niter must be an integer >= 1 (or None for the rank-based default), got {self.niter!r}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise PissaError(f"block must be an integer >= 1, got {self.block!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise PissaError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.factor_dtype not in FACTOR_DTYPES:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import xxhash
 from torch import Tensor
 
 
 def weight_digest(W: Tensor) -> str:
-    """sha256 (hex, first 32 chars) of a tensor's dtype, shape and raw bytes in its stored layout.
+    """XXH3-128 (hex) of a tensor's dtype, shape and raw bytes in its stored layout.
 
-    Any changed element, dtype or shape gives a different digest; ~1 GB/s on one CPU core.
+    Any changed element, dtype or shape gives a different digest. The digest guards against
+    applying an adapter to the wrong base by accident (it sits in the adapter's own JSON, so it
+    is no defence against tampering and needs no cryptographic hash); XXH3 hashes SmolLM2's
+    424 MB of projections in 0.02 s here, sha256 in 0.24 s.
     """
     t = W.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h = xxhash.xxh3_128(f"{t.dtype}:{tuple(t.shape)}:".encode())
     if t.numel():
         h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def model_fingerprint(digests: dict[str, str]) -> str:

@@ -2,7 +2,7 @@
 
 An adapter directory holds
 
-    adapter_config.json      {"format": "pissa-adapter", "version": 1, "config": AdapterConfig,
+    adapter_config.json      {"format": "pissa-adapter", "version": 2, "config": AdapterConfig,
                               "layers": {name: {"in", "out", "base_digest", "residual_digest"}},
                               "base_fingerprint", "residual_fingerprint"}
     adapter.safetensors      {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
@@ -43,7 +43,7 @@ from .layer import dense_weight, is_adaptable, is_conv1d
 from .model import adapted_layers, rebuild
 
 FORMAT = "pissa-adapter"
-VERSION = 1
+VERSION = 2
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter.safetensors"
 HEAD_FILE = "head.safetensors"

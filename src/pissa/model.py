@@ -8,7 +8,6 @@ and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from typing import Iterator
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import AdapterConfig
 from .decompose import (
-    Factors, InitOptions, as_factors, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
+    Factors, InitOptions, as_factors, batch_dtype, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
 )
 from .errors import PissaError
 from .fingerprint import weight_digest
@@ -127,27 +126,25 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
     def factorize(batch: list[str]) -> Factors:
-        W = torch.stack([weights[n] for n in batch]).to(compute_dtype(weights[batch[0]].dtype))
-        opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, oversample=cfg.oversample)
+        opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, block=cfg.block)
+        first = weights[batch[0]]
+        full = compute_dtype(first.dtype)
+        dtype = full if cfg.quantize is not None else batch_dtype(cfg.method, opt, first.dtype, first.device)
+        W = torch.stack([weights[n] for n in batch], out=first.new_empty(len(batch), *first.shape, dtype=dtype))
         factors = init_structured(W, cfg.rank, cfg.method, opt)
-        if cfg.quantize is not None:  # QPiSSA: refine the factors against the quantized residual
+        if cfg.quantize is not None:  # QPiSSA: refine the factors against the quantized residual (full precision)
             from .quant import refine
 
             factors = refine(W, factors, cfg.method, cfg.quant_iters, opt)
         return factors.scaled(cfg.scaling)
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
-    originals = {n: modules[n].weight for n in names}
-    # hash the base weights in a thread (hashlib releases the GIL) while the first batch factorizes
-    with ThreadPoolExecutor(max_workers=1) as hashing:
-        digests_future = hashing.submit(lambda: {n: weight_digest(w) for n, w in originals.items()})
-        # under torch.distributed each rank factorizes a share of the batches; all receive every result
-        for batch, factors in distributed.shared_map(batches, factorize, costs):
-            digests = digests_future.result()
-            for i, n in enumerate(batch):
-                init = factors.layer(i).to(cfg.torch_factor_dtype)
-                _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, digests[n]))
-                bar.update(1)
+    # under torch.distributed each rank factorizes a share of the batches; all receive every result
+    for batch, factors in distributed.shared_map(batches, factorize, costs):
+        for i, n in enumerate(batch):
+            init = factors.layer(i).to(cfg.torch_factor_dtype)
+            _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, weight_digest(modules[n].weight)))
+            bar.update(1)
     bar.close()
     return _freeze_base(model, cfg)
 

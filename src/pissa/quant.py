@@ -41,7 +41,7 @@ from .decompose import Decomposition, Factors, InitOptions, init_structured, pis
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .layer import is_conv1d
-from .svd import NITER, OVERSAMPLE, SVDMethod
+from .svd import BLOCK, SVDMethod
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
@@ -244,8 +244,8 @@ def quantized_decompose(
     quantize: str,
     *,
     svd: SVDMethod = "krylov",
-    niter: int = NITER,
-    oversample: int = OVERSAMPLE,
+    niter: int | None = None,
+    block: int = BLOCK,
     seed: int = 0,
     iters: int = 5,
 ) -> Decomposition:
@@ -259,7 +259,7 @@ def quantized_decompose(
         raise PissaError(f"unsupported quantize={quantize!r}; use one of: {', '.join(QUANT_TYPES)}")
     if iters < 1:
         raise PissaError(f"QPiSSA iterations must be >= 1, got {iters}")
-    opt = InitOptions(seeds=(seed,), svd=svd, niter=niter, oversample=oversample)
+    opt = InitOptions(seeds=(seed,), svd=svd, niter=niter, block=block)
     W = weight.unsqueeze(0)
     factors = init_structured(W, rank, method, opt)
     refined = refine(W.to(factors.A.dtype), factors, method, iters, opt).layer(0)
