@@ -54,7 +54,27 @@ def test_pissa_principal_part_is_optimal(m, n, rank_frac, decay, seed) -> None:
     r = max(1, round(rank_frac * min(m, n)))
     d = pissa.decompose(W, r, method="pissa", seed=seed)
     err = (W.double() - d.B.double() @ d.A.double()).norm().item()
-    assert err <= 1.001 * optimal_residual(W, r) + 1e-6
+    rounding = 16 * torch.finfo(torch.float32).eps * W.norm().item()  # float32 factors' own floor
+    assert err <= 1.001 * optimal_residual(W, r) + rounding
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(90, 140), n=st.integers(90, 140), q=st.integers(0, 40), extra=st.integers(0, 2),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31))
+def test_krylov_handles_rank_deficient_weights(m, n, q, extra, dtype, seed) -> None:
+    """W of rank q <= r (q = 0: all zeros) on the block Lanczos path (4 steps of 16 < min(m, n)):
+    the Krylov space runs out of directions before the last step. Finite factors, exact residual
+    + B A, and B A captures W up to the rounding of the passes: bf16 passes (float32 weights on
+    CPUs with bf16 matmuls) find the range of W to ~2^-9, which leaves ~1e-3 of ||W||."""
+    r = min(q + extra + 1, 40)
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(m, q, generator=g, dtype=dtype) @ torch.randn(q, n, generator=g, dtype=dtype))
+    d = pissa.decompose(W, r, seed=seed, niter=4)
+    assert torch.isfinite(d.A).all() and torch.isfinite(d.B).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(d.residual + d.B @ d.A, W, atol=tol * max(1.0, W.abs().max().item()))
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-8}[pass_dtype(dtype, W.device)]
+    assert d.residual.norm() <= tol * W.norm() + 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,13 +107,12 @@ def test_lora_init_is_kaiming_uniform_and_zero() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_krylov_matches_exact_svd_on_decaying_spectrum(dtype) -> None:
-    """Singular values to the precision of the Krylov passes (bf16 on CPUs with bf16 matmuls,
-    about 3e-4 relative here), orthonormal factors, and a residual within 0.1% of optimal."""
+    """Singular values as exact as the dtype allows (the last Rayleigh-Ritz step runs in full
+    precision even when the passes run in bf16), orthonormal factors, a residual within 0.1%."""
     W = decaying(300, 200, 0.97, 1).to(dtype)
     U, S, Vh = truncated_svd(W[None], 10, seeds=[0])
     _, S_exact, _ = truncated_svd(W[None], 10, method="exact")
-    rtol = 2e-3 if pass_dtype(dtype, W.device) == torch.bfloat16 else 1e-5
-    assert torch.allclose(S, S_exact, rtol=rtol)
+    assert torch.allclose(S, S_exact, rtol=1e-4 if dtype == torch.float32 else 1e-6)
     eye = torch.eye(10, dtype=dtype)
     assert torch.allclose(U[0].mT @ U[0], eye, atol=1e-5) and torch.allclose(Vh[0] @ Vh[0].mT, eye, atol=1e-4)
     residual = (W - (U[0] * S[0]) @ Vh[0]).double().norm().item()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import PissaError
-from .svd import BLOCK, SVDMethod, compute_dtype, pass_dtype, seeded, truncated_svd
+from .svd import BLOCK, Batch, SVDMethod, compute_dtype, seeded, stack, truncated_svd
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -40,7 +40,7 @@ class InitOptions:
     niter: int | None = None
     block: int = BLOCK
 
-    def top_svd(self, W: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    def top_svd(self, W: Batch, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-r triplets ``U (L, out, r), S (L, r), Vh (L, r, in)`` of the batch W with these options."""
         return truncated_svd(W, r, method=self.svd, steps=self.niter, block=self.block, seeds=self.seeds)
 
@@ -125,7 +125,7 @@ def orthonormality(A: Tensor, B: Tensor) -> Tensor:
 InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
 
 
-def pissa_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+def pissa_init(W: Batch, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     """PiSSA (Meng et al., 2024, arXiv 2404.02948): the r principal singular triplets.
 
     ``W = U S V^T``; ``B = U[:, :r] sqrt(S[:r])``, ``A = sqrt(S[:r]) V[:, :r]^T``, so ``B A`` is
@@ -169,7 +169,7 @@ def olora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     return R[..., :r, :], Q[..., :, :r]
 
 
-def svfit_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+def svfit_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     """SVFit (Sun et al., 2024, arXiv 2409.05926): train only the top-r singular values.
 
     ``B = U_r``, ``core = S_r`` (diagonal, trainable: r parameters per layer), ``A = V_r^T``,
@@ -179,7 +179,7 @@ def svfit_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
     return Factors(A=Vh, B=U, core=S, train=("core",))
 
 
-def lora_xs_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+def lora_xs_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     """LoRA-XS (Bałazy et al., 2024, arXiv 2405.17604): a trainable ``r x r`` core between frozen SVD factors.
 
     ``B = U_r S_r^{1/2}``, ``A = S_r^{1/2} V_r^T`` (frozen), ``core = 0`` (trainable: r^2
@@ -193,7 +193,7 @@ def lora_xs_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
     return Factors(A=root.unsqueeze(-1) * Vh, B=U * root.unsqueeze(-2), core=core, train=("core",))
 
 
-def sorsa_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+def sorsa_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     """SORSA (Cao, 2024, arXiv 2409.00055): PiSSA's principal part kept as ``U_r, S_r, V_r^T``, all trainable.
 
     ``B = U_r``, ``core = S_r`` (diagonal), ``A = V_r^T`` (r (in + out) + r parameters per
@@ -254,28 +254,15 @@ def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core
 
 
 SVD_ONLY = frozenset({"pissa", "svfit", "lora-xs", "sorsa"})
-"""Methods that read W only through :meth:`InitOptions.top_svd`."""
+"""Methods that read W only through :meth:`InitOptions.top_svd`: they take any :data:`~pissa.svd.Batch`."""
 
 
-def batch_dtype(method: str, opt: InitOptions, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype to stack a batch of ``dtype`` weights in for :func:`init_structured`.
-
-    A method that reads W only through the block Krylov SVD gets the batch in that SVD's pass
-    dtype (bfloat16 on CPUs with bf16 matmuls), which skips a full-precision copy of the batch:
-    stacking SmolLM2's 210 projections in float32 and converting takes ~0.3 s here, stacking
-    them straight into bfloat16 ~0.1 s. Every other method gets :func:`compute_dtype`.
-    """
-    if method in SVD_ONLY and opt.svd == "krylov":
-        return pass_dtype(dtype, device)
-    return compute_dtype(dtype)
-
-
-def init_structured(W: Tensor, rank: int, method: str, opt: InitOptions) -> Factors:
-    """Run the registered method on ``W (L, out, in)``; its factors are in float32 (float64 for
-    float64 weights). ``W`` may be in :func:`batch_dtype`; other methods get it converted."""
+def init_structured(W: Batch, rank: int, method: str, opt: InitOptions) -> Factors:
+    """Run the registered method on a batch of ``(out, in)`` weights; its factors are in float32
+    (float64 for float64 weights). Methods other than :data:`SVD_ONLY` get W stacked in that dtype."""
     if method not in METHODS:
         raise PissaError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return as_factors(METHODS[method](W if method in SVD_ONLY else W.to(compute_dtype(W.dtype)), rank, opt))
+    return as_factors(METHODS[method](W if method in SVD_ONLY else stack(W, compute_dtype(W[0].dtype)), rank, opt))
 
 
 def init_factors(W: Tensor, rank: int, method: str, opt: InitOptions) -> tuple[Tensor, Tensor]:

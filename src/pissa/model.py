@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import AdapterConfig
 from .decompose import (
-    Factors, InitOptions, as_factors, batch_dtype, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
+    Factors, InitOptions, as_factors, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
 )
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .layer import PissaLinear, dense_weight, is_adaptable, set_dense_weight
+from .svd import Batch, stack
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 """Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
@@ -127,16 +128,13 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
 
     def factorize(batch: list[str]) -> Factors:
         opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, block=cfg.block)
-        first = weights[batch[0]]
-        full = compute_dtype(first.dtype)
-        dtype = full if cfg.quantize is not None else batch_dtype(cfg.method, opt, first.dtype, first.device)
-        W = torch.stack([weights[n] for n in batch], out=first.new_empty(len(batch), *first.shape, dtype=dtype))
-        factors = init_structured(W, cfg.rank, cfg.method, opt)
-        if cfg.quantize is not None:  # QPiSSA: refine the factors against the quantized residual (full precision)
-            from .quant import refine
+        W: Batch = [weights[n] for n in batch]  # each method stacks it in the dtype it needs
+        if cfg.quantize is None:
+            return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
+        from .quant import refine  # QPiSSA: refine the factors against the quantized residual
 
-            factors = refine(W, factors, cfg.method, cfg.quant_iters, opt)
-        return factors.scaled(cfg.scaling)
+        W = stack(W, compute_dtype(W[0].dtype))
+        return refine(W, init_structured(W, cfg.rank, cfg.method, opt), cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result

@@ -1,8 +1,8 @@
 """Truncated SVD: exact, or randomized block Lanczos that is within 0.1% of exact.
 
-All functions take a batch of matrices ``W (L, m, n)`` and return the top ``k`` singular
-triplets ``U (L, m, k)``, ``S (L, k)`` (descending), ``Vh (L, k, n)``, so that
-``U @ diag(S) @ Vh`` is (close to) the best rank-k approximation of each ``W``.
+All functions take a batch of L equal-shape ``(m, n)`` matrices (:data:`Batch`) and return the
+top ``k`` singular triplets ``U (L, m, k)``, ``S (L, k)`` (descending), ``Vh (L, k, n)``, so
+that ``U @ diag(S) @ Vh`` is (close to) the best rank-k approximation of each matrix.
 
 Why block Krylov: the spectra of trained weight matrices decay slowly, so plain subspace
 iteration (``torch.svd_lowrank``, which PEFT's ``pissa_niter_4`` calls) converges slowly: on
@@ -10,24 +10,38 @@ SmolLM2-135M at rank 16 it leaves the rank-16 residual 0.5% above optimal. A blo
 keeps *every* block of the power sequence and extracts the best rank-k approximation from their
 whole span, which converges much faster per matmul (Musco & Musco, NeurIPS 2015). Block Lanczos
 on ``W W^T`` builds that span with two skinny passes per step, orthonormalizes only on the small
-side of W, and the second pass of each step already holds the projected matrix, so no extra
-pass over W is needed at the end. The passes run in bfloat16 where the CPU has native bf16
-matmuls (:func:`pass_dtype`); equal-shape matrices are processed as one batch.
+side of W, and the second pass of each step already holds the projected matrix. The passes run
+in bfloat16 where the CPU has native bf16 matmuls (:func:`pass_dtype`); one last pass in full
+precision, over the k Ritz vectors only, makes the factors exact within the space found.
+Equal-shape matrices are processed as one batch.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Sequence, Union
 
 import torch
 from torch import Tensor
 
 SVDMethod = Literal["krylov", "exact"]
 
+Batch = Union[Tensor, Sequence[Tensor]]
+"""Equal-shape matrices: one ``(L, m, n)`` tensor, or a sequence of L ``(m, n)`` tensors (attach
+hands over its weights that way, so the SVD stacks them in the dtype it needs, without a
+full-precision copy of every batch)."""
+
 BLOCK = 16
 """Columns per block Lanczos step. Skinny products cost about the same per pass for widths 16..32
 on CPUs (packing-bound), so more steps of a narrow block buy more accuracy per second than fewer
 wide ones."""
+
+
+LOW_PRECISION_TAIL = 0.1
+"""bf16 passes find the subspace of W up to their rounding, about 2^-9 ||W||_F, which adds
+~``0.5 (2^-9 ||W|| / tail)^2`` to the residual ratio (measured: 1e-3 at tail = 0.036 ||W||). A
+matrix whose rank-k residual ``tail`` keeps less than this fraction of ||W||_F (top-k energy
+> 99%) is redone with full-precision passes; the rest stay within 0.5 (2^-9 / 0.1)^2 = 2e-4.
+SmolLM2's projections keep at least 0.49 of their norm in the tail at rank 16 (0.17 at rank 64)."""
 
 
 def krylov_steps(k: int) -> int:
@@ -38,6 +52,14 @@ def krylov_steps(k: int) -> int:
     16: 1.00040. One step fewer leaves rank 16 at 1.0009, two fewer rank 64 at 1.0013.
     """
     return 3 + -(-k // 5)
+
+
+def stack(W: Batch, dtype: torch.dtype) -> Tensor:
+    """``W`` as one ``(L, m, n)`` tensor of ``dtype`` (no copy if it already is one)."""
+    if isinstance(W, Tensor):
+        return W.to(dtype)
+    first = W[0]
+    return torch.stack(list(W), out=first.new_empty(len(W), *first.shape, dtype=dtype))
 
 
 def exact_svd(W: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,17 +80,27 @@ def seeded(seeds: Sequence[int], shape: tuple[int, ...], like: Tensor, normal: b
     return torch.stack(out).to(like.device)
 
 
-def _orthonormal_rows(Y: Tensor, basis: Tensor) -> Tensor:
-    """Orthonormal rows spanning ``Y (L, b, d)`` after removing its components along the
+def _orthonormal_rows(Y: Tensor, basis: Tensor, max_rounds: int = 3) -> Tensor:
+    """Orthonormal rows ``(L, b, d)`` spanning ``Y (L, b, d)`` minus its components along the
     orthonormal rows of ``basis (L, c, d)``.
 
-    Classical Gram-Schmidt applied twice ("CGS2", which keeps the basis orthonormal to working
-    precision), then a Householder QR (robust when ``Y`` is rank-deficient): ``(L, b, d)``.
+    Classical Gram-Schmidt twice ("CGS2"), then a Householder QR. That is enough while Y keeps a
+    part outside the basis well above rounding. When W has lower rank than the Krylov space,
+    some rows of Y lie inside the basis: their leftover is rounding noise pointing mostly along
+    the basis, and the QR fills the missing directions with arbitrary ones; both come out far
+    from orthogonal to the basis. So the rows are checked and, if some overlap the basis by more
+    than ``sqrt(eps)``, orthogonalized and QR-ed again (arbitrary directions always keep a large
+    part outside a basis of c < d rows, so one more round fixes them).
     """
-    if basis.shape[-2]:
-        for _ in range(2):
-            Y = torch.baddbmm(Y, Y @ basis.mT, basis, alpha=-1)
-    return torch.linalg.qr(Y.mT).Q.mT
+    tol = torch.finfo(Y.dtype).eps ** 0.5
+    for _ in range(max_rounds):
+        if basis.shape[-2]:
+            for _ in range(2):
+                Y = torch.baddbmm(Y, Y @ basis.mT, basis, alpha=-1)
+        Y = torch.linalg.qr(Y.mT).Q.mT
+        if not basis.shape[-2] or float((Y @ basis.mT).abs().amax()) <= tol:
+            break
+    return Y
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,9 +126,16 @@ def pass_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def krylov_svd(
-    W: Tensor, k: int, *, seeds: Sequence[int], steps: int | None = None, block: int = BLOCK
+    W: Batch,
+    k: int,
+    *,
+    seeds: Sequence[int],
+    steps: int | None = None,
+    block: int = BLOCK,
+    passes: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k triplets of ``W (L, m, n)`` by randomized block Lanczos with full reorthogonalization.
+    """Top-k triplets of a batch W of ``(m, n)`` matrices by randomized block Lanczos with full
+    reorthogonalization.
 
     Let ``d = min(m, n)`` be the small side, ``M (d, D)`` the orientation of W with that side
     first, ``b = block`` and ``t = steps`` (default :func:`krylov_steps`). From a Gaussian block
@@ -106,41 +145,69 @@ def krylov_svd(
         Z_j = Q_j M
 
     so the rows of ``Q (t b, d)`` span the Krylov space of ``M M^T`` started at ``M Z_0^T``, and
-    ``T = Z Z^T = Q M M^T Q^T`` is its projected matrix, with no further pass over W. With
-    ``T = V diag(theta) V^T`` (top k): ``U = Q^T V``, ``S = sqrt(theta)``, ``Vh = diag(1/S) V^T Z``
-    (Rayleigh-Ritz), so ``U diag(S) Vh = U U^T M``, the projection of W on the Ritz space.
-    Cost: ``2 t`` skinny passes over W in :func:`pass_dtype` and one ``t b`` eigenproblem. If
-    ``t b >= d`` the exact SVD is cheaper and is used instead. W may come in any float dtype
-    (attach hands it over already in the pass dtype); results are in :func:`compute_dtype`.
+    ``T = Z Z^T = Q M M^T Q^T`` is its projected matrix, with no further pass over W. The top-k
+    eigenvectors V of T give the Ritz vectors ``X = Q^T V (d, k)``. These passes run in
+    :func:`pass_dtype` (bf16 on most CPUs), whose rounding would show in the factors of weights
+    with fast-decaying spectra, so the Rayleigh-Ritz step is redone in full precision on the k
+    Ritz vectors: ``A = X^T M (k, D)``, ``A A^T = u diag(S^2) u^T``, ``U = X u``,
+    ``Vh = diag(1/S) u^T A``: ``U diag(S) Vh = X X^T M`` exactly, the best approximation of W
+    from the Ritz space. Cost: ``2 t`` skinny passes over W in the pass dtype, one in the compute
+    dtype, one ``t b`` eigenproblem. If ``t b >= d`` the exact SVD is cheaper and is used.
+    ``passes`` overrides :func:`pass_dtype`; a matrix whose top k hold nearly all its energy is
+    redone in full precision (:data:`LOW_PRECISION_TAIL`). Results are in :func:`compute_dtype`.
     """
     t = krylov_steps(k) if steps is None else steps
-    work = compute_dtype(W.dtype)
-    m, n = W.shape[-2:]
+    first = W[0]
+    work = compute_dtype(first.dtype)
+    m, n = first.shape
     if t * block >= min(m, n):
-        return exact_svd(W.to(work), k)
+        return exact_svd(stack(W, work), k)
     tall = m > n
-    Wl = W.to(pass_dtype(W.dtype, W.device))
+    Wl = stack(W, passes or pass_dtype(first.dtype, first.device))
     fwd = Wl.mT if tall else Wl  # M (d, D): rows (c, d) @ fwd -> (c, D); rows (c, D) @ fwd.mT -> (c, d)
-    batch, (d, D) = W.shape[:-2], fwd.shape[-2:]
-    Q = W.new_empty(*batch, t * block, d, dtype=work)
-    Z = W.new_empty(*batch, t * block, D, dtype=work)
+    batch, (d, D) = Wl.shape[:-2], fwd.shape[-2:]
+    Q = Wl.new_empty(*batch, t * block, d, dtype=work)
+    Z = Wl.new_empty(*batch, t * block, D, dtype=work)
     z = seeded(seeds, (block, D), Q).to(Wl.dtype)
     for j in range(t):
         rows = slice(j * block, (j + 1) * block)
         Q[..., rows, :] = _orthonormal_rows((z @ fwd.mT).to(work), Q[..., : j * block, :])
         z = Q[..., rows, :].to(Wl.dtype) @ fwd
         Z[..., rows, :] = z
+    energy = torch.linalg.vector_norm(Wl, dim=(-2, -1)).to(work).square()  # ||W||_F^2, to the precision of Wl
+    low = Wl.dtype != work
     del Wl, fwd
-    theta, V = torch.linalg.eigh(Z @ Z.mT)
-    V = V[..., -k:].flip(-1)  # (L, t b, k), descending
-    S = theta[..., -k:].flip(-1).clamp_min(0).sqrt()
-    U = Q.mT @ V
-    Vh = (V.mT @ Z) / S.clamp_min(torch.finfo(S.dtype).tiny).unsqueeze(-1)
-    return (Vh.mT, S, U.mT) if tall else (U, S, Vh)
+    X = torch.linalg.eigh(Z @ Z.mT).eigenvectors[..., -k:].mT @ Q  # (L, k, d): orthonormal Ritz rows
+    A = _rows_times(X, W, tall)  # (L, k, D) = X M in full precision
+    s2, u = torch.linalg.eigh(A @ A.mT)
+    u, S = u.flip(-1), s2.flip(-1).clamp_min(0).sqrt()
+    U = X.mT @ u
+    Vh = (u.mT @ A) / S.clamp_min(torch.finfo(S.dtype).tiny).unsqueeze(-1)
+    U, S, Vh = (Vh.mT, S, U.mT) if tall else (U, S, Vh)
+    if low:  # redo in full precision where the tail is too small for the rounding of the passes
+        redo = (energy - S.square().sum(-1)).clamp_min(0) < LOW_PRECISION_TAIL**2 * energy
+        if bool(redo.any()):
+            idx = redo.nonzero().flatten().tolist()
+            sub = krylov_svd([W[i] for i in idx], k, seeds=[seeds[i] for i in idx], steps=t, block=block, passes=work)
+            for part, exact in zip((U, S, Vh), sub):
+                part[idx] = exact
+    return U, S, Vh
+
+
+def _rows_times(X: Tensor, W: Batch, tall: bool) -> Tensor:
+    """``X_i @ M_i`` in X's dtype for each matrix of W, ``M_i = W_i^T`` if ``tall`` else ``W_i``.
+
+    A sequence is multiplied matrix by matrix (each converted on its own), so no full-precision
+    copy of the batch is made.
+    """
+    if isinstance(W, Tensor):
+        M = W.to(X.dtype)
+        return X @ (M.mT if tall else M)
+    return torch.stack([x @ (w.to(x.dtype).mT if tall else w.to(x.dtype)) for x, w in zip(X, W)])
 
 
 def truncated_svd(
-    W: Tensor,
+    W: Batch,
     k: int,
     *,
     method: SVDMethod = "krylov",
@@ -148,13 +215,12 @@ def truncated_svd(
     block: int = BLOCK,
     seeds: Sequence[int] = (0,),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k singular triplets of a batch ``W (L, m, n)``, in :func:`compute_dtype` of W's dtype.
+    """Top-k singular triplets of a :data:`Batch` W, in :func:`compute_dtype` of W's dtype.
 
-    ``method="exact"`` is a full LAPACK SVD; ``"krylov"`` (default) is :func:`krylov_svd`, which
-    also takes W already in its pass dtype (attach stacks weights that way, skipping a copy).
+    ``method="exact"`` is a full LAPACK SVD; ``"krylov"`` (default) is :func:`krylov_svd`.
     """
     if method == "exact":
-        return exact_svd(W.to(compute_dtype(W.dtype)), k)
+        return exact_svd(stack(W, compute_dtype(W[0].dtype)), k)
     if method == "krylov":
         return krylov_svd(W, k, seeds=seeds, steps=steps, block=block)
     raise ValueError(f"unknown SVD method {method!r}; use 'krylov' or 'exact'")
