@@ -35,7 +35,6 @@ BLOCK = 16
 on CPUs (packing-bound), so more steps of a narrow block buy more accuracy per second than fewer
 wide ones."""
 
-
 LOW_PRECISION_TAIL = 0.1
 """bf16 passes find the subspace of W up to their rounding, about 2^-9 ||W||_F, which adds
 ~``0.5 (2^-9 ||W|| / tail)^2`` to the residual ratio (measured: 1e-3 at tail = 0.036 ||W||). A
@@ -113,9 +112,9 @@ def pass_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     CPU has native bf16 matmuls and the compute dtype is float32, else the compute dtype.
 
     A bf16 copy halves the memory traffic of the skinny matmuls and runs them on bf16 dot-product
-    units (about 2x faster than float32). The rounding of W (2^-9 relative) only perturbs the
-    computed ``B A`` by its projection on k directions, which adds in quadrature to the residual:
-    measured on SmolLM2, the residual ratios agree with float32 passes to 1e-5. Exactness at init
+    units (about 2x faster than float32). The rounding of W (2^-9 relative) only tilts the
+    subspace found, which a full-precision Rayleigh-Ritz step then uses exactly; the tilt shows
+    only when the residual is a small part of W (:data:`LOW_PRECISION_TAIL`). Exactness at init
     is untouched: callers subtract ``B A`` from the original W in float32.
     """
     work = compute_dtype(dtype)
