@@ -138,6 +138,8 @@ def test_rank_above_layer_size_is_refused_and_model_untouched() -> None:
         ({"quantize": "int3"}, "unsupported quantize"),
         ({"dropout": 1.5}, "dropout must be in"),
         ({"factor_dtype": "int8"}, "factor_dtype must be one of"),
+        ({"niter": 0}, r"niter must be an integer >= 1 \(or None"),
+        ({"block": 0}, "block must be an integer >= 1"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message) -> None:
