@@ -93,6 +93,9 @@ def main() -> None:
         t = statistics.median(times[label])
         e = errors[label]
         lines.append(f"| {label} | {t:.2f} | {t / ref:.2f}x | {sum(e) / len(e):.6f} | {max(e):.6f} |")
+    lines += ["", "Per-run times (s), in run order: " + "; ".join(f"{label}: {', '.join(f'{t:.2f}' for t in times[label])}" for label in runs)]
+    wins = sum(a < b for a, b in zip(times[next(iter(runs))], times["PEFT pissa_niter_4"]))
+    lines.append(f"pissa.attach faster than PEFT pissa_niter_4 in {wins} of {args.repeats} alternated runs.")
     table = "\n".join(lines)
     print("\n" + table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
