@@ -41,7 +41,7 @@ class AdapterConfig:
     """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
     niter: int | None = None
     """Block Lanczos steps of the "krylov" SVD, two passes over W each (more = closer to exact);
-    None = ``2 + ceil(rank / 5)`` (:func:`pissa.svd.krylov_steps`)."""
+    None = ``max(4, 2 + ceil(rank / 5))`` (:func:`pissa.svd.krylov_steps`)."""
     block: int = BLOCK
     """Columns per block Lanczos step."""
     dropout: float = 0.0

@@ -177,7 +177,7 @@ def analysis_quant_error(parser: argparse.ArgumentParser):
     parser.add_argument("--rank", type=int, default=16, help="adapter rank r")
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 5], help="LoftQ / QPiSSA iteration counts to report")
     parser.add_argument("--svd", choices=["exact", "krylov"], default="exact", help="rank-r SVD: exact LAPACK or block Krylov")
-    parser.add_argument("--niter", type=int, default=None, help="block Lanczos steps with --svd krylov (default: 2 + ceil(rank / 5))")
+    parser.add_argument("--niter", type=int, default=None, help="block Lanczos steps with --svd krylov (default: max(4, 2 + ceil(rank / 5)))")
     parser.add_argument("--sample", type=int, default=None, help="at most this many layers per projection type (default: all)")
     parser.add_argument("--kind", choices=["causal-lm", "seq-cls"], default=None, help="model head (default: the embedded model's, else causal-lm)")
     parser.add_argument("--out", default="quant_error", help="output folder (replaced): quant_error.md, .csv, .png")

@@ -449,7 +449,7 @@ def command_init(parser: argparse.ArgumentParser):
     parser.add_argument("--quant-iters", type=int, default=AdapterConfig.quant_iters, help="QPiSSA iterations (with --quantize)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
     parser.add_argument("--svd", choices=["krylov", "exact"], default="krylov", help="SVD: randomized block Krylov or exact")
-    parser.add_argument("--niter", type=int, default=None, help="block Lanczos steps (default: 2 + ceil(rank / 5))")
+    parser.add_argument("--niter", type=int, default=None, help="block Lanczos steps (default: max(4, 2 + ceil(rank / 5)))")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
