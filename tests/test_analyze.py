@@ -47,11 +47,13 @@ def test_large_random_orthogonal_update_has_intruders() -> None:
     assert intruder_count(W, W + orthogonal_update(96, 80, 4, big), k=10, threshold=1.01) == 10
 
 
-@pytest.fixture
-def trained_adapter(tmp_path, monkeypatch):
-    """A LoRA adapter trained on a tiny Llama; hub.load_model returns that tiny base for any name."""
+@pytest.fixture(params=["lora", "pissa"])
+def trained_adapter(tmp_path, monkeypatch, request):
+    """An adapter (LoRA, and PiSSA, whose initial product is not zero) trained on a tiny Llama; the adapter
+    records the base "tiny", and hub.load_model returns that tiny base for any name."""
     base = tiny_llama()
-    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(method="lora", rank=4, targets=["q_proj", "v_proj"]))
+    base.pissa_base = {"model": "tiny", "kind": "causal-lm"}
+    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(method=request.param, rank=4, targets=["q_proj", "v_proj"]))
     train_steps(model, [TOKENS], lm_loss, steps=5, lr=5e-2)
     pissa.save_adapter(model, tmp_path / "adapter")
     monkeypatch.setattr(hub, "load_model", lambda name, kind="causal-lm", num_labels=None: (copy.deepcopy(base), None))
@@ -61,14 +63,15 @@ def trained_adapter(tmp_path, monkeypatch):
 def test_intruders_command_writes_table_csv_and_plot(tmp_path, trained_adapter, capsys) -> None:
     adapter, model, base = trained_adapter
     out = tmp_path / "intr"
-    assert cli.main(["analyze", "intruders", "--model", "tiny", "--adapter", str(adapter), "--out", str(out), "--k", "5"]) == 0
+    assert cli.main(["analyze", "intruders", "--adapter", str(adapter), "--out", str(out), "--k", "5"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["intruders.csv", "intruders.md", "intruders.png"]
     rows = (out / "intruders.csv").read_text().splitlines()[1:]
     assert len(rows) == 4  # q_proj and v_proj of 2 blocks
     name, count = rows[0].split(",")[:2]
-    layer = model.get_submodule(name)
+    tuned = model.get_submodule(name).merged().weight.detach().double()  # W_res + s B A: the fine-tuned weight
     W = base.get_submodule(name).weight.detach().double()
-    assert int(count) == intruder_count(W, W + layer.delta().detach().double(), k=5)
+    assert int(count) == intruder_count(W, tuned, k=5)
+    assert float(rows[0].split(",")[3]) == pytest.approx(((tuned - W).norm() / W.norm()).item(), rel=1e-4)
     assert "intruder dimensions" in capsys.readouterr().out.lower()
 
 

@@ -9,7 +9,7 @@ import torch
 
 import pissa
 from conftest import relative_error
-from pissa.layer import dense_weight
+from pissa.modules import dense_weight
 
 pytestmark = pytest.mark.slow
 

@@ -158,7 +158,7 @@ def run_cli(*args: str) -> int:
 
 
 def test_cli_explicit_targets_and_unknown_architecture(tmp_path, llama_dir, capsys) -> None:
-    assert run_cli("--model", str(llama_dir), "--out", str(tmp_path / "qv"), "--rank", "2", "--targets", "q_proj", "v_proj") == 0
+    assert run_cli("--model", str(llama_dir), "--out", str(tmp_path / "qv"), "--rank", "2", "--targets", "q_proj,v_proj") == 0
     doc, _ = adapter_of(tmp_path / "qv" / "adapter")
     assert sorted(doc["layers"]) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
     unknown = Path(shutil.copytree(llama_dir, tmp_path / "unknown"))

@@ -110,7 +110,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_at(99, cfg) < 1e-5
     cfg.schedule = "constant"
     assert lr_at(99, cfg) == pytest.approx(1e-3)
-    assert RunConfig(method="lora").learning_rate > RunConfig(method="pissa").learning_rate
+    assert RunConfig(adapter=pissa.AdapterConfig(method="lora")).learning_rate > RunConfig().learning_rate
 
 
 def test_encode_masks_the_prompt_and_truncates_its_start(tiny: Path) -> None:
@@ -161,7 +161,7 @@ def test_label_scoring_matches_brute_force(tiny: Path, labels: list[str]) -> Non
 def test_finetune_lowers_the_loss_and_writes_the_outputs(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert finetune(tiny, out, "--steps", "30", "--schedule", "constant") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.json", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "loss.png", "metrics.json"]
     assert not (tmp_path / "run.partial").exists()
     m = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= set(m)

@@ -7,11 +7,11 @@
 """
 
 from .config import AdapterConfig
-from .decompose import METHODS, Decomposition, decompose
+from .decompose import METHODS, Decomposition
 from .errors import PissaError
 from .io import export_peft, load_adapter, save_adapter
 from .layer import PissaLinear
-from .model import adapted_layers, attach, merge, regularization, trainable_parameters
+from .model import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
 
 __all__ = [
     "AdapterConfig",

@@ -1,45 +1,73 @@
 """The ``pissa`` command line: one sub-command per job, each defined next to the code it drives.
 
 A command module exposes ``command_<name>(parser) -> run``: it adds its options to ``parser``
-and returns ``run(args) -> int``. Every :class:`~pissa.errors.PissaError` ends as one line on
-stderr and exit code 2; Ctrl-C exits 130 (after the command saved what it could).
+(generated from its config dataclass, :mod:`pissa.options`) and returns ``run(args) -> int``.
+Every :class:`~pissa.errors.PissaError` ends as one line on stderr and exit code 2; Ctrl-C exits
+130 (after the command saved what it could).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
+from . import analyze, hub, io, options, stream, train
+from .config import ExportConfig
 from .errors import PissaError
+from .model import merge
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "finetune": ("pissa.train", "fine-tune a model with an adapter (no arguments: the embedded default)"),
-    "compare": ("pissa.train", "several methods on the same data and seed, side by side"),
-    "init": ("pissa.stream", "decompose a safetensors checkpoint into a residual checkpoint plus an adapter"),
-    "export": ("pissa.cli", "a trained adapter to a PEFT LoRA folder or a merged model"),
-    "analyze": ("pissa.analyze", "spectra, quantization error, intruder dimensions"),
-}
+Command = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int] | None]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's usage errors: one line, exit 2
+    def error(self, message: str) -> None:  # type: ignore[override]  # argparse's usage errors: one line, exit 2
         raise PissaError(f"{self.prog}: {message} (see --help)")
+
+
+def command_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``pissa export ADAPTER --out OUT [--merged]``: a PEFT LoRA folder, or a merged checkpoint streamed shard by shard."""
+    options.add_options(parser, ExportConfig)
+
+    def run(args: argparse.Namespace) -> int:
+        cfg, _ = options.resolve(ExportConfig, args)
+        model_name, kind, num_labels = io.recorded_base(cfg.adapter, cfg.model, cfg.kind)
+        if cfg.merged:
+            stream.merge_checkpoint(hub.resolve_model(model_name), cfg.adapter, cfg.out)
+        else:
+            kind = hub.resolve_kind(model_name, kind)
+            model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
+            io.load_adapter(model, cfg.adapter)
+            io.export_peft(model, cfg.out)
+        print(f"wrote {cfg.out}")
+        return 0
+
+    return run
+
+
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "finetune": (train.command_finetune, "fine-tune a model with an adapter (no arguments: the embedded default)"),
+    "compare": (train.command_compare, "several methods on the same data and seed, side by side"),
+    "init": (stream.command_init, "decompose a safetensors checkpoint into a residual checkpoint plus an adapter"),
+    "export": (command_export, "a trained adapter to a PEFT LoRA folder or a merged checkpoint"),
+    "analyze": (analyze.command_analyze, "spectra, quantization error, intruder dimensions"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pissa", description="PiSSA: train the principal singular components, freeze the residual.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(run=getattr(importlib.import_module(module), f"command_{name}")(p))
+    for name, (command, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=command(p))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return int(args.run(args) or 0)
     except PissaError as e:
         print(f"pissa: error: {e}", file=sys.stderr)
@@ -47,39 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pissa: interrupted", file=sys.stderr)
         return 130
-
-
-def command_export(parser: argparse.ArgumentParser):
-    """``pissa export ADAPTER --model M --out OUT [--merged]``."""
-    parser.add_argument("adapter", help="adapter folder written by save_adapter / pissa finetune")
-    parser.add_argument("--model", default="smollm2", help="the base model the adapter was made from (folder or embedded name)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--merged", action="store_true", help="write a merged Hugging Face model instead of a PEFT LoRA")
-    parser.add_argument("--kind", default="causal-lm", choices=["causal-lm", "seq-cls"], help="model head")
-
-    def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
-        from . import hub, io
-        from .model import merge
-
-        if not Path(args.adapter, io.CONFIG_FILE).is_file():
-            raise PissaError(f"{args.adapter} is not a pissa adapter folder; pass the adapter/ folder a run wrote")
-        doc, _ = io.read_adapter(args.adapter)
-        num_labels = doc.get("num_labels")
-        model, tokenizer = hub.load_model(args.model, kind=args.kind, num_labels=num_labels)
-        io.load_adapter(model, args.adapter)
-        if args.merged:
-            merge(model)
-            with io.atomic_dir(args.out) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        else:
-            io.export_peft(model, args.out)
-        print(f"wrote {args.out}")
-        return 0
-
-    return run
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
-"""AdapterConfig: every choice an adapter is made with, typed and validated in one place."""
+"""Every option of the library and the command line, typed and validated in one place.
+
+:class:`AdapterConfig` is how an adapter is made; :class:`RunConfig` a fine-tuning run (it holds
+an AdapterConfig); the other classes are the remaining commands' options. Each field's docstring
+is its ``--help`` text (:mod:`pissa.options` generates the command line from these classes).
+""" 
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+import math
+import os
 from typing import Any, Literal
 
 import torch
 
+from .decompose import METHODS, get_method
 from .errors import PissaError
-from .svd import BLOCK
+from .options import CHOICES, POSITIONAL, RESUME_SAFE
+from .svd import BLOCK, SVDMethod
 
 FACTOR_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -21,10 +30,10 @@ FACTOR_DTYPES: dict[str, torch.dtype] = {
 
 @dataclass
 class AdapterConfig:
-    """How to adapt a model. Field docs are the ``--help`` text of the command line."""
+    """How to adapt a model."""
 
-    method: str = "pissa"
-    """Initialization method, a name from ``pissa.METHODS`` ("pissa", "lora", ...)."""
+    method: str = field(default="pissa", metadata={CHOICES: tuple(METHODS)})
+    """Initialization method (pissa.METHODS)."""
     rank: int = 16
     """Rank r of the trainable factors B (out x r) and A (r x in)."""
     alpha: float | None = None
@@ -37,25 +46,20 @@ class AdapterConfig:
     """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A, then B A = rank-r SVD of W - nf4(W - B A)."""
     seed: int = 0
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
-    svd: Literal["krylov", "exact"] = "krylov"
+    svd: SVDMethod = "krylov"
     """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
     niter: int | None = None
     """Block Lanczos steps of the "krylov" SVD, two passes over W each (more = closer to exact);
-    None = ``max(4, 2 + ceil(rank / 5))`` (:func:`pissa.svd.krylov_steps`)."""
+    None: the rank's default (:func:`pissa.svd.krylov_steps`)."""
     block: int = BLOCK
     """Columns per block Lanczos step."""
     dropout: float = 0.0
     """Dropout probability on the adapter path's input."""
-    factor_dtype: str = "float32"
+    factor_dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Dtype of the trainable factors: float32, bfloat16, float16 or float64."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Method-specific options (passed to the method's init function)."""
 
     def __post_init__(self) -> None:
-        from .decompose import METHODS
-
-        if self.method not in METHODS:
-            raise PissaError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        get_method(self.method)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise PissaError(f"rank must be an integer >= 1, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:
@@ -93,3 +97,233 @@ class AdapterConfig:
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _resume_safe(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A field that cannot change a run's result (``--resume`` accepts a new value)."""
+    return field(default=default, metadata={RESUME_SAFE: True}, **kw) if default is not dataclasses.MISSING else \
+        field(metadata={RESUME_SAFE: True}, **kw)
+
+
+HeadKind = Literal["auto", "causal-lm", "seq-cls"]
+
+
+@dataclass
+class RunConfig:
+    """Everything a fine-tuning run depends on (written to ``OUT/config.yaml``; ``--config`` reads it back)."""
+
+    model: str = "smollm2"
+    """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
+    data: str = "rotten_tomatoes"
+    """Embedded dataset (rotten_tomatoes) or a .jsonl/.csv/.parquet file with prompt,completion or text,label columns."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the embedded model's, else from config.json's architectures."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter (its fields are options of their own)."""
+    lr: float | None = None
+    """Peak learning rate; None: the method's default measured on the embedded task (pissa.METHODS[m].learning_rate)."""
+    steps: int = 150
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 64
+    """Max tokens per example (longer prompts lose their start)."""
+    eval_size: int = 200
+    """Held-out test examples scored before and after training."""
+    warmup: int = 10
+    """Linear warm-up steps."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Learning rate after warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
+    reg_weight: float = 0.0
+    """Weight of pissa.regularization (SORSA's orthonormality penalty) in the loss."""
+    save_every: int = _resume_safe(50)
+    """Checkpoint every N steps (0: only on Ctrl-C)."""
+    threads: int = _resume_safe(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """CPU threads (default: the cores available to this process)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
+        for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every"):
+            value = getattr(self, name)
+            low = 0 if name in ("steps", "warmup", "save_every") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise PissaError(f"--max-length must be >= 2 (a prompt token and a completion token), got {self.max_length!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PissaError(f"--lr must be a positive number, got {self.lr}")
+        if not self.max_grad_norm > 0 or self.weight_decay < 0 or self.reg_weight < 0:
+            raise PissaError("--max-grad-norm must be > 0, --weight-decay and --reg-weight >= 0")
+        if self.schedule not in ("constant", "cosine"):
+            raise PissaError(f"--schedule must be constant or cosine, got {self.schedule!r}")
+        if self.kind not in ("auto", "causal-lm", "seq-cls"):
+            raise PissaError(f"--kind must be auto, causal-lm or seq-cls, got {self.kind!r}")
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed: the init (AdapterConfig.seed), the data order and dropout."""
+        return self.adapter.seed
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else METHODS[self.method].learning_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    """A run per method, everything else equal (``pissa compare``)."""
+
+    methods: list[str] = field(default_factory=lambda: ["pissa", "lora"])
+    """Comma-separated method names (pissa.METHODS), default pissa,lora."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise PissaError(f"--methods needs distinct comma-separated method names, got {','.join(self.methods)!r}")
+        for m in self.methods:
+            get_method(m)
+
+    def runs(self) -> list[RunConfig]:
+        """One RunConfig per method."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
+        return [RunConfig(**{**base, "adapter": dataclasses.replace(self.adapter, method=m)}) for m in self.methods]
+
+
+@dataclass
+class Launch:
+    """Where a command writes and how it runs (not part of the run's result)."""
+
+    out: str | None = None
+    """Output folder; default: runs/finetune-METHOD (finetune), runs/compare (compare)."""
+    resume: bool = False
+    """Continue the interrupted run in OUT.partial; an option that differs from the interrupted run's is refused."""
+    nproc: int = 1
+    """Data-parallel processes on this machine (relaunches under torchrun; gloo on the CPU, NCCL on GPUs); the cores are split between them."""
+    config: str | None = None
+    """A run configuration file (.yaml or .json, e.g. the OUT/config.yaml a run wrote); options given on the command line override it."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise PissaError(f"--nproc must be an integer >= 1, got {self.nproc!r}")
+
+
+@dataclass
+class InitConfig:
+    """``pissa init``: a safetensors checkpoint on disk -> OUT/residual + OUT/adapter."""
+
+    model: str
+    """Hugging Face model folder: config.json and model.safetensors, or shards plus their index."""
+    out: str
+    """New output folder: OUT/residual (the residual checkpoint) and OUT/adapter."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter (its fields are options of their own)."""
+    progress: bool = _resume_safe(True)
+    """Show a progress bar."""
+
+
+@dataclass
+class ExportConfig:
+    """``pissa export``: a trained adapter -> a PEFT LoRA folder or a merged checkpoint."""
+
+    adapter: str = field(metadata={POSITIONAL: True})
+    """Adapter folder written by save_adapter / pissa finetune."""
+    out: str
+    """Output folder (replaced)."""
+    model: str | None = None
+    """The base model the adapter was made from (embedded name or folder); default: the one the adapter records."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the one the adapter records, else detected like finetune."""
+    merged: bool = False
+    """Write a merged Hugging Face checkpoint (streamed shard by shard) instead of a PEFT LoRA."""
+
+
+@dataclass
+class QuantErrorConfig:
+    """``pissa analyze quant-error``: NF4 error reduction of QPiSSA vs LoftQ vs QLoRA per projection."""
+
+    model: str = "smollm2"
+    """Embedded model (smollm2, minilm) or a local Hugging Face folder."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the embedded model's, else from config.json's architectures."""
+    rank: int = 16
+    """Adapter rank r."""
+    iters: list[int] = field(default_factory=lambda: [1, 5])
+    """Comma-separated LoftQ / QPiSSA iteration counts to report."""
+    svd: SVDMethod = "exact"
+    """Rank-r SVD: exact (LAPACK) or krylov (block Lanczos)."""
+    niter: int | None = None
+    """Block Lanczos steps with --svd krylov; None: the rank's default."""
+    sample: int | None = None
+    """At most this many layers per projection type (None: all)."""
+    out: str = "quant_error"
+    """Output folder (replaced): quant_error.md, .csv, .png."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or not self.iters or any(t < 1 for t in self.iters) or (self.sample is not None and self.sample < 1):
+            raise PissaError("--rank, --iters and --sample must be >= 1")
+
+
+@dataclass
+class AdapterAnalysisConfig:
+    """A trained adapter against its base (``pissa analyze spectrum|intruders``)."""
+
+    adapter: str
+    """Adapter folder written by save_adapter / pissa finetune."""
+    model: str | None = None
+    """The base model (embedded name or folder); default: the one the adapter records."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the one the adapter records, else detected like finetune."""
+    layers: list[str] | None = None
+    """Comma-separated layer-name suffixes or regexes (default: every adapted layer)."""
+    out: str = "analysis"
+    """Output folder (replaced)."""
+
+
+@dataclass
+class SpectrumConfig(AdapterAnalysisConfig):
+    """``pissa analyze spectrum``: singular values of W (before) and W + ΔW (after)."""
+
+    out: str = "spectrum"
+    """Output folder (replaced): spectrum.md, .csv, .png."""
+    plot_layers: int = 6
+    """Layers drawn in the plot (evenly spaced among the chosen ones)."""
+
+    def __post_init__(self) -> None:
+        if self.plot_layers < 1:
+            raise PissaError(f"--plot-layers must be >= 1, got {self.plot_layers}")
+
+
+@dataclass
+class IntrudersConfig(AdapterAnalysisConfig):
+    """``pissa analyze intruders``: intruder dimensions per layer."""
+
+    out: str = "intruders"
+    """Output folder (replaced): intruders.md, .csv, .png."""
+    k: int = 10
+    """Top singular vectors of the fine-tuned weight examined per layer."""
+    threshold: float = 0.5
+    """A top vector is an intruder when its largest |cosine| with every base singular vector is below this."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise PissaError(f"--k must be >= 1, got {self.k}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise PissaError(f"--threshold must be in (0, 1], got {self.threshold}")

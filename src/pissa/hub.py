@@ -156,7 +156,32 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model.pissa_base = {"model": source_name(name_or_path), "kind": kind}  # recorded by save_adapter
     return model, tokenizer
+
+
+def source_name(name_or_path: str) -> str:
+    """How an adapter records its base: the embedded model's name, or the folder's absolute path."""
+    return name_or_path if name_or_path in EMBEDDED_MODELS else str(Path(name_or_path).expanduser().resolve())
+
+
+def resolve_kind(model: str, kind: str) -> Kind:
+    """The model head to load: ``kind`` itself unless "auto"; for auto, the embedded model's first
+    kind, else causal-lm when config.json names a causal LM architecture (``*ForCausalLM``,
+    ``*LMHeadModel``), else seq-cls. The one rule of every command."""
+    if kind != "auto":
+        if kind not in get_args(Kind):
+            raise PissaError(f"unknown model kind '{kind}'; use auto or one of: {', '.join(get_args(Kind))}")
+        return kind  # type: ignore[return-value]
+    entry = EMBEDDED_MODELS.get(model)
+    if entry is not None:
+        return entry.kinds[0]
+    path = resolve_model(model)
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise PissaError(f"{path / 'config.json'} cannot be read ({e}); fix the model folder") from None
+    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "seq-cls"
 
 
 def _local_folder(name: str) -> Path:

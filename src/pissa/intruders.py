@@ -15,7 +15,6 @@ PNG plot into ``--out`` (replaced atomically).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io as _io
 from dataclasses import dataclass
@@ -23,8 +22,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from . import hub
+from .decompose import METHODS
 from .errors import PissaError
+from .config import IntrudersConfig, SpectrumConfig
+from .io import atomic_dir, load_adapter, peft_factors, read_adapter, recorded_base
+from .model import _matches, adapted_layers
+from .modules import dense_weight
 
 
 def max_cosines(W_base: Tensor, W_tuned: Tensor, k: int = 10) -> Tensor:
@@ -54,39 +60,28 @@ class LayerWeights:
         return self.base + self.update
 
 
-def load_layers(model_name: str, adapter: str, patterns: list[str] | None, kind: str) -> list[LayerWeights]:
+def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None, kind: str) -> list[LayerWeights]:
     """Base weights and trained updates of the adapter's layers matching ``patterns`` (all when None).
 
     Raises PissaError (before any work) for a bad adapter folder or patterns that match nothing.
     """
-    from . import hub
-    from .io import load_adapter, peft_factors, read_adapter
-    from .layer import dense_weight
-    from .model import _matches, adapted_layers
-
     doc, _ = read_adapter(adapter)
     names = list(doc["layers"])
     if patterns:
         names = [n for n in names if any(_matches(n, p) for p in patterns)]
         if not names:
             raise PissaError(f"--layers {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers (e.g. {next(iter(doc['layers']))})")
-    model, _ = hub.load_model(model_name, kind=kind, num_labels=doc.get("num_labels") if kind == "seq-cls" else None)
+    model_name, kind, num_labels = recorded_base(adapter, model_name, kind)
+    kind = hub.resolve_kind(model_name, kind)
+    model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
     base = {n: dense_weight(model.get_submodule(n)).detach().double().clone() for n in names}
     load_adapter(model, adapter)
     out = []
     for name, layer in adapted_layers(model):
         if name in base:
-            A, B = peft_factors(layer)
+            A, B = peft_factors(layer, METHODS[doc["config"]["method"]].export_rank)
             out.append(LayerWeights(name, base[name], layer.scaling * (B.double() @ A.double()), layer.rank))
     return out
-
-
-def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--model", default="smollm2", help="the base model the adapter was made from (folder or embedded name)")
-    parser.add_argument("--adapter", required=True, help="adapter folder written by save_adapter / pissa finetune")
-    parser.add_argument("--layers", nargs="+", default=None, help="layer names, dotted suffixes or regexes (default: every adapted layer)")
-    parser.add_argument("--kind", default="causal-lm", choices=["causal-lm", "seq-cls"], help="model head")
-    parser.add_argument("--out", default=out, help="output folder (replaced)")
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -107,104 +102,77 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 def _write(out: str, files: dict[str, str], figure, png: str) -> None:
     """Write text files and ``figure`` (as ``png``) into folder ``out``, atomically."""
-    from .io import atomic_dir
-
     with atomic_dir(out) as tmp:
         for fname, text in files.items():
             (tmp / fname).write_text(text)
         figure.savefig(tmp / png, dpi=120, bbox_inches="tight")
 
 
-def _check_k_threshold(k: int, threshold: float) -> None:
-    if k < 1:
-        raise PissaError(f"--k must be >= 1, got {k}")
-    if not 0.0 < threshold <= 1.0:
-        raise PissaError(f"--threshold must be in (0, 1], got {threshold}")
-
-
-def analysis_spectrum(parser: argparse.ArgumentParser):
+def spectrum(args: SpectrumConfig) -> int:
     """``pissa analyze spectrum --adapter DIR``: singular values of W (before) and W + ΔW (after)."""
-    _add_common(parser, "spectrum")
-    parser.add_argument("--plot-layers", type=int, default=6, help="layers drawn in the plot (evenly spaced among the chosen ones)")
+    import matplotlib
 
-    def run(args: argparse.Namespace) -> int:
-        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from tqdm.auto import tqdm
-
-        if args.plot_layers < 1:
-            raise PissaError(f"--plot-layers must be >= 1, got {args.plot_layers}")
-        layers = load_layers(args.model, args.adapter, args.layers, args.kind)
-        spectra = {}
-        rows, csv_rows = [], []
-        for lw in tqdm(layers, desc="spectra", unit="layer"):
-            before, after = torch.linalg.svdvals(lw.base), torch.linalg.svdvals(lw.tuned)
-            spectra[lw.name] = (before, after)
-            r = lw.rank
-            rel = (lw.update.norm() / lw.base.norm()).item()
-            rows.append([lw.name, before[0].item(), after[0].item(), before[r - 1].item(), after[r - 1].item(), rel])
-            csv_rows += [[lw.name, i + 1, b, a] for i, (b, a) in enumerate(zip(before.tolist(), after.tolist()))]
-        header = ["layer", "σ1 before", "σ1 after", "σr before", "σr after", "‖ΔW‖/‖W‖"]
-        md = f"Singular values of W (before) and W + ΔW (after); r = {layers[0].rank}.\n\n" + _table(header, rows)
-        step = max(1, len(layers) // args.plot_layers)
-        shown = [lw.name for lw in layers][::step][: args.plot_layers]
-        fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False)
-        for ax, name in zip(axes[0], shown):
-            before, after = spectra[name]
-            ax.semilogy(before.numpy(), "--", label="before")
-            ax.semilogy(after.numpy(), label="after")
-            ax.set_title(name.removeprefix("model.").removeprefix("layers."), fontsize=8)
-            ax.set_xlabel("index")
-        axes[0][0].set_ylabel("singular value")
-        axes[0][0].legend()
-        _write(args.out, {"spectrum.md": md, "spectrum.csv": _csv(["layer", "index", "before", "after"], csv_rows)}, fig, "spectrum.png")
-        plt.close(fig)
-        print(md, end="")
-        print(f"wrote {args.out}/spectrum.md, spectrum.csv, spectrum.png")
-        return 0
-
-    return run
+    layers = load_layers(args.model, args.adapter, args.layers, args.kind)
+    spectra = {}
+    rows, csv_rows = [], []
+    for lw in tqdm(layers, desc="spectra", unit="layer"):
+        before, after = torch.linalg.svdvals(lw.base), torch.linalg.svdvals(lw.tuned)
+        spectra[lw.name] = (before, after)
+        r = lw.rank
+        rel = (lw.update.norm() / lw.base.norm()).item()
+        rows.append([lw.name, before[0].item(), after[0].item(), before[r - 1].item(), after[r - 1].item(), rel])
+        csv_rows += [[lw.name, i + 1, b, a] for i, (b, a) in enumerate(zip(before.tolist(), after.tolist()))]
+    header = ["layer", "σ1 before", "σ1 after", "σr before", "σr after", "‖ΔW‖/‖W‖"]
+    md = f"Singular values of W (before) and W + ΔW (after); r = {layers[0].rank}.\n\n" + _table(header, rows)
+    step = max(1, len(layers) // args.plot_layers)
+    shown = [lw.name for lw in layers][::step][: args.plot_layers]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        before, after = spectra[name]
+        ax.semilogy(before.numpy(), "--", label="before")
+        ax.semilogy(after.numpy(), label="after")
+        ax.set_title(name.removeprefix("model.").removeprefix("layers."), fontsize=8)
+        ax.set_xlabel("index")
+    axes[0][0].set_ylabel("singular value")
+    axes[0][0].legend()
+    _write(args.out, {"spectrum.md": md, "spectrum.csv": _csv(["layer", "index", "before", "after"], csv_rows)}, fig, "spectrum.png")
+    plt.close(fig)
+    print(md, end="")
+    print(f"wrote {args.out}/spectrum.md, spectrum.csv, spectrum.png")
+    return 0
 
 
-def analysis_intruders(parser: argparse.ArgumentParser):
+def intruders(args: IntrudersConfig) -> int:
     """``pissa analyze intruders --adapter DIR``: intruder dimensions per layer (see the module docstring)."""
-    _add_common(parser, "intruders")
-    parser.add_argument("--k", type=int, default=10, help="top singular vectors of the fine-tuned weight examined")
-    parser.add_argument("--threshold", type=float, default=0.5, help="max |cosine| below which a vector is an intruder")
+    import matplotlib
 
-    def run(args: argparse.Namespace) -> int:
-        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from tqdm.auto import tqdm
-
-        _check_k_threshold(args.k, args.threshold)
-        layers = load_layers(args.model, args.adapter, args.layers, args.kind)
-        rows = []
-        for lw in tqdm(layers, desc="intruders", unit="layer"):
-            cos = max_cosines(lw.base, lw.tuned, args.k)
-            rows.append([lw.name, int((cos < args.threshold).sum()), cos.min().item(), (lw.update.norm() / lw.base.norm()).item()])
-        total = sum(r[1] for r in rows)
-        hit = sum(1 for r in rows if r[1] > 0)
-        summary = (
-            f"Intruder dimensions (k = {args.k}, threshold {args.threshold}): {total} in total, "
-            f"{hit} of {len(rows)} layers have at least one. \"min max cos\": the lowest, over the top-{args.k} "
-            "singular vectors of W + ΔW, of their largest |cosine| with a singular vector of W.\n\n"
-        )
-        md = summary + _table(["layer", "intruders", "min max cos", "‖ΔW‖/‖W‖"], rows)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(rows)), 3))
-        ax.bar(range(len(rows)), [r[1] for r in rows], width=0.9)
-        ax.set_xlabel("adapted layer (module order)")
-        ax.set_ylabel(f"intruders (of top {args.k})")
-        ax.set_title(f"{Path(args.adapter).name}: {total} intruder dimensions", fontsize=9)
-        csv_text = _csv(["layer", "intruders", "min_max_cos", "relative_update"], rows)
-        _write(args.out, {"intruders.md": md, "intruders.csv": csv_text}, fig, "intruders.png")
-        plt.close(fig)
-        print(md, end="")
-        print(f"wrote {args.out}/intruders.md, intruders.csv, intruders.png")
-        return 0
-
-    return run
+    layers = load_layers(args.model, args.adapter, args.layers, args.kind)
+    rows = []
+    for lw in tqdm(layers, desc="intruders", unit="layer"):
+        cos = max_cosines(lw.base, lw.tuned, args.k)
+        rows.append([lw.name, int((cos < args.threshold).sum()), cos.min().item(), (lw.update.norm() / lw.base.norm()).item()])
+    total = sum(r[1] for r in rows)
+    hit = sum(1 for r in rows if r[1] > 0)
+    summary = (
+        f"Intruder dimensions (k = {args.k}, threshold {args.threshold}): {total} in total, "
+        f"{hit} of {len(rows)} layers have at least one. \"min max cos\": the lowest, over the top-{args.k} "
+        "singular vectors of W + ΔW, of their largest |cosine| with a singular vector of W.\n\n"
+    )
+    md = summary + _table(["layer", "intruders", "min max cos", "‖ΔW‖/‖W‖"], rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(rows)), 3))
+    ax.bar(range(len(rows)), [r[1] for r in rows], width=0.9)
+    ax.set_xlabel("adapted layer (module order)")
+    ax.set_ylabel(f"intruders (of top {args.k})")
+    ax.set_title(f"{Path(args.adapter).name}: {total} intruder dimensions", fontsize=9)
+    csv_text = _csv(["layer", "intruders", "min_max_cos", "relative_update"], rows)
+    _write(args.out, {"intruders.md": md, "intruders.csv": csv_text}, fig, "intruders.png")
+    plt.close(fig)
+    print(md, end="")
+    print(f"wrote {args.out}/intruders.md, intruders.csv, intruders.png")
+    return 0

@@ -29,17 +29,19 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .decompose import Factors, fold_core
+from .decompose import METHODS
+from .factors import Factors, fold_core
 from .errors import PissaError
 from .fingerprint import model_fingerprint, weight_digest
-from .layer import dense_weight, is_adaptable, is_conv1d
+from .modules import dense_weight, is_adaptable, is_conv1d
+from .layer import PissaLinear
 from .model import adapted_layers, rebuild
 
 FORMAT = "pissa-adapter"
@@ -117,7 +119,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors.update(layer_tensors)
     head = {n: p.detach().contiguous().cpu() for n, p in head_parameters(model).items()}
     num_labels = getattr(getattr(model, "config", None), "num_labels", None) if head else None
-    return write_adapter(path, model.pissa_config, tensors, meta, head=head, num_labels=num_labels)  # type: ignore[arg-type]
+    base = getattr(model, "pissa_base", None)  # set by pissa.hub.load_model
+    return write_adapter(path, model.pissa_config, tensors, meta, head=head, num_labels=num_labels, base=base)  # type: ignore[arg-type]
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -155,13 +158,14 @@ def write_adapter(
     meta: dict[str, dict[str, Any]],
     head: dict[str, Tensor] | None = None,
     num_labels: int | None = None,
+    base: dict[str, str] | None = None,
 ) -> Path:
     """Write an adapter directory from the :func:`layer_entry` parts of its layers (save_adapter, ``pissa init``).
 
     ``head``: trained parameters outside the adapters (``HEAD_FILE``, listed under "head"), with
-    the classifier's ``num_labels``.
+    the classifier's ``num_labels``; ``base``: ``{"model": name or path, "kind": head}`` of the base.
     """
-    doc = adapter_doc(cfg, meta, head, num_labels)
+    doc = adapter_doc(cfg, meta, head, num_labels, base)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         if head:
@@ -171,10 +175,14 @@ def write_adapter(
 
 
 def adapter_doc(
-    cfg: AdapterConfig, meta: dict[str, dict[str, Any]], head: dict[str, Tensor] | None = None, num_labels: int | None = None
+    cfg: AdapterConfig,
+    meta: dict[str, dict[str, Any]],
+    head: dict[str, Tensor] | None = None,
+    num_labels: int | None = None,
+    base: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The ``CONFIG_FILE`` document of an adapter: config, per-layer entries and fingerprints."""
-    doc = {
+    """The ``CONFIG_FILE`` document of an adapter: config, the base it was made from, per-layer entries and fingerprints."""
+    doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "config": cfg.to_dict(),
@@ -182,14 +190,16 @@ def adapter_doc(
         "base_fingerprint": model_fingerprint({n: m["base_digest"] for n, m in meta.items()}),
         "residual_fingerprint": model_fingerprint({n: m["residual_digest"] for n, m in meta.items()}),
     }
+    if base:
+        doc["base_model"] = base
     if head:
         doc["head"] = sorted(head)
         doc["num_labels"] = num_labels
     return doc
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The config document and tensors of an adapter directory, validated."""
+def read_adapter_doc(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated config document (``CONFIG_FILE``) of an adapter directory."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
         raise PissaError(f"{path} is not a pissa adapter directory (needs {CONFIG_FILE} and {TENSORS_FILE}); pass the folder save_adapter wrote")
@@ -199,11 +209,38 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Ten
         raise PissaError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-save the adapter") from None
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise PissaError(f"{path} has format {doc.get('format')!r} v{doc.get('version')}; this pissa reads {FORMAT} v{VERSION}")
+    return doc
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config document and tensors of an adapter directory, validated."""
+    doc = read_adapter_doc(path)
     try:
-        tensors = load_file(str(path / TENSORS_FILE))
+        tensors = load_file(str(Path(path) / TENSORS_FILE))
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise PissaError(f"{path / TENSORS_FILE} cannot be read ({e}); re-save the adapter") from None
+        raise PissaError(f"{Path(path) / TENSORS_FILE} cannot be read ({e}); re-save the adapter") from None
     return doc, tensors
+
+
+def base_description(doc: dict[str, Any]) -> str:
+    """The base an adapter document records, for messages: ``smollm2 (causal-lm, fingerprint ...)``."""
+    base = doc.get("base_model") or {}
+    name = base.get("model", "the model it was created from")
+    kind = f"{base['kind']}, " if base.get("kind") else ""
+    return f"{name} ({kind}fingerprint {doc['base_fingerprint']})"
+
+
+def recorded_base(path: str | os.PathLike, model: str | None, kind: str) -> tuple[str, str, int | None]:
+    """``(model, kind, num_labels)`` to load the base of the adapter at ``path``: the given model / kind, else
+    the ones the adapter records; a PissaError when neither names a model."""
+    doc = read_adapter_doc(path)
+    base = doc.get("base_model") or {}
+    model = model or base.get("model")
+    if model is None:
+        raise PissaError(f"the adapter at {path} does not record its base model; pass --model")
+    if kind == "auto":
+        kind = base.get("kind") or "auto"
+    return model, kind, doc.get("num_labels")
 
 
 def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -229,8 +266,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             residual_ready.add(name)
         elif digest != meta["base_digest"]:
             raise PissaError(
-                f"adapter at {path} was made from a different base model (weights of {name!r} differ, "
-                f"fingerprint {doc['base_fingerprint']}); load it onto the model it was created from"
+                f"adapter at {path} was made from a different base model (weights of {name!r} differ); "
+                f"load it onto {base_description(doc)}"
             )
         factors[name] = Factors(
             A=tensors[f"{name}.A0"],
@@ -270,24 +307,27 @@ def _load_head(model: nn.Module, path: Path, names: list[str]) -> None:
         params[n].requires_grad_(True)
 
 
-def peft_factors(layer) -> tuple[Tensor, Tensor]:
-    """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]`` (rank 2r).
+def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[Tensor, Tensor]:
+    """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``.
 
-    A core is folded into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r
-    is enough when ``B0 C0 = 0`` (LoRA, LoRA-XS: ``[B C] A``) or when A is frozen, so A = A0
-    (SVFit, LoRA-XS: ``(B C - B0 C0) A``). With residual factors (QPiSSA) the residual
-    subtracts ``Br Ar`` instead of ``B0 A0``: ``s (B A - Br Ar) = s [B | -Br] [A ; Ar]``.
+    ``export_rank`` is the method's (:attr:`pissa.decompose.Method.export_rank`). A core is folded
+    into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r suffices when A is
+    frozen, so A = A0 (SVFit, LoRA-XS: ``(B C - B0 C0) A``), or when ``B0 C0 = 0`` (LoRA: ``B A``).
+    With residual factors (QPiSSA) the residual subtracts ``Br Ar`` instead of ``B0 A0``:
+    ``s [B | -Br] [A ; Ar]``; a 4-bit LoRA (QLoRA) has ``Br Ar`` = 0 and stays rank r.
     Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
     """
     core = None if layer.lora_core is None else layer.lora_core.detach().float()
     A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
     A0, B0, core0 = (None if t is None else t.float() for t in layer.residual_factors())
     BC0 = fold_core(B0, core0)
+    if export_rank == "2r":
+        return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)
     if "A" not in layer.train_parts:
         return A, BC - BC0
-    if not BC0.any():
-        return A, BC
-    return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)
+    if BC0.any():
+        raise PissaError("a rank-r export needs B0 = 0 or a frozen A; this layer has neither (a method record is wrong)")
+    return A, BC
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -301,7 +341,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             "4-bit-residual model by the residual's quantization error",
             stacklevel=2,
         )
-    factors = {name: peft_factors(layer) for name, layer in layers}
+    export_rank = METHODS[cfg.method].export_rank
+    factors = {name: peft_factors(layer, export_rank) for name, layer in layers}
     ranks = {A.shape[0] for A, _ in factors.values()}
     if len(ranks) != 1:
         raise PissaError("layers export to different ranks; this adapter cannot be written as one PEFT LoRA")

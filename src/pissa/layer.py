@@ -15,37 +15,20 @@ and its initial value ``core0``; everywhere ``B`` reads ``B @ core`` (residual
 
 QPiSSA adds residual factors ``Ar (r, in)``, ``Br (out, r)`` (buffers, None otherwise): its
 residual is ``nf4(W - s Br Ar)``, quantized one iteration before ``A0, B0``
-(:func:`pissa.quant.refine`), and its update relative to W is ``s (B A - Br Ar)``.
+(:func:`pissa.qpissa.refine`), and its update relative to W is ``s (B A - Br Ar)``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decompose import Part, fold_core
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face ``Conv1D`` (GPT-2 style: weight (in, out), y = x W + b), recognized without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor)
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    """Layers an adapter can wrap: ``nn.Linear`` (and subclasses) and Hugging Face ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def dense_weight(module: nn.Module) -> Tensor:
-    """The (out, in) weight of a Linear or Conv1D (a view, not a copy)."""
-    return module.weight.T if is_conv1d(module) else module.weight
-
-
-def set_dense_weight(module: nn.Module, W: Tensor) -> None:
-    """Store an (out, in) matrix as the module's frozen weight in its native layout."""
-    data = W.T.contiguous() if is_conv1d(module) else W.contiguous()
-    module.weight = nn.Parameter(data, requires_grad=False)
+from .factors import Part, fold_core
+from .modules import dense_weight, set_dense_weight
+from .nf4 import NF4Linear
 
 
 class PissaLinear(nn.Module):
@@ -122,14 +105,11 @@ class PissaLinear(nn.Module):
         return y + h.to(y.dtype)
 
     def merged(self) -> nn.Module:
-        """The residual module with ``W_res + scaling * B @ A`` folded into its weight (a plain layer again).
-
-        A 4-bit residual (:class:`~pissa.quant.NF4Linear`) becomes a dense layer holding ``dq(W_res) + scaling * B @ A``.
-        """
-        residual = self.residual.to_dense() if hasattr(self.residual, "to_dense") else self.residual
+        """A new plain layer (the residual's type, or a dense one for a 4-bit residual) holding
+        ``W_res + scaling * B @ A`` and the bias; this layer is left unchanged."""
+        residual = self.residual.to_dense() if isinstance(self.residual, NF4Linear) else copy.deepcopy(self.residual)
         W = dense_weight(residual)
-        merged = (W.to(self.lora_A.dtype) + self.delta().detach()).to(W.dtype)
-        set_dense_weight(residual, merged)
+        set_dense_weight(residual, (W.to(self.lora_A.dtype) + self.delta().detach()).to(W.dtype))
         return residual
 
     def extra_repr(self) -> str:

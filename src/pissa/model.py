@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
-from .decompose import (
-    Factors, InitOptions, as_factors, check_weight, compute_dtype, init_structured, layer_seed, orthonormality, residual_of,
-)
+from .decompose import Decomposition, InitOptions, check_weight, get_method, init_structured, layer_seed
 from .errors import PissaError
+from .factors import Factors, as_factors, orthonormality, residual_of
 from .fingerprint import weight_digest
-from .layer import PissaLinear, dense_weight, is_adaptable, set_dense_weight
-from .svd import Batch, stack
+from .layer import PissaLinear
+from .modules import dense_weight, is_adaptable, set_dense_weight
+from .nf4 import check_quantizable, nf4, quantize_residual
+from .qpissa import refine
+from .svd import Batch, compute_dtype, stack
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 """Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
@@ -120,21 +122,12 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     for n in sorted(names, key=lambda n: min(weights[n].shape)):  # a too-large rank names the smallest layer
         check_weight(weights[n], cfg.rank, f"layer {n!r}")
     if cfg.quantize is not None:
-        from .quant import check_quantizable
-
-        check_quantizable(cfg)
+        check_quantizable(cfg.quantize)
     batches = list(_batches(names, weights))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
     def factorize(batch: list[str]) -> Factors:
-        opt = InitOptions(seeds=[layer_seed(cfg.seed, n) for n in batch], svd=cfg.svd, niter=cfg.niter, block=cfg.block)
-        W: Batch = [weights[n] for n in batch]  # each method stacks it in the dtype it needs
-        if cfg.quantize is None:
-            return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
-        from .quant import refine  # QPiSSA: refine the factors against the quantized residual
-
-        W = stack(W, compute_dtype(W[0].dtype))
-        return refine(W, init_structured(W, cfg.rank, cfg.method, opt), cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
+        return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch])
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
@@ -145,6 +138,41 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
             bar.update(1)
     bar.close()
     return _freeze_base(model, cfg)
+
+
+def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int]) -> Factors:
+    """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``,
+    scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`), in float32 (float64 for
+    float64 weights). With ``cfg.quantize`` they are refined against the 4-bit residual (QPiSSA,
+    :func:`pissa.qpissa.refine`). ``seeds[i]`` seeds matrix i's random draws."""
+    opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block)
+    if cfg.quantize is None:
+        return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
+    stacked = stack(W, compute_dtype(W[0].dtype))
+    return refine(stacked, init_structured(stacked, cfg.rank, cfg.method, opt), cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
+
+
+def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, **options) -> Decomposition:
+    """Split ``weight (out, in)`` into trainable ``B (out, rank)``, ``A (rank, in)`` and a frozen residual.
+
+    ``weight ≈ residual + B @ A`` (equal up to the residual's rounding to weight's dtype; with
+    ``quantize="nf4"``, up to the 4-bit rounding of the residual, returned dequantized). The same
+    code path as :func:`attach` for one layer: ``options`` are any other :class:`AdapterConfig`
+    fields (``svd``, ``niter``, ``block``, ``seed``, ``quant_iters``, ``alpha``...). A core is
+    folded into B. Factors are float32 (float64 for a float64 weight); the residual has weight's dtype.
+    """
+    check_weight(weight, rank)
+    cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]
+    if quantize is not None:
+        check_quantizable(quantize)
+    init = initial_factors(weight.unsqueeze(0), cfg, [cfg.seed]).layer(0)
+    A, B, core = init.residual_factors()
+    residual = residual_of(weight, A, B, cfg.scaling, core)
+    if quantize is not None:
+        residual = nf4(residual)
+    A, B = init.folded()
+    root = cfg.scaling**0.5  # report the update s * B0 A0 as one pair
+    return Decomposition(A=A * root, B=B * root, residual=residual)
 
 
 def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
@@ -171,8 +199,6 @@ def _make_layer(
     A, B, core = init.residual_factors()
     residual = W if is_residual else residual_of(W, A, B, cfg.scaling, core)
     if cfg.quantize is not None:
-        from .quant import quantize_residual
-
         module = quantize_residual(module, residual, cfg.quantize)
     elif not is_residual:
         set_dense_weight(module, residual)

@@ -34,7 +34,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -42,13 +42,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import AdapterConfig
-from .decompose import METHODS, residual_of
+from . import distributed, options
+from .config import AdapterConfig, InitConfig
+from .decompose import METHODS
+from .factors import residual_of
 from .errors import PissaError
 from .fingerprint import weight_digest
 from .io import CONFIG_FILE, FORMAT, TENSORS_FILE, adapter_doc, atomic_dir, layer_entry
-from .layer import is_conv1d
+from .modules import is_conv1d
+from .nf4 import check_quantizable
 from .model import _matches, adapted_layers, attach, find_targets
 
 INDEX = "model.safetensors.index.json"
@@ -399,9 +401,7 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
     targets = resolve_targets(ckpt, cfg.targets)
     _check_targets(ckpt, targets, cfg.rank)
     if cfg.quantize is not None:
-        from .quant import check_quantizable
-
-        check_quantizable(cfg)
+        check_quantizable(cfg.quantize)
     work = out.parent / f".{out.name}.tmp-init"
     rank, size = distributed.world()
     if rank == 0:
@@ -434,31 +434,14 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
     return out
 
 
-def command_init(parser: argparse.ArgumentParser):
-    """``pissa init --model DIR --out OUT --rank r [--method] [--targets ...] [--quantize nf4] [--seed]``."""
-    parser.add_argument("--model", required=True, help="Hugging Face model folder: config.json and model.safetensors or shards + index")
-    parser.add_argument("--out", required=True, help="new output folder: OUT/residual (checkpoint) and OUT/adapter")
-    parser.add_argument("--rank", type=int, default=16, help="rank r of the trainable factors")
-    parser.add_argument("--method", default="pissa", choices=sorted(METHODS), help="initialization method")
-    parser.add_argument("--alpha", type=float, default=None, help="scaling numerator (scaling = alpha / rank); default alpha = rank")
-    parser.add_argument("--targets", nargs="+", default=None, help="layer-name suffixes or regexes; default: all-linear from config.json")
-    parser.add_argument(
-        "--quantize", choices=["nf4"], default=None,
-        help="QPiSSA: factors refined against a 4-bit NF4 residual; OUT/residual holds the dense residual, load_adapter quantizes it",
-    )
-    parser.add_argument("--quant-iters", type=int, default=AdapterConfig.quant_iters, help="QPiSSA iterations (with --quantize)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    parser.add_argument("--svd", choices=["krylov", "exact"], default="krylov", help="SVD: randomized block Krylov or exact")
-    parser.add_argument("--niter", type=int, default=None, help="block Lanczos steps (default: max(4, 2 + ceil(rank / 5)))")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+def command_init(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``pissa init --model DIR --out OUT [adapter options]``: OUT/residual and OUT/adapter."""
+    options.add_options(parser, InitConfig)
 
     def run(args: argparse.Namespace) -> int:
-        cfg = AdapterConfig(
-            method=args.method, rank=args.rank, alpha=args.alpha, targets=args.targets or "all-linear",
-            quantize=args.quantize, quant_iters=args.quant_iters, seed=args.seed, svd=args.svd, niter=args.niter,
-        )
+        cfg, _ = options.resolve(InitConfig, args)
         distributed.init_from_env()
-        out = init_checkpoint(args.model, args.out, cfg, progress=not args.no_progress)
+        out = init_checkpoint(cfg.model, cfg.out, cfg.adapter, progress=cfg.progress)
         if distributed.is_main():
             print(f"wrote {out}/residual and {out}/adapter")
         return 0

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,92 +39,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import hub, io
-from .config import AdapterConfig
-from .decompose import METHODS
+from . import distributed, hub, io, options
+from .config import CompareConfig, Launch, RunConfig
 from .errors import PissaError
 from .model import attach, regularization, trainable_parameters
-from . import distributed
 from .objective import Batch, Encoded, Kind, collate, encode_all, evaluate, loss_sum
-
-DEFAULT_LR: dict[str, float] = {
-    "pissa": 5e-5,
-    "lora": 2e-4,
-}
-"""Default learning rate per method on the embedded task (SmolLM2-135M-Instruct, Rotten Tomatoes,
-rank 16, batch 8, cosine, seed 0). Measured: a 30-step cross-check of both rates, mean training
-loss of the last 10 steps (``python benchmarks/convergence.py --sweep-steps 30 --lrs 5e-5,2e-4
---skip-final``): PiSSA 0.422 at 5e-5 vs 0.442 at 2e-4; LoRA 1.845 at 5e-5 vs 0.567 at 2e-4
-(benchmarks/results/convergence_sweep.md). At these rates over 150 steps, test accuracy 0.815 ->
-0.875 (PiSSA) and 0.850 (LoRA) (benchmarks/results/convergence.md). The default sweep of
-benchmarks/convergence.py (2e-5 to 5e-4, 60 steps) did not fit on the shared CPU yet.
-Methods not listed use :data:`FALLBACK_LR`."""
-
-FALLBACK_LR = 5e-5
-"""Learning rate of methods without a measured default (PiSSA's: the cautious choice)."""
+from .report import plot_losses, write_report
 
 CHECKPOINT = "checkpoint"
 MAX_TEST = 1000
 """The held-out test split holds min(1000, 20% of the examples); --eval-size of them are scored."""
-
-
-@dataclass
-class RunConfig:
-    """Everything a fine-tuning run depends on (its ``run.json``)."""
-
-    model: str = "smollm2"
-    data: str = "rotten_tomatoes"
-    kind: Literal["auto", "causal-lm", "seq-cls"] = "auto"
-    method: str = "pissa"
-    rank: int = 16
-    alpha: float | None = None
-    targets: str | list[str] = "all-linear"
-    quantize: Literal["nf4"] | None = None
-    lr: float | None = None
-    steps: int = 150
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 64
-    eval_size: int = 200
-    warmup: int = 10
-    schedule: Literal["constant", "cosine"] = "cosine"
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    reg_weight: float = 0.0
-    seed: int = 0
-    save_every: int = 50
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
-
-    def validate(self) -> None:
-        """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
-        positive = ("steps", "batch_size", "grad_accum", "eval_size", "threads")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= {0 if name == 'steps' else 1}, got {value}")
-        if self.max_length < 2:
-            raise PissaError(f"--max-length must be >= 2 (a prompt token and a completion token), got {self.max_length}")
-        for name in ("warmup", "save_every"):
-            if getattr(self, name) < 0:
-                raise PissaError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PissaError(f"--lr must be a positive number, got {self.lr}")
-        if self.max_grad_norm <= 0 or self.weight_decay < 0 or self.reg_weight < 0:
-            raise PissaError("--max-grad-norm must be > 0, --weight-decay and --reg-weight >= 0")
-        if self.schedule not in ("constant", "cosine"):
-            raise PissaError(f"--schedule must be constant or cosine, got {self.schedule!r}")
-        self.adapter_config()  # method, rank, alpha, quantize
-
-    def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
-                             quantize=self.quantize, seed=self.seed)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --- data order and learning rate: pure functions of (seed, step) -----------------------------
@@ -201,22 +125,6 @@ class Session:
         return sum(len(self.label_ids[e.label]) for e in items), len(items)
 
 
-def resolve_kind(model: str, kind: str) -> Kind:
-    """``auto``: the embedded model's kind, else causal-lm when config.json names a causal LM
-    architecture (``*ForCausalLM``, ``*LMHeadModel``), else seq-cls."""
-    if kind != "auto":
-        return kind  # type: ignore[return-value]
-    entry = hub.EMBEDDED_MODELS.get(model)
-    if entry is not None:
-        return entry.kinds[0]
-    path = hub.resolve_model(model)
-    try:
-        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    except json.JSONDecodeError as e:
-        raise PissaError(f"{path / 'config.json'} is not valid JSON ({e}); fix the model folder") from None
-    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "seq-cls"
-
-
 def load_data(name: str, seed: int = 0) -> data_mod.Dataset:
     """The dataset with a held-out test split of min(1000, 20%) examples (at least 1)."""
     full = data_mod.load_dataset(name, test_size=0)
@@ -235,7 +143,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
         raise PissaError(f"--batch-size {cfg.batch_size} is smaller than the {distributed.world()[1]} processes; "
                          "each process takes a share of every micro-batch")
     torch.set_num_threads(cfg.threads)
-    kind = resolve_kind(cfg.model, cfg.kind)
+    kind = hub.resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data)
     if kind == "seq-cls" and dataset.labels is None:
         raise PissaError(f"{cfg.model} is a sequence classifier: it needs labelled data (text,label columns), "
@@ -251,7 +159,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     if checkpoint is not None:
         io.load_adapter(model, checkpoint / "adapter")
     else:
-        attach(model, cfg.adapter_config(), progress=True)
+        attach(model, cfg.adapter, progress=True)
         if kind == "seq-cls":
             mark_head_trainable(model)
     model.train()
@@ -436,17 +344,15 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) -> dict[str, Any]:
     """One fine-tuning run in ``workdir`` (created here, after validation); returns the metrics.
 
-    Writes ``workdir/{run.json, metrics.json, loss.png, adapter/}``; ``checkpoint/`` exists
+    Writes ``workdir/{config.yaml, metrics.json, loss.png, adapter/}``; ``checkpoint/`` exists
     while the run is unfinished. ``resume``: continue from ``workdir/checkpoint``.
     """
-    from .report import plot_losses
-
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
     session = prepare(cfg, ckpt if resume else None)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resume and distributed.is_main():  # under torchrun rank 0 writes every file
-        io.atomic_write_text(workdir / "run.json", json.dumps(cfg.to_dict(), indent=2))
+        write_config(workdir / CONFIG_FILE, cfg)
     optimizer = make_optimizer(session.model, cfg)
     progress = load_checkpoint(ckpt, optimizer) if resume else Progress()
     progress._mark = started  # loading and attaching count towards ``seconds`` too
@@ -470,7 +376,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "method": cfg.method,
         "model": cfg.model,
         "data": cfg.data,
-        "rank": cfg.rank,
+        "rank": cfg.adapter.rank,
         "steps": cfg.steps,
         "lr": cfg.learning_rate,
         "train_loss": progress.train_loss,
@@ -480,7 +386,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "seconds": round(progress.seconds, 2),
         "train_seconds": round(progress.train_seconds, 2),
         "kind": session.kind,
-        "alpha": cfg.alpha,
+        "alpha": cfg.adapter.alpha,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "max_length": cfg.max_length,
@@ -544,137 +450,111 @@ def output_folder(out: Path, resume: bool) -> Iterator[Path]:
     io.replace_dir(work, out)  # replaces an older OUT
 
 
-def add_run_options(parser: argparse.ArgumentParser, compare: bool) -> None:
-    """The options shared by finetune and compare (defaults from :class:`RunConfig`)."""
-    d = RunConfig()
-    a = parser.add_argument
-    a("--model", default=d.model, help=f"embedded model ({', '.join(hub.EMBEDDED_MODELS)}) or a local Hugging Face folder")
-    a("--data", default=d.data, help="embedded dataset (rotten_tomatoes) or a .jsonl/.csv/.parquet file with "
-      "prompt,completion or text,label columns")
-    a("--kind", default=d.kind, choices=["auto", "causal-lm", "seq-cls"],
-      help="model head; auto: the embedded model's, else from config.json's architectures")
-    if compare:
-        a("--methods", default="pissa,lora", help=f"comma-separated methods ({', '.join(METHODS)})")
-    else:
-        a("--method", default=d.method, choices=sorted(METHODS), help="adapter initialization")
-    a("--rank", type=int, default=d.rank, help="adapter rank r")
-    a("--alpha", type=float, default=d.alpha, help="scaling numerator: the update is (alpha / rank) B A; None means alpha = rank")
-    a("--targets", default="all-linear", help="all-linear, or comma-separated module-name suffixes/regexes")
-    a("--quantize", default=None, choices=["nf4"], help="hold the frozen residual in 4-bit NF4 (QPiSSA)")
-    a("--lr", type=float, default=None, help="peak learning rate; None: the method's best rate measured on the embedded "
-      f"task ({', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())}, others {FALLBACK_LR:g})")
-    a("--steps", type=int, default=d.steps, help="optimizer steps")
-    a("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
-    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    a("--max-length", type=int, default=d.max_length, help="max tokens per example (longer prompts lose their start)")
-    a("--eval-size", type=int, default=d.eval_size, help="held-out test examples scored before and after training")
-    a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    a("--schedule", default=d.schedule, choices=["constant", "cosine"], help="learning rate after warm-up")
-    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (global L2 norm)")
-    a("--weight-decay", type=float, default=d.weight_decay,
-      help="AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)")
-    a("--reg-weight", type=float, default=d.reg_weight,
-      help="weight of pissa.regularization (SORSA's orthonormality penalty) in the loss")
-    a("--seed", type=int, default=d.seed, help="seed of the init, the data order and dropout")
-    a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only on Ctrl-C)")
-    a("--resume", action="store_true", help="continue the interrupted run in OUT.partial (same options)")
-    a("--threads", type=int, default=d.threads, help="CPU threads (the cores available to this process)")
-    a("--nproc", type=int, default=1, help="data-parallel processes on this machine (relaunches under torchrun; "
-      "DistributedDataParallel, gloo on the CPU, NCCL on GPUs); the cores are split between them")
+CONFIG_FILE = "config.yaml"
+"""The resolved run configuration every run writes into OUT (``--config`` reads it back)."""
 
 
-def config_from_args(args: argparse.Namespace, method: str) -> RunConfig:
-    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
-    cfg = RunConfig(model=args.model, data=args.data, kind=args.kind, method=method, rank=args.rank, alpha=args.alpha,
-                    targets=targets, quantize=args.quantize, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
-                    grad_accum=args.grad_accum, max_length=args.max_length, eval_size=args.eval_size,
-                    warmup=args.warmup, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
-                    weight_decay=args.weight_decay, reg_weight=args.reg_weight, seed=args.seed,
-                    save_every=args.save_every, threads=args.threads)
-    cfg.validate()
-    return cfg
+def write_config(path: Path, cfg: RunConfig) -> None:
+    io.atomic_write_text(path, options.config_text(cfg))
 
 
-def resumed_config(saved: Path, cfg: RunConfig, explicit: set[str]) -> RunConfig:
-    """The interrupted run's config; an option given now that contradicts it is an error."""
-    old = RunConfig(**json.loads(saved.read_text()))
-    for key in explicit - {"threads"}:  # the thread count may change between sessions
-        if hasattr(old, key) and getattr(old, key) != getattr(cfg, key):
-            raise PissaError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the interrupted run's "
-                             f"{getattr(old, key)}; drop it to resume")
-    old.threads = cfg.threads
-    return old
+def resumed_config(saved: Path, cls: type[RunConfig], explicit: dict[str, Any]) -> RunConfig:
+    """The interrupted run's config; an option given now (on the command line or in ``--config``) that
+    changes the run is an error naming it and both values. Resume-safe options (threads, the
+    checkpoint interval) take their new values."""
+    if not saved.is_file():
+        raise PissaError(f"{saved} is missing, so the interrupted run cannot be checked; start it again without --resume")
+    old_values = options.read_config_file(saved)
+    old = options.build(cls, old_values)
+    safe = options.resume_safe(cls)
+    new = options.build(cls, {**old_values, **explicit})
+    before, after = options.flatten(old), options.flatten(new)
+    for key in explicit:
+        if key not in safe and before.get(key) != after.get(key):
+            option = "--" + key.replace("_", "-")
+            raise PissaError(f"{option} {options.show(after[key])} differs from the interrupted run's "
+                             f"{options.show(before[key])}; drop it to resume, or start a new run")
+    return options.build(cls, {**old_values, **{k: v for k, v in explicit.items() if k in safe}})
 
 
-def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
-    return {k for k, v in vars(args).items() if k not in ("run", "command", "resume") and parser.get_default(k) != v}
+def relaunch(argv: Sequence[str], nproc: int, threads_given: bool, threads: int) -> int:
+    """``--nproc N``: rerun the same command line under torchrun with N processes, the cores split between them."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    if not threads_given:
+        rest += ["--threads", str(max(1, threads // nproc))]
+    return distributed.launch(nproc, rest)
 
 
-def launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--nproc N``: rerun the same command under torchrun with N processes, the cores split between them."""
-    if args.batch_size < args.nproc:
-        raise PissaError(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}; "
+def _start(cls: type[RunConfig], args: argparse.Namespace) -> tuple[RunConfig, Launch, dict[str, Any]]:
+    """The command's config (defaults < --config < command line), its launch options and the explicit values."""
+    launch, _ = options.resolve(Launch, args)
+    cfg, explicit = options.resolve(cls, args, launch.config)
+    if cfg.batch_size < launch.nproc:
+        raise PissaError(f"--batch-size {cfg.batch_size} is smaller than --nproc {launch.nproc}; "
                          "each process takes a share of every micro-batch")
-    if "threads" not in _explicit(parser, args):
-        args.threads = max(1, args.threads // args.nproc)
-    return distributed.launch(args.nproc, distributed.command_line(parser, args, drop={"nproc"}))
+    return cfg, launch, explicit
 
 
-def command_finetune(parser: argparse.ArgumentParser):
-    """``pissa finetune``: one method; writes OUT/{metrics.json, loss.png, adapter/}."""
-    add_run_options(parser, compare=False)
-    parser.add_argument("--out", default=None, help="output folder; None: runs/finetune-METHOD")
+def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``pissa finetune``: one method; writes OUT/{config.yaml, metrics.json, loss.png, adapter/}."""
+    options.add_options(parser, RunConfig)
+    options.add_options(parser, Launch)
 
     def run_cmd(args: argparse.Namespace) -> int:
-        if args.nproc > 1:
-            return launch(parser, args)
+        cfg, launch, explicit = _start(RunConfig, args)
+        if launch.nproc > 1:
+            return relaunch(args.argv, launch.nproc, "threads" in explicit, cfg.threads)
         distributed.init_from_env()
-        cfg = config_from_args(args, args.method)
-        out = Path(args.out or f"runs/finetune-{cfg.method}")
-        with output_folder(out, args.resume) as work:
-            if args.resume:
-                cfg = resumed_config(work / "run.json", cfg, _explicit(parser, args))
-            run(cfg, work, resume=args.resume)
+        out = Path(launch.out or f"runs/finetune-{cfg.method}")
+        with output_folder(out, launch.resume) as work:
+            if launch.resume:
+                cfg = resumed_config(work / CONFIG_FILE, RunConfig, explicit)
+            run(cfg, work, resume=launch.resume)
         if distributed.is_main():
-            print(f"wrote {out}/metrics.json, loss.png, adapter/")
+            print(f"wrote {out}/config.yaml, metrics.json, loss.png, adapter/")
         return 0
 
     return run_cmd
 
 
-def command_compare(parser: argparse.ArgumentParser):
+def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa compare --methods pissa,lora``: each method on the same data order and seed;
     OUT/<method>/ per method plus OUT/report.md and OUT/loss.png with every curve."""
-    add_run_options(parser, compare=True)
-    parser.add_argument("--out", default="runs/compare", help="output folder")
+    options.add_options(parser, CompareConfig, skip=frozenset({"method"}))
+    options.add_options(parser, Launch)
 
     def run_cmd(args: argparse.Namespace) -> int:
-        from .report import plot_losses, write_report
-
-        if args.nproc > 1:
-            return launch(parser, args)
+        cfg, launch, explicit = _start(CompareConfig, args)
+        if launch.nproc > 1:
+            return relaunch(args.argv, launch.nproc, "threads" in explicit, cfg.threads)
         distributed.init_from_env()
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if not methods or len(set(methods)) != len(methods):
-            raise PissaError(f"--methods needs distinct comma-separated method names, got {args.methods!r}")
-        configs = [config_from_args(args, m) for m in methods]  # validates every method first
-        out = Path(args.out)
-        with output_folder(out, args.resume) as work:
+        out = Path(launch.out or "runs/compare")
+        with output_folder(out, launch.resume) as work:
+            if launch.resume:
+                cfg = resumed_config(work / CONFIG_FILE, CompareConfig, explicit)  # type: ignore[assignment]
+            elif distributed.is_main():
+                work.mkdir(parents=True, exist_ok=True)
+                write_config(work / CONFIG_FILE, cfg)
+            assert isinstance(cfg, CompareConfig)
             results = {}
-            for cfg in configs:
-                sub = work / cfg.method
+            for one in cfg.runs():
+                sub = work / one.method
                 if (sub / "metrics.json").is_file():
-                    results[cfg.method] = json.loads((sub / "metrics.json").read_text())
+                    results[one.method] = json.loads((sub / "metrics.json").read_text())
                     continue
-                resume = (sub / CHECKPOINT / "state.json").is_file()
-                if resume:
-                    cfg = resumed_config(sub / "run.json", cfg, _explicit(parser, args))
-                results[cfg.method] = run(cfg, sub, resume=resume)
+                results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file())
             plot_losses({m: r["train_loss"] for m, r in results.items()}, work / "loss.png",
-                        title=f"{args.model} on {args.data}, rank {args.rank}")
+                        title=f"{cfg.model} on {cfg.data}, rank {cfg.adapter.rank}")
             io.atomic_write_text(work / "report.md", write_report(results))
         print((out / "report.md").read_text())
-        print(f"wrote {out}/report.md, loss.png and one folder per method")
+        print(f"wrote {out}/report.md, loss.png, config.yaml and one folder per method")
         return 0
 
     return run_cmd

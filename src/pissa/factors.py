@@ -1,0 +1,104 @@
+"""The factor record of an adapter and its algebra: pure functions on tensors, no model code.
+
+An adapter's update is ``B @ core @ A`` (``B @ A`` without a core): ``A (..., r, in)``,
+``B (..., out, r)``, ``core`` None, ``(..., r)`` (a diagonal) or ``(..., r, r)``. The frozen
+residual of a weight ``W (out, in)`` is always
+
+    residual = W - s * Br @ Ar      (QPiSSA: residual factors one iteration behind)
+    residual = W - s * B @ core @ A (every other method)
+
+so that the adapted layer starts exactly where the base layer was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Part = Literal["A", "B", "core"]
+
+
+@dataclass(frozen=True)
+class Factors:
+    """An adapter's factors: the update is ``B @ core @ A`` (``B @ A`` without a core).
+
+    Shapes (leading batch dims allowed): ``A (..., r, in)``, ``B (..., out, r)``, ``core`` None,
+    ``(..., r)`` (a diagonal) or ``(..., r, r)``. ``train`` names the parts that are trainable;
+    ``orthonormal`` marks factors whose columns (B) and rows (A) should stay orthonormal
+    (:func:`pissa.regularization` penalizes the drift, as SORSA does). ``Ar (..., r, in)``,
+    ``Br (..., out, r)``: residual factors, when the residual is ``W - Br Ar`` rather than
+    ``W - B core A`` (QPiSSA, :func:`pissa.qpissa.refine`); None otherwise.
+    """
+
+    A: Tensor
+    B: Tensor
+    core: Tensor | None = None
+    train: tuple[Part, ...] = ("A", "B")
+    orthonormal: bool = False
+    Ar: Tensor | None = None
+    Br: Tensor | None = None
+
+    def layer(self, i: int) -> "Factors":
+        """Matrix ``i`` of a batch."""
+        core, Ar, Br = (None if t is None else t[i] for t in (self.core, self.Ar, self.Br))
+        return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core, Ar=Ar, Br=Br)
+
+    def residual_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(A, B, core)`` of the term the residual subtracts: ``(Ar, Br, None)`` if set, else ``(A, B, core)``."""
+        return (self.Ar, self.Br, None) if self.Ar is not None and self.Br is not None else (self.A, self.B, self.core)
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """``(A, B @ core)``: two factors with the same product."""
+        return self.A, fold_core(self.B, self.core)
+
+    def scaled(self, scaling: float) -> "Factors":
+        """Initial factors for an update scaled by ``s``: ``s * B0 @ core0 @ A0 == B @ core @ A``.
+
+        Without a core A and B are divided by ``sqrt(s)`` (balanced, as PiSSA's sqrt(S) split);
+        with a core only the core is divided by ``s``, so orthonormal A and B stay orthonormal.
+        Residual factors (no core) are divided by ``sqrt(s)``: ``s * Br0 @ Ar0 == Br @ Ar``.
+        """
+        root = scaling**0.5
+        Ar, Br = (None if t is None else t / root for t in (self.Ar, self.Br))
+        if self.core is not None:
+            return dataclasses.replace(self, core=self.core / scaling, Ar=Ar, Br=Br)
+        return dataclasses.replace(self, A=self.A / root, B=self.B / root, Ar=Ar, Br=Br)
+
+    def to(self, dtype: torch.dtype) -> "Factors":
+        core, Ar, Br = (None if t is None else t.to(dtype) for t in (self.core, self.Ar, self.Br))
+        return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core, Ar=Ar, Br=Br)
+
+
+def fold_core(B: Tensor, core: Tensor | None) -> Tensor:
+    """``B @ core`` (out, r) for a full ``(r, r)`` core, ``B * core`` for a diagonal ``(r,)``, B if None."""
+    if core is None:
+        return B
+    return B * core.unsqueeze(-2) if core.dim() == B.dim() - 1 else B @ core
+
+
+def as_factors(result: "tuple[Tensor, Tensor] | Factors") -> Factors:
+    """An init function's result as :class:`Factors` (a plain ``(A, B)`` pair: both train)."""
+    return result if isinstance(result, Factors) else Factors(A=result[0], B=result[1])
+
+
+def orthonormality(A: Tensor, B: Tensor) -> Tensor:
+    """SORSA's regularizer ``||B^T B - I||_F + ||A A^T - I||_F`` for ``A (r, in)``, ``B (out, r)`` (a 0-d tensor)."""
+    eye = torch.eye(A.shape[-2], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(B.mT @ B - eye) + torch.linalg.matrix_norm(A @ A.mT - eye)
+
+
+def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core: Tensor | None = None) -> Tensor:
+    """``weight - scaling * B @ core @ A`` (no core: ``B @ A``), computed in float32 (float64 if any
+    input is) and cast to weight.dtype.
+
+    The one formula for the residual: attach, load_adapter and decompose all call it, so a
+    residual rebuilt from the saved initial factors is bit-identical to the one made at attach.
+    """
+    dtypes = (weight.dtype, A.dtype, B.dtype) + (() if core is None else (core.dtype,))
+    dt = torch.float64 if torch.float64 in dtypes else torch.float32
+    left = fold_core(B.to(dt), None if core is None else core.to(dt))
+    return torch.addmm(weight.to(dt), left, A.to(dt), alpha=-scaling).to(weight.dtype)

@@ -1,0 +1,69 @@
+"""QPiSSA: which factors to keep in full precision when the residual is 4-bit (and LoftQ, the baseline).
+
+QPiSSA (PiSSA paper, Algorithm 1) keeps the principal part ``B A`` in full precision and
+quantizes only the residual. It is LoftQ's alternation started from PiSSA's factors instead of
+from 0, and like LoftQ it ends on the SVD step (optimal for the last Q):
+
+    B_0 A_0 = best rank-r approximation of W                           (PiSSA)
+    t = 1 .. T:  Q_t = nf4(W - B_{t-1} A_{t-1});  B_t A_t = best rank-r approximation of W - Q_t
+    stored:      Q_T = nf4(W - Br Ar) with the residual factors (Ar, Br) = (A_{T-1}, B_{T-1}),
+                 and the trainable initial factors (A, B) = (A_T, B_T)
+
+LoftQ (Li et al., 2023), the baseline, quantizes W itself first and then alternates:
+
+    Q = nf4(W);  repeat T times: B A = best rank-r of W - Q, then (except the last time) Q = nf4(W - B A)
+    stored:      Q, B, A
+
+Both are measured on their final pair ``(Q_T, B_T A_T)``.
+
+The error metric of the paper is in :mod:`pissa.quant_error`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+from torch import Tensor
+
+from .decompose import METHODS, InitOptions, pissa_init
+from .factors import Factors
+from .nf4 import nf4
+
+
+def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """QPiSSA's iterates ``(Q_t, A_t, B_t)`` for t = 1, 2, ...: ``Q_t = nf4(W - B_{t-1} A_{t-1})``, then
+    ``B_t A_t`` = best rank-r of ``W - Q_t``.
+
+    ``W (L, out, in)``; ``(A, B) = (A_0, B_0)`` are PiSSA's factors. Endless: take what you need.
+    """
+    r = A.shape[-2]
+    while True:
+        Q = nf4(W - B @ A)
+        A, B = pissa_init(W - Q, r, opt)
+        yield Q, A, B
+
+
+def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """LoftQ's iterates ``(Q, A, B)`` for t = 1, 2, ...: ``B A`` <- best rank-r of ``W - Q``, then ``Q = nf4(W - B A)``; ``Q`` starts as ``nf4(W)``."""
+    Q = nf4(W)
+    while True:
+        A, B = pissa_init(W - Q, r, opt)
+        yield Q, A, B
+        Q = nf4(W - B @ A)
+
+
+def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOptions) -> Factors:
+    """The factors for a 4-bit residual: QPiSSA's iteration ``T = iters`` for PiSSA, unchanged otherwise.
+
+    ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it
+    (``A_0, B_0``). Returns ``A, B = A_T, B_T`` (trainable) and the residual factors
+    ``Ar, Br = A_{T-1}, B_{T-1}``: the residual is ``nf4(W - Br Ar) = Q_T``, as in :func:`qpissa_iterates`.
+    """
+    if not METHODS[method].qpissa:
+        return factors
+    A, B = factors.A, factors.B
+    for _ in range(iters):
+        Ar, Br = A, B
+        A, B = pissa_init(W - nf4(W - Br @ Ar), A.shape[-2], opt)
+    return dataclasses.replace(factors, A=A, B=B, Ar=Ar, Br=Br)

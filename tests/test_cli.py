@@ -1,0 +1,210 @@
+"""The command line generated from the config dataclasses: every option present, --config files,
+resume refusing changed options, recorded bases, and the package's import graph."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pissa
+from pissa import options
+from pissa.cli import build_parser, main
+from pissa.config import AdapterConfig, InitConfig, RunConfig
+from test_train import finetune, tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
+
+SRC = Path(pissa.__file__).parent
+
+
+def _help(*command: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))  # type: ignore[union-attr]
+    p = sub.choices[command[0]]
+    for name in command[1:]:
+        p = next(a for a in p._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[name]
+    return p.format_help()
+
+
+@pytest.mark.parametrize("command", ["finetune", "compare", "init"])
+def test_help_lists_every_adapter_config_field(command: str) -> None:
+    text = _help(command)
+    for f in dataclasses.fields(AdapterConfig):
+        if command == "compare" and f.name == "method":
+            assert "--methods" in text
+            continue
+        assert "--" + f.name.replace("_", "-") in text, f"--{f.name} missing from pissa {command} --help"
+    assert "(default: None)" not in text and text.count("(default: 16)") == 2  # --rank and --block, once each
+
+
+def test_help_text_is_the_field_docstring() -> None:
+    docs = options.field_docs(AdapterConfig)
+    assert docs["rank"].startswith("Rank r of the trainable factors")
+    assert " ".join(_help("finetune").split()).count("Rank r of the trainable factors") == 1
+    assert "(required)" in _help("init") and "(default: None)" not in _help("init")
+
+
+def test_options_parse_types_lists_none_and_choices() -> None:
+    p = build_parser()
+    args = p.parse_args(["finetune", "--targets", "q_proj,v_proj", "--alpha", "none", "--dropout", "0.1", "--svd", "exact",
+                         "--factor-dtype", "bfloat16", "--quant-iters", "3", "--niter", "7", "--block", "32"])
+    cfg, explicit = options.resolve(RunConfig, args)
+    a = cfg.adapter
+    assert a.targets == ["q_proj", "v_proj"] and a.alpha is None and a.dropout == 0.1 and a.svd == "exact"
+    assert (a.factor_dtype, a.quant_iters, a.niter, a.block) == ("bfloat16", 3, 7, 32)
+    assert set(explicit) == {"targets", "alpha", "dropout", "svd", "factor_dtype", "quant_iters", "niter", "block"}
+    for bad in (["--rank", "x"], ["--svd", "fast"], ["--method", "dora"], ["--factor-dtype", "int8"]):
+        with pytest.raises(pissa.PissaError):
+            p.parse_args(["finetune", *bad])
+
+
+def test_config_file_precedence_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("steps: 3\nadapter:\n  rank: 8\n  dropout: 0.2\n")
+    (tmp_path / "b.json").write_text(json.dumps({"steps": 5, "adapter": {"rank": 4}}))
+    args = build_parser().parse_args(["finetune", "--rank", "2"])
+    cfg, _ = options.resolve(RunConfig, args, str(tmp_path / "a.yaml"))
+    assert (cfg.steps, cfg.adapter.rank, cfg.adapter.dropout) == (3, 2, 0.2)  # the command line wins over the file
+    cfg, _ = options.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / "b.json"))
+    assert (cfg.steps, cfg.adapter.rank) == (5, 4)
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    (tmp_path / "broken.json").write_text("{")
+    for name, message in (("bad.yaml", r"unknown option\(s\) stepz"), ("broken.json", "cannot be parsed"),
+                          ("missing.yaml", "does not exist"), ("a.toml", "must end in")):
+        (tmp_path / "a.toml").write_text("x = 1")
+        with pytest.raises(pissa.PissaError, match=message):
+            options.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / name))
+
+
+def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
+    first = tmp_path / "first"
+    assert finetune(tiny, first, "--steps", "4", "--dropout", "0.1", "--targets", "q_proj,v_proj", "--alpha", "8") == 0
+    saved = options.read_config_file(first / "config.yaml")
+    assert saved["dropout"] == 0.1 and saved["targets"] == ["q_proj", "v_proj"] and saved["alpha"] == 8
+    second = tmp_path / "second"
+    assert main(["finetune", "--config", str(first / "config.yaml"), "--out", str(second)]) == 0
+    a, b = (load_file(str(p / "adapter" / "adapter.safetensors")) for p in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (first, second))
+    assert ma["train_loss"] == mb["train_loss"] and ma["eval_after"] == mb["eval_after"]
+    assert (first / "config.yaml").read_text() == (second / "config.yaml").read_text()
+
+
+def _interrupt_after(monkeypatch, steps: int) -> None:
+    from pissa import train as train_mod
+
+    real, calls = train_mod.train_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > steps:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--rank", "8"], "--rank 8 differs from the interrupted run's 4"),
+    (["--dropout", "0.5"], "--dropout 0.5 differs from the interrupted run's 0.0"),
+    (["--targets", "q_proj"], "--targets q_proj differs from the interrupted run's"),
+    (["--max-length", "32"], "--max-length 32 differs from the interrupted run's 64"),
+])
+def test_resume_refuses_a_changed_option(tiny: Path, tmp_path: Path, monkeypatch, capsys, changed, message) -> None:  # noqa: F811
+    out = tmp_path / "run"
+    _interrupt_after(monkeypatch, 2)
+    assert finetune(tiny, out, "--save-every", "1") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert finetune(tiny, out, "--resume", *changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert (tmp_path / "run.partial" / "checkpoint").is_dir() and not out.exists()  # nothing lost, nothing written
+    # options that cannot change the result are accepted: threads, checkpoint interval
+    assert finetune(tiny, out, "--resume", "--threads", "2", "--save-every", "3") == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
+
+
+def test_export_defaults_to_the_recorded_base_and_names_it_on_a_wrong_base(tiny: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    assert finetune(tiny, run, "--steps", "3") == 0
+    doc = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert doc["base_model"] == {"model": str((tiny / "llama").resolve()), "kind": "causal-lm"}
+    assert main(["export", str(run / "adapter"), "--out", str(tmp_path / "peft")]) == 0  # no --model: the recorded base
+    base = AutoModelForCausalLM.from_pretrained(tiny / "llama")
+    trained = pissa.load_adapter(AutoModelForCausalLM.from_pretrained(tiny / "llama"), run / "adapter")
+    ids = torch.tensor([[1, 5, 9, 3]])
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4)
+    other = AutoModelForCausalLM.from_pretrained(tiny / "llama")
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    with pytest.raises(pissa.PissaError, match=f"load it onto {(tiny / 'llama').resolve()} \\(causal-lm, fingerprint"):
+        pissa.load_adapter(other, run / "adapter")
+
+
+def test_every_command_takes_comma_separated_targets(tmp_path: Path) -> None:
+    p = build_parser()
+    cfg, _ = options.resolve(InitConfig, p.parse_args(["init", "--model", "m", "--out", "o", "--targets", "q_proj,v_proj"]))
+    run, _ = options.resolve(RunConfig, p.parse_args(["finetune", "--targets", "q_proj,v_proj"]))
+    assert cfg.adapter.targets == run.adapter.targets == ["q_proj", "v_proj"]
+
+
+# --- the package's import graph --------------------------------------------------------------------
+
+
+def _imports(path: Path) -> tuple[set[str], list[str]]:
+    """(modules of this package imported at module level, pissa imports found inside functions)."""
+    tree = ast.parse(path.read_text())
+    top: set[str] = set()
+    deferred: list[str] = []
+
+    def targets(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            return [node.module] if node.module else [a.name for a in node.names]
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pissa":
+            rest = node.module.split(".")[1:]
+            return [rest[0]] if rest else [a.name for a in node.names]
+        if isinstance(node, ast.Import):
+            return [a.name.split(".")[1] for a in node.names if a.name.startswith("pissa.")]
+        return []
+
+    for node in tree.body:
+        top.update(t.split(".")[0] for t in targets(node))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                deferred += [f"{path.stem}.{node.name} imports {t}" for t in targets(inner)]
+    return top, deferred
+
+
+def test_the_package_has_no_import_cycle_and_no_deferred_internal_import() -> None:
+    modules = {p.stem: p for p in SRC.glob("*.py")}
+    graph, deferred = {}, []
+    for name, path in modules.items():
+        top, inner = _imports(path)
+        graph[name] = {t for t in top if t in modules and t != name}
+        deferred += inner
+    assert deferred == [], "pissa imports inside function bodies: " + "; ".join(deferred)
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert graph["factors"] <= {"errors"} and graph["svd"] <= {"errors"}  # the leaves stay leaves
