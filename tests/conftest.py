@@ -55,3 +55,28 @@ def train_steps(model: nn.Module, batches: list, loss_fn, steps: int = 5, lr: fl
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+TOKENS = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
+"""A fixed batch of token ids for the tiny language models (vocabulary 96)."""
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss of ``ids`` predicting themselves."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    """The model's logits on :data:`TOKENS`, without autograd."""
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+def decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
+    """A random m x n matrix with singular values decay^i (a trained-weight-like spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    S = decay ** torch.arange(k, dtype=torch.float64)
+    return (U * S) @ V.T

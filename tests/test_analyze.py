@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import pissa
-from conftest import tiny_llama, train_steps
+from conftest import TOKENS, lm_loss, tiny_llama, train_steps
 from pissa import cli, hub
 from pissa.intruders import intruder_count, max_cosines
-from test_attach import TOKENS, lm_loss
 
 
 def random_weight(m: int = 96, n: int = 80, seed: int = 0) -> torch.Tensor:

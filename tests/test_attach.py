@@ -7,19 +7,7 @@ import torch
 from torch import nn
 
 import pissa
-from conftest import mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-
-TOKENS = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(0))
-
-
-def lm_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=TOKENS).logits
-
+from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 
 @pytest.mark.parametrize("method", sorted(pissa.METHODS))
 @pytest.mark.parametrize("alpha", [None, 32.0])
@@ -162,3 +150,21 @@ def test_nan_weight_and_int_weight_are_refused() -> None:
 def test_merge_without_adapters_is_refused() -> None:
     with pytest.raises(pissa.PissaError, match="no pissa adapters to merge"):
         pissa.merge(mlp())
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merged_returns_a_new_layer_and_leaves_the_adapted_one_unchanged(quantize) -> None:
+    model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize=quantize))
+    train_steps(model, [TOKENS], lm_loss, steps=2)
+    name, layer = next(iter(pissa.adapted_layers(model)))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)
+        first, second = layer.merged(), layer.merged()
+        assert first is not layer.residual and first.weight is not second.weight
+        assert torch.equal(first.weight, second.weight)  # calling it twice counts the update once
+        assert torch.allclose(first(x), y, atol=1e-5)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.get_submodule(name) is layer

@@ -107,7 +107,7 @@ def test_csv_both_kinds(tmp_path: Path) -> None:
 
 
 def test_parquet(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a declared dependency (pissa[hf]): a broken install fails here
     import pyarrow.parquet as pq
 
     table = pa.table({"text": ["nice", "awful", "fine"], "label": ["pos", "neg", "pos"]})
@@ -198,7 +198,6 @@ def test_nested_value(tmp_path: Path) -> None:
 def test_not_utf8_and_corrupt_parquet(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_bytes("text,label\ncaf\u00e9,x\nb,y\n".encode("latin-1"))
     assert "not UTF-8" in _error(tmp_path / "d.csv")
-    pytest.importorskip("pyarrow")
     (tmp_path / "p.parquet").write_bytes(b"not parquet at all")
     assert "not a readable parquet file" in _error(tmp_path / "p.parquet")
 

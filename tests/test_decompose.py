@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pissa
+from conftest import decaying
 from pissa.decompose import METHODS
 from pissa.svd import truncated_svd
 
@@ -16,16 +17,6 @@ def optimal_residual(W: torch.Tensor, r: int) -> float:
     """sqrt(sum of the discarded S^2): the Frobenius error of the best rank-r approximation."""
     S = torch.linalg.svdvals(W.double())
     return S[r:].pow(2).sum().sqrt().item()
-
-
-def decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
-    """A random m x n matrix with singular values decay^i (a trained-weight-like spectrum)."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
-    S = decay ** torch.arange(k, dtype=torch.float64)
-    return (U * S) @ V.T
 
 
 shapes = st.tuples(st.integers(1, 96), st.integers(1, 96))

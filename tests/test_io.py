@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from test_attach import TOKENS, lm_loss, logits
+from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 import pissa
-from conftest import mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps, decaying
 from pissa.decompose import InitOptions, init_structured
-from test_attach import TOKENS, lm_loss, logits
-from test_decompose import decaying
 
 FAMILY = sorted(pissa.METHODS)
 TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core")}

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 
 import pissa
-from conftest import mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import nf4 as nf4_mod
 from pissa import qpissa, quant_error
 from pissa.decompose import InitOptions, pissa_init
 from pissa.factors import residual_of
-from test_attach import TOKENS, lm_loss, logits
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 NF4_LEVELS = torch.tensor([

@@ -13,10 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pissa
-from conftest import relative_error, tiny_gpt2, tiny_llama
+from conftest import TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import cli, model as pmodel, stream
 from pissa.model import find_targets
-from test_attach import logits
 
 CFG = pissa.AdapterConfig(rank=4, alpha=8.0, seed=3)
 
@@ -212,3 +211,228 @@ def test_quantized_init_loads_to_the_in_memory_qpissa_model(tmp_path, monkeypatc
     for (n1, a), (n2, b) in zip(pissa.adapted_layers(loaded), pissa.adapted_layers(model)):
         assert n1 == n2 and torch.equal(a.residual.codes, b.residual.codes)
     assert relative_error(logits(loaded), logits(model)) <= 1e-6
+
+
+# --- merging a trained adapter into a checkpoint on disk, shard by shard -----------------------
+
+
+def trained(model, cfg: pissa.AdapterConfig = CFG, steps: int = 3):
+    """``model`` attached and trained a few AdamW steps, so that B != B0 (and A != A0)."""
+    pissa.attach(model, cfg)
+    train_steps(model, [TOKENS], lm_loss, steps=steps, lr=1e-2)
+    layer = next(layer for _, layer in pissa.adapted_layers(model))
+    assert not torch.equal(layer.lora_B, layer.B0)
+    return model
+
+
+def merged_state(model) -> dict[str, torch.Tensor]:
+    """The in-memory ``pissa.merge`` of a copy of ``model``, as a state dict."""
+    return {k: v.detach() for k, v in pissa.merge(copy.deepcopy(model)).state_dict().items()}
+
+
+def assert_same_tensors(stored: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert stored.keys() <= ref.keys()
+    for k, t in stored.items():
+        assert t.dtype == ref[k].dtype and torch.equal(t, ref[k]), k
+
+
+@pytest.mark.parametrize("case", ["llama-sharded-base", "llama-sharded-residual", "gpt2-conv1d-single-file"])
+def test_merged_checkpoint_equals_in_memory_merge(tmp_path, monkeypatch, llama_dir, case) -> None:
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)  # one layer per batch, as `pissa init` decomposes
+    if case.startswith("gpt2"):
+        src = tmp_path / "gpt2"
+        tiny_gpt2().save_pretrained(src)
+        model = trained(tiny_gpt2())
+    else:
+        src = llama_dir
+        if case.endswith("residual"):  # the residual checkpoint of `pissa init`, then the same adapter trained in memory
+            src = stream.init_checkpoint(llama_dir, tmp_path / "init", CFG, progress=False) / "residual"
+        model = trained(tiny_llama())
+    pissa.save_adapter(model, tmp_path / "adapter")
+    out = stream.merge_checkpoint(src, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    ref = merged_state(model)
+    stored = residual_tensors(out)
+    assert stored.keys() == residual_tensors(src).keys()
+    assert_same_tensors(stored, ref)
+    # same layout: shard names, index, config and other files; nothing left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f, safe_open(str(src / shard.name), framework="pt") as g:
+            assert f.metadata() == g.metadata() and sorted(f.keys()) == sorted(g.keys())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert relative_error(logits(reloaded), logits(model)) <= 1e-5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_merge_state_dict_equals_merge_and_leaves_its_input(tmp_path, make) -> None:
+    base = {k: v.clone() for k, v in make().state_dict().items()}
+    model = trained(make())
+    pissa.save_adapter(model, tmp_path / "adapter")
+    before = {k: v.clone() for k, v in base.items()}
+    merged = stream.merge_state_dict(base, tmp_path / "adapter")
+    assert merged.keys() == base.keys()
+    assert_same_tensors(merged, merged_state(model))
+    assert all(torch.equal(base[k], before[k]) for k in base)  # pure
+    layers = {f"{n}.weight" for n, _ in pissa.adapted_layers(model)}
+    assert all(merged[k] is base[k] for k in base if k not in layers)  # untouched tensors are not copied
+    # the identity it implements: W + s (B A - B0 A0)
+    name, layer = next(iter(pissa.adapted_layers(model)))
+    W = base[f"{name}.weight"].double()
+    W = W.T if make is tiny_gpt2 else W
+    delta = layer.scaling * (layer.lora_B.double() @ layer.lora_A.double() - layer.B0.double() @ layer.A0.double())
+    got = merged[f"{name}.weight"].double()
+    assert relative_error(got.T if make is tiny_gpt2 else got, W + delta) <= 1e-6
+
+
+def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsys) -> None:
+    model = trained(tiny_llama())
+    pissa.save_adapter(model, tmp_path / "adapter")
+    other = tiny_llama()
+    with torch.no_grad():  # same architecture and shapes, one layer of the last shard differs
+        other.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    other.save_pretrained(tmp_path / "other", max_shard_size="40KB")
+    with pytest.raises(pissa.PissaError, match=r"different base model \(weights of 'model.layers.1.mlp.down_proj' differ") as e:
+        stream.merge_checkpoint(tmp_path / "other", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "other"]  # no output, no work folder
+    with pytest.raises(pissa.PissaError, match="different base model"):
+        stream.merge_state_dict(other.state_dict(), tmp_path / "adapter")
+    with pytest.raises(pissa.PissaError, match="made for another model"):
+        stream.merge_state_dict({k: v for k, v in other.state_dict().items() if "q_proj" not in k}, tmp_path / "adapter")
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m"), "--merged"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar, if any
+    assert last.startswith("pissa: error:") and "different base model" in last
+    assert not (tmp_path / "m").exists()
+
+
+def test_qpissa_merge_is_the_unquantized_merge(tmp_path, monkeypatch, llama_dir) -> None:
+    """W + s (B A - Br Ar), from the base or from the dense residual `pissa init --quantize nf4` wrote."""
+    cfg = pissa.AdapterConfig(rank=4, quantize="nf4", quant_iters=2, seed=3)
+    init = stream.init_checkpoint(llama_dir, tmp_path / "init", cfg, progress=False)
+    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)
+    model = trained(tiny_llama(), cfg)
+    pissa.save_adapter(model, tmp_path / "adapter")
+    from_base = stream.merge_state_dict(residual_tensors(llama_dir), tmp_path / "adapter")
+    from_residual = stream.merge_state_dict(residual_tensors(init / "residual"), tmp_path / "adapter")
+    quantized = merged_state(model)
+    base = tiny_llama().state_dict()
+    for name, layer in pissa.adapted_layers(model):
+        k = f"{name}.weight"
+        assert torch.equal(from_base[k], from_residual[k])
+        update = layer.lora_B.double() @ layer.lora_A.double() - layer.Br.double() @ layer.Ar.double()
+        assert relative_error(from_base[k], base[k].double() + layer.scaling * update) <= 1e-6
+        assert not torch.equal(from_base[k], quantized[k])  # the 4-bit merge differs by the quantization error
+        assert relative_error(from_base[k], quantized[k]) <= 0.2
+
+
+def test_classifier_head_is_written_into_the_merged_checkpoint(tmp_path, llama_dir) -> None:
+    from transformers import LlamaForSequenceClassification
+
+    def classifier(path):
+        m = LlamaForSequenceClassification.from_pretrained(path, num_labels=3)
+        m.config.pad_token_id = 0
+        return m.eval()
+
+    torch.manual_seed(5)
+    model = classifier(llama_dir)
+    pissa.attach(model, CFG)
+    model.score.weight.requires_grad_(True)
+    labels = torch.tensor([0, 1, 2])
+    train_steps(model, [TOKENS], lambda m, ids: torch.nn.functional.cross_entropy(m(input_ids=ids).logits, labels), steps=3)
+    pissa.save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["head"] == ["score.weight"]
+    ref = merged_state(model)
+    # a causal-LM checkpoint has no score.weight: it is appended to the last shard and indexed
+    out = stream.merge_checkpoint(llama_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    stored = residual_tensors(out)
+    assert set(stored) - set(residual_tensors(llama_dir)) == {"score.weight"}
+    assert_same_tensors({k: v for k, v in stored.items() if k in ref}, ref)
+    index = json.loads((out / stream.INDEX).read_text())
+    assert index["weight_map"]["score.weight"] == sorted(out.glob("*.safetensors"))[-1].name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    with torch.no_grad():
+        expected = pissa.merge(copy.deepcopy(model))(input_ids=TOKENS).logits
+        assert torch.equal(classifier(out)(input_ids=TOKENS).logits, expected)
+    # a checkpoint that has the (untrained) head: it is replaced
+    with torch.no_grad():
+        classifier(llama_dir).save_pretrained(tmp_path / "cls", max_shard_size="40KB")
+    out = stream.merge_checkpoint(tmp_path / "cls", tmp_path / "adapter", tmp_path / "merged-cls", progress=False)
+    assert torch.equal(residual_tensors(out)["score.weight"], ref["score.weight"])
+
+
+MEASURE = """
+import json, os, sys
+from pathlib import Path
+import pissa
+from pissa import stream
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+what, src, out = sys.argv[1:4]
+stream._meta_model(Path(src))                        # import transformers and build the model skeleton first
+if sys.argv[4] == "dropped":                         # the checkpoint out of the page cache (written back first)
+    for p in Path(src).glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+Path("/proc/self/clear_refs").write_text("5")        # reset this process's peak RSS (VmHWM)
+before = status("VmRSS")
+if what == "init":
+    stream.init_checkpoint(src, out, pissa.AdapterConfig(rank=4), progress=False)
+else:
+    stream.merge_checkpoint(src, sys.argv[5], out, progress=False)
+print(json.dumps({"before": before, "peak": status("VmHWM"), "file": status("RssFile")}))
+"""
+
+
+def peak_growth(tmp_path: Path, what: str, src: Path, cache: str, adapter: Path | None = None) -> int:
+    """Bytes the peak RSS of a fresh process grows by while it runs ``pissa init`` or the merge on ``src``."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{what}-{cache}"
+    cmd = [sys.executable, "-c", MEASURE, what, str(src), str(out), cache] + ([str(adapter)] if adapter else [])
+    result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert out.is_dir()
+    return result["peak"] - result["before"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not hasattr(__import__("os"), "posix_fadvise"), reason="Linux only")
+def test_peak_memory_is_bounded_whatever_the_page_cache_holds(tmp_path) -> None:
+    """Shards of 100+ MB, mostly tensors that are never adapted: `pissa init` and the merge hold a few
+    tensors and a 16 MiB copy buffer, right after the checkpoint was written and once it is out of the page cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=131072, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    src = tmp_path / "ckpt"
+    model.save_pretrained(src, max_shard_size="150MB")
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    smallest = min(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert len(list(src.glob("*.safetensors"))) == 2 and smallest > 100e6
+    pissa.attach(model, pissa.AdapterConfig(rank=4, targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for _, layer in pissa.adapted_layers(model):
+            layer.lora_B.add_(0.01)
+    pissa.save_adapter(model, tmp_path / "adapter")
+    del model
+    budget = min(0.2 * size, 0.4 * smallest)
+    for cache in ("fresh", "dropped"):
+        if cache == "fresh":  # rewrite the files so that their pages are freshly written (dirty) ones
+            for p in src.glob("*.safetensors"):
+                data = p.read_bytes()
+                p.write_bytes(data)
+                del data
+        assert peak_growth(tmp_path, "init", src, cache) <= budget, cache
+        assert peak_growth(tmp_path, "merge", src, cache, tmp_path / "adapter") <= budget, cache
