@@ -1,17 +1,20 @@
-"""Convergence: PiSSA vs LoRA on the embedded task, each at its best learning rate.
+"""Convergence: PiSSA vs LoRA on the embedded task, each at the learning rate chosen on validation data.
 
 1. Sweep (``--lrs``): every method x learning rate for ``--sweep-steps`` steps (same data order,
-   seed, batch and cosine schedule); the score is the mean training loss over the last 10
-   steps. Every batch is new data (well under one epoch), so this is a held-out loss.
-2. Final (``--steps``, >= 150 for the issue's benchmark): each method at its best rate from the
-   sweep, as ``pissa compare`` runs it; loss at steps 10 and 50 and at the end, test accuracy
-   before and after on ``--eval-size`` held-out reviews.
+   seed, batch and cosine schedule), trained on the training data minus ``--val-size`` reviews
+   carved from it; the score is the validation loss after training on those reviews (the mean
+   training loss of the last 10 steps is listed too). The test split is not read.
+2. Final (``--steps``, 150 for the README's table): each method at its chosen rate, as
+   ``pissa compare`` runs it (the whole training split, in one process, one method after the
+   other); loss at steps 10 and 50 and at the end, test loss and accuracy before and after on
+   ``--eval-size`` held-out test reviews, and a plot of the loss curves.
 
     .venv/bin/python benchmarks/convergence.py                                       # sweep + final
-    .venv/bin/python benchmarks/convergence.py --sweep-steps 10 --steps 20 --eval-size 20   # quick
-    .venv/bin/python benchmarks/convergence.py --skip-final                          # sweep only
+    .venv/bin/python benchmarks/convergence.py --lrs 5e-5,2e-4 --sweep-steps 30 --skip-final --name convergence_sweep
+    .venv/bin/python benchmarks/convergence.py --sweep-steps 2 --steps 2 --lrs 5e-5,2e-4 --val-size 4 --eval-size 4  # quick
+    .venv/bin/python benchmarks/convergence.py --skip-sweep                          # final only, default rates
 
-Writes ``benchmarks/results/convergence.md`` (sweep table, then the final report).
+Writes ``bench_out/NAME.md`` and ``NAME.png`` (``--update-results``: ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -23,41 +26,12 @@ import tempfile
 from pathlib import Path
 
 from pissa.report import plot_losses, write_report
-from pissa.train import RunConfig, run
+from pissa.config import AdapterConfig, RunConfig
+
+from _results import Results, add_results_options
+from _validation import VAL_SEED, run_cached
 
 SWEEP_WINDOW = 10
-
-
-def sweep(args: argparse.Namespace, methods: list[str], lrs: list[float], work: Path) -> dict[str, dict[float, float]]:
-    """``{method: {lr: mean training loss of the last 10 steps}}``."""
-    scores: dict[str, dict[float, float]] = {}
-    for method in methods:
-        for lr in lrs:
-            cfg = RunConfig(method=method, rank=args.rank, lr=lr, steps=args.sweep_steps, batch_size=args.batch_size,
-                            eval_size=args.sweep_eval_size, threads=args.threads, save_every=0)
-            m = run(cfg, work / f"sweep-{method}-{lr:g}", show=False)
-            tail = [loss for _, loss in m["train_loss"][-SWEEP_WINDOW:]]
-            scores.setdefault(method, {})[lr] = sum(tail) / len(tail)
-            print(f"sweep {method} lr={lr:g}: loss {scores[method][lr]:.4f}", file=sys.stderr, flush=True)
-    return scores
-
-
-def sweep_table(scores: dict[str, dict[float, float]], args: argparse.Namespace) -> str:
-    lrs = sorted({lr for s in scores.values() for lr in s})
-    lines = [
-        "## Learning-rate sweep",
-        "",
-        f"Rank {args.rank}, {args.sweep_steps} steps of batch {args.batch_size}, cosine schedule with 10 warm-up steps, "
-        f"seed 0; mean training loss (completion tokens) over the last {SWEEP_WINDOW} steps; best per method in bold.",
-        "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
-    ]
-    for method, s in scores.items():
-        best = min(s, key=s.get)
-        cells = [("**{:.4f}**" if lr == best else "{:.4f}").format(s[lr]) if lr in s else "–" for lr in lrs]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -67,37 +41,74 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sweep-steps", type=int, default=60)
-    p.add_argument("--sweep-eval-size", type=int, default=1, help="test examples per sweep run (the score is the train loss)")
+    p.add_argument("--val-size", type=int, default=200, help="validation reviews carved from the training data (sweep score)")
     p.add_argument("--steps", type=int, default=150, help="steps of the final comparison")
-    p.add_argument("--eval-size", type=int, default=200)
+    p.add_argument("--eval-size", type=int, default=200, help="test reviews scored in the final comparison")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--skip-sweep", action="store_true", help="final comparison at pissa.train.DEFAULT_LR")
+    p.add_argument("--skip-sweep", action="store_true", help="final comparison at each method's default lr (pissa.METHODS)")
     p.add_argument("--skip-final", action="store_true", help="sweep only")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "convergence.md"))
+    p.add_argument("--work", default=None, help="folder of the runs (default: a temporary folder); finished runs are reused")
+    add_results_options(p, "convergence")
     args = p.parse_args()
+    if args.skip_sweep and args.skip_final:
+        p.error("--skip-sweep and --skip-final leave nothing to run")
     methods = args.methods.split(",")
-    command = " ".join(["python", "benchmarks/convergence.py", *sys.argv[1:]])
-    parts = [f"# Convergence on the embedded task (SmolLM2-135M-Instruct, Rotten Tomatoes)\n\n`{command}`, "
-             f"{args.threads} thread(s), load average at the start {os.getloadavg()[0]:.1f} (shared CPU).\n"]
-    with tempfile.TemporaryDirectory(prefix="convergence-") as tmp:
-        work = Path(tmp)
+    lrs = [float(x) for x in args.lrs.split(",")]
+
+    def config(method: str, lr: float | None, steps: int) -> RunConfig:
+        return RunConfig(adapter=AdapterConfig(method=method, rank=args.rank), lr=lr, steps=steps, batch_size=args.batch_size,
+                         eval_size=args.eval_size, threads=args.threads, save_every=0)
+
+    title = "Convergence on the embedded task (SmolLM2-135M-Instruct, Rotten Tomatoes)"
+    with Results.from_args(args, title) as res, tempfile.TemporaryDirectory(prefix="convergence-") as tmp:
+        work = Path(args.work or tmp)
         best: dict[str, float | None] = {m: None for m in methods}
         if not args.skip_sweep:
-            scores = sweep(args, methods, [float(x) for x in args.lrs.split(",")], work)
-            best = {m: min(s, key=s.get) for m, s in scores.items()}
-            parts.append(sweep_table(scores, args))
+            sweep: dict[str, dict[float, dict]] = {}
+            for method in methods:
+                for lr in lrs:
+                    m = run_cached(config(method, lr, args.sweep_steps), work / f"sweep-{method}-lr{lr:g}",
+                                   val_size=args.val_size)
+                    sweep.setdefault(method, {})[lr] = m
+                    print(f"sweep {method} lr={lr:g}: validation loss {m['eval_after']['loss']:.4f}", file=sys.stderr, flush=True)
+            best = {method: min(by_lr, key=lambda lr: by_lr[lr]["eval_after"]["loss"]) for method, by_lr in sweep.items()}
+            meta = sweep[methods[0]][lrs[0]]
+            res.heading("Learning-rate sweep")
+            res.add(f"Rank {args.rank}, {args.sweep_steps} steps of batch {args.batch_size}, cosine schedule with 10 "
+                    f"warm-up steps, seed 0, {args.threads} thread(s). Trained on {meta['train_examples']:,} training "
+                    f"reviews; validation: the other {meta['eval_examples']} reviews of the training split (hash of the "
+                    f"prompt, seed {VAL_SEED}). The test split was not read. Chosen rate (lowest validation loss) in bold.")
+
+            def grid(value) -> list[list[str]]:
+                rows = []
+                for method, by_lr in sweep.items():
+                    cells = [value(by_lr[lr]) for lr in lrs]
+                    rows.append([method, *(f"**{c}**" if lr == best[method] else c for lr, c in zip(lrs, cells))])
+                return rows
+
+            header = ["method", *(f"lr {lr:g}" for lr in lrs)]
+            res.add("Validation loss after training:")
+            res.table(header, grid(lambda m: f"{m['eval_after']['loss']:.4f}"))
+            res.add("Validation accuracy after training:")
+            res.table(header, grid(lambda m: f"{m['eval_after']['accuracy']:.3f}"))
+            res.add(f"Mean training loss (completion tokens) of the last {SWEEP_WINDOW} steps (not used for the choice):")
+            res.table(header, grid(lambda m: f"{sum(x for _, x in m['train_loss'][-SWEEP_WINDOW:]) / len(m['train_loss'][-SWEEP_WINDOW:]):.4f}"))
         if not args.skip_final:
             results = {}
             for method in methods:
-                cfg = RunConfig(method=method, rank=args.rank, lr=best[method], steps=args.steps,
-                                batch_size=args.batch_size, eval_size=args.eval_size, threads=args.threads, save_every=0)
-                results[method] = run(cfg, work / f"final-{method}")
-            plot = Path(args.out).with_suffix(".png")
-            plot_losses({m: r["train_loss"] for m, r in results.items()}, plot, title=f"rank {args.rank}, best lr each")
-            parts.append("## Final comparison\n\n" + write_report(results).split("\n", 2)[2] + f"\n![loss curves]({plot.name})\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(parts))
-    print("\n".join(parts))
+                results[method] = run_cached(config(method, best[method], args.steps), work / f"final-{method}-lr{'default' if best[method] is None else format(best[method], 'g')}")
+            chosen = ("the learning rate chosen on validation data (above)" if not args.skip_sweep
+                      else "its default learning rate (pissa.METHODS[name].default_lr)")
+            res.heading("Final comparison")
+            res.add(f"Each method at {chosen}, {args.threads} thread(s), the methods run one after the other in this "
+                    "process.")
+            res.add(write_report(results).split("\n", 2)[2])
+            res.add("time (s): each run's whole wall time as `pissa.train.run` reports it (model load, init, training, "
+                    "both evaluations).")
+            plot = res.artifact(f"{args.name}.png")
+            plot_losses({m: r["train_loss"] for m, r in results.items()}, plot,
+                        title=f"rank {args.rank}, lr " + ", ".join(f"{m} {r['lr']:g}" for m, r in results.items()))
+            res.add(f"![loss curves]({args.name}.png)")
 
 
 if __name__ == "__main__":

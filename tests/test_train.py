@@ -356,3 +356,18 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     assert m["eval_after"]["loss"] < m["eval_before"]["loss"]  # the label words become likely at once
     assert m["trainable_params"] == 30 * 16 * ((576 + 576) + (576 + 192))
     assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
+
+
+def test_validation_split_is_carved_from_training_data_and_never_touches_the_test_split(tiny: Path) -> None:
+    full = train_mod.load_data(str(tiny / "data.jsonl"))
+    carved = train_mod.load_data(str(tiny / "data.jsonl"), val_size=20)
+    test_prompts = {e.prompt for e in full.test}
+    assert 20 <= len(carved.test) < 25 and not test_prompts & {e.prompt for e in carved.test}
+    assert {e.prompt for e in carved.train} | {e.prompt for e in carved.test} == {e.prompt for e in full.train}
+
+
+def test_val_size_runs_score_the_validation_split(tiny: Path, tmp_path: Path) -> None:
+    assert finetune(tiny, tmp_path / "val", "--val-size", "20", "--eval-size", "20", "--steps", "2") == 0
+    m = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    full = train_mod.load_data(str(tiny / "data.jsonl"))
+    assert m["eval_split"] == "validation" and m["eval_examples"] == 20 and m["train_examples"] <= len(full.train) - 20

@@ -131,7 +131,10 @@ class RunConfig:
     max_length: int = 64
     """Max tokens per example (longer prompts lose their start)."""
     eval_size: int = 200
-    """Held-out test examples scored before and after training."""
+    """Held-out examples scored before and after training."""
+    val_size: int = 0
+    """Training examples held out as a validation split (disjoint from the test split); when > 0 the
+    evaluations score it instead of the test split: choose hyper-parameters this way, never on the test split."""
     warmup: int = 10
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -154,9 +157,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
-        for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size"):
             value = getattr(self, name)
-            low = 0 if name in ("steps", "warmup", "save_every") else 1
+            low = 0 if name in ("steps", "warmup", "save_every", "val_size") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise PissaError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:

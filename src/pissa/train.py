@@ -125,11 +125,22 @@ class Session:
         return sum(len(self.label_ids[e.label]) for e in items), len(items)
 
 
-def load_data(name: str, seed: int = 0) -> data_mod.Dataset:
-    """The dataset with a held-out test split of min(1000, 20%) examples (at least 1)."""
+VAL_SEED = 1
+"""Seed of the validation carve's hash (the test split's is 0): a different, independent order."""
+
+
+def load_data(name: str, val_size: int = 0) -> data_mod.Dataset:
+    """The dataset with a held-out test split of min(1000, 20%) examples (at least 1).
+
+    ``val_size > 0``: the training split loses about ``val_size`` more examples (chosen by a hash
+    of the prompt with :data:`VAL_SEED`, so repeated prompts never straddle the cut) and the
+    returned ``test`` is that validation split; the real test split is not returned at all.
+    """
     full = data_mod.load_dataset(name, test_size=0)
     test_size = max(1, min(MAX_TEST, len(full.train) // 5))
-    train, test = data_mod.split(full.train, test_size=test_size, seed=seed, name=name)
+    train, test = data_mod.split(full.train, test_size=test_size, seed=0, name=name)
+    if val_size:
+        train, test = data_mod.split(train, test_size=val_size, seed=VAL_SEED, name=name)
     return data_mod.Dataset(name=name, train=train, test=test, labels=full.labels)
 
 
@@ -144,7 +155,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
                          "each process takes a share of every micro-batch")
     torch.set_num_threads(cfg.threads)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data)
+    dataset = load_data(cfg.data, cfg.val_size)
     if kind == "seq-cls" and dataset.labels is None:
         raise PissaError(f"{cfg.model} is a sequence classifier: it needs labelled data (text,label columns), "
                          f"but {cfg.data} has prompt,completion")
@@ -395,6 +406,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "seed": cfg.seed,
         "train_examples": len(session.train),
         "eval_examples": len(session.test),
+        "eval_split": "validation" if cfg.val_size else "test",
         "accuracy_kind": "label" if session.dataset.labels is not None else "token",
         "tokens": progress.tokens,
     }

@@ -1,0 +1,40 @@
+"""Runs of the learning-rate sweeps, cached in a work folder so an interrupted benchmark resumes.
+
+A sweep run is scored on a validation split carved from the training data
+(``RunConfig.val_size``, :func:`pissa.train.load_data`): it trains on the training data minus
+that split and evaluates on it, never reading the test split. The runs that report test metrics
+(each method at its chosen rate) are ordinary runs (``val_size=0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pissa.config import RunConfig
+from pissa.train import VAL_SEED, run
+
+__all__ = ["VAL_SEED", "run_cached"]
+
+
+def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> dict[str, Any]:
+    """One ``pissa.train.run`` into ``workdir``, or its metrics when a finished run with the same
+    config is there already.
+
+    ``val_size``: train on the training data minus a validation split of that size and score it
+    whole (``eval_before`` / ``eval_after`` are then validation metrics, ``eval_split`` says so);
+    None: the ordinary run (test metrics on ``cfg.eval_size`` test examples).
+    """
+    if val_size is not None:
+        cfg = dataclasses.replace(cfg, val_size=val_size, eval_size=val_size)
+    record = json.loads(json.dumps({"config": cfg.to_dict()}))
+    metrics_file, record_file = workdir / "metrics.json", workdir / "benchmark-run.json"
+    if metrics_file.is_file() and record_file.is_file() and json.loads(record_file.read_text()) == record:
+        return json.loads(metrics_file.read_text())
+    record_file.unlink(missing_ok=True)
+    metrics = run(cfg, workdir, show=False)
+    assert metrics["eval_split"] == ("validation" if val_size else "test")
+    record_file.write_text(json.dumps(record, indent=2))
+    return metrics

@@ -1,0 +1,185 @@
+"""The benchmarks' results: the README quotes them verbatim, and one writer produces them whole."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+
+
+def _load_results_module():
+    spec = importlib.util.spec_from_file_location("_bench_results", BENCHMARKS / "_results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- markdown tables -----------------------------------------------------------------------------
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _is_rule(line: str) -> bool:
+    return all(re.fullmatch(r":?-{3,}:?", c) for c in _cells(line))
+
+
+def tables(lines: list[str]) -> list[tuple[int, list[str], list[list[str]]]]:
+    """Every markdown table in ``lines``: (index of its header line, header cells, data rows' cells)."""
+    found, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|") and _is_rule(lines[i + 1]):
+            start, header, rows = i, _cells(lines[i]), []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(_cells(lines[i]))
+                i += 1
+            found.append((start, header, rows))
+        else:
+            i += 1
+    return found
+
+
+def section(text: str, heading: str) -> list[str]:
+    """The lines of the ``## heading`` section (up to the next heading of level 2 or 1)."""
+    lines = text.splitlines()
+    if heading not in lines:
+        return []
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if re.match(r"#{1,2} ", lines[i])), len(lines))
+    return lines[start:end]
+
+
+def readme_init_speed_tables() -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """(results file, header, rows, setup lines) of each table in the README's init-speed section.
+
+    A table quotes the results file that the text since the previous table links to
+    (``benchmarks/results/NAME.md``), else ``init_speed.md``; setup lines are the lines of that
+    text that start with "Model " (the run's model, rank, threads and repeats, as the results file states them).
+    """
+    lines = section((REPO / "README.md").read_text(), "## Init speed and exactness")
+    out, prev_end = [], 0
+    for start, header, rows in tables(lines):
+        before = lines[prev_end:start]
+        links = re.findall(r"benchmarks/results/(init_speed[\w-]*\.md)", "\n".join(before))
+        setup = [line for line in before if line.startswith("Model ")]
+        out.append((links[-1] if links else "init_speed.md", header, rows, setup))
+        prev_end = start + 2 + len(rows)
+    return out
+
+
+def test_readme_has_init_speed_tables():
+    quoted = readme_init_speed_tables()
+    assert quoted, "the README's init-speed section has no table"
+    assert all(header[0] == "init" for _, header, _, _ in quoted)
+
+
+@pytest.mark.parametrize("index", range(len(readme_init_speed_tables())))
+def test_readme_init_speed_table_matches_results(index):
+    """The README's init-speed tables are copies of the tables in benchmarks/results/ (re-run, then copy)."""
+    source, header, rows, setup = readme_init_speed_tables()[index]
+    path = RESULTS / source
+    assert path.is_file(), f"README quotes {path.relative_to(REPO)}, which does not exist"
+    text = path.read_text()
+    for line in setup:
+        assert line in text.splitlines(), f"README says {line!r}; {path.relative_to(REPO)} does not"
+    candidates = [(h, r) for _, h, r in tables(text.splitlines()) if h == header]
+    assert candidates, f"{path.relative_to(REPO)} has no table with the README's columns {header}"
+    assert any(r == rows for _, r in candidates), (
+        f"README's init-speed table differs from {path.relative_to(REPO)}:\nREADME: {rows}\nresults: {[r for _, r in candidates]}"
+    )
+
+
+# --- the shared writer -----------------------------------------------------------------------------
+
+
+def test_writer_records_the_run(tmp_path):
+    res_mod = _load_results_module()
+    dest = tmp_path / "demo.md"
+    argv = [str(BENCHMARKS / "demo.py"), "--rank", "16", "--name", "it's"]
+    with res_mod.Results("demo", "A demo", dest=dest, argv=argv, env={"OMP_NUM_THREADS": "1"}) as res:
+        res.add("Some text.")
+        res.table(["a", "b"], [[1, "x|y"]], align="lr")
+        assert not dest.exists()  # nothing before the end
+    text = dest.read_text()
+    assert text.startswith("# A demo\n")
+    assert "Command: `OMP_NUM_THREADS=1 python benchmarks/demo.py --rank 16 --name 'it'\"'\"'s'`" in text
+    commit = re.search(r"Commit: (\S+)", text).group(1)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", commit)
+    load = re.search(r"Load average \(1, 5, 15 min\): ([\d.]+), ([\d.]+), ([\d.]+) at the start; "
+                     r"([\d.]+), ([\d.]+), ([\d.]+) at the end", text)
+    assert load, text
+    assert f"{os.cpu_count()} logical CPUs" in text and "usable by this process" in text
+    assert "torch threads" in text and "Versions: python " in text and "torch " in text
+    assert "| a | b |\n|:---|---:|\n| 1 | x\\|y |" in text
+    assert "Some text." in text
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left over
+
+
+def test_writer_writes_nothing_when_the_script_fails(tmp_path):
+    res_mod = _load_results_module()
+    dest = tmp_path / "demo.md"
+    with pytest.raises(RuntimeError, match="boom"):
+        with res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"]) as res:
+            res.add("half of it")
+            res.artifact("demo.png").write_bytes(b"png")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    dest.write_text("the previous results\n")  # an earlier file stays as it was
+    with pytest.raises(RuntimeError):
+        with res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"]):
+            raise RuntimeError("boom")
+    assert dest.read_text() == "the previous results\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.md"]
+
+
+def test_writer_moves_artifacts_next_to_the_file(tmp_path):
+    res_mod = _load_results_module()
+    with res_mod.Results("demo", "A demo", dest=tmp_path / "demo.md", argv=["benchmarks/demo.py"]) as res:
+        res.artifact("demo.png").write_bytes(b"png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.md", "demo.png"]
+
+
+def test_writer_destinations():
+    res_mod = _load_results_module()
+    assert res_mod.results_path("init_speed", update=False) == REPO / "bench_out" / "init_speed.md"
+    assert res_mod.results_path("init_speed_r64", update=True) == RESULTS / "init_speed_r64.md"
+    with pytest.raises(ValueError):
+        res_mod.results_path("../README", update=True)
+    assert "/bench_out/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_paired_ratios():
+    res_mod = _load_results_module()
+    row = res_mod.paired_row("a / b", [1.0, 3.0, 2.0], [2.0, 2.0, 4.0])
+    assert row == ["a / b", "3", "0.50x", "0.50x", "1.50x", "2 of 3"]
+
+
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_describe_no_machine_by_hand(script):
+    """Machine descriptions come from the writer's measurements, never from a script's text."""
+    text = script.read_text()
+    for phrase in ("2-core", "2 cores", "shared CPU", "shared, loaded", "heavily loaded", "shared with other jobs", "load average ~"):
+        assert phrase not in text, f"{script.name} describes the machine by hand: {phrase!r}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_write_through_the_shared_writer(script):
+    """Every script takes --update-results / --name and writes its results file through benchmarks/_results.py."""
+    text = script.read_text()
+    assert "add_results_options(" in text and "Results.from_args(" in text, f"{script.name} bypasses benchmarks/_results.py"
+    assert "atomic_write_text" not in text and 'add_argument("--out"' not in text
