@@ -31,6 +31,7 @@ in the same step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -41,9 +42,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -124,10 +126,8 @@ def command_line(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     argv = list(sys.argv if argv is None else argv)
     env = os.environ if env is None else env
     script = argv[0] if argv else "?"
-    try:
+    with contextlib.suppress(ValueError):  # outside the repository: as given
         script = str(Path(script).resolve().relative_to(REPO))
-    except ValueError:
-        pass
     prefix = [f"{k}={shlex.quote(env[k])}" for k in THREAD_ENV if k in env]
     return " ".join([*prefix, "python", shlex.join([script, *argv[1:]])])
 
@@ -248,7 +248,7 @@ class Results:
         self.written = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, title: str, **kwargs: Any) -> "Results":
+    def from_args(cls, args: argparse.Namespace, title: str, **kwargs: Any) -> Results:
         """From :func:`add_results_options`'s ``--name`` / ``--update-results``."""
         return cls(args.name, title, update=args.update_results, **kwargs)
 
@@ -322,7 +322,7 @@ class Results:
             shutil.rmtree(self._stage, ignore_errors=True)
             self._stage = None
 
-    def __enter__(self) -> "Results":
+    def __enter__(self) -> Results:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -25,11 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pissa.report import plot_losses, write_report
-from pissa.config import AdapterConfig, RunConfig
-
 from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
+from pissa.config import AdapterConfig, RunConfig
+from pissa.report import plot_losses, write_report
 
 SWEEP_WINDOW = 10
 
@@ -92,11 +91,16 @@ def main() -> None:
             res.add("Validation accuracy after training:")
             res.table(header, grid(lambda m: f"{m['eval_after']['accuracy']:.3f}"))
             res.add(f"Mean training loss (completion tokens) of the last {SWEEP_WINDOW} steps (not used for the choice):")
-            res.table(header, grid(lambda m: f"{sum(x for _, x in m['train_loss'][-SWEEP_WINDOW:]) / len(m['train_loss'][-SWEEP_WINDOW:]):.4f}"))
+            def last_mean(m) -> str:
+                tail = m["train_loss"][-SWEEP_WINDOW:]
+                return f"{sum(x for _, x in tail) / len(tail):.4f}"
+
+            res.table(header, grid(last_mean))
         if not args.skip_final:
             results = {}
             for method in methods:
-                results[method] = run_cached(config(method, best[method], args.steps), work / f"final-{method}-lr{'default' if best[method] is None else format(best[method], 'g')}")
+                lr_tag = "default" if best[method] is None else format(best[method], "g")
+                results[method] = run_cached(config(method, best[method], args.steps), work / f"final-{method}-lr{lr_tag}")
             chosen = ("the learning rate chosen on validation data (above)" if not args.skip_sweep
                       else "its default learning rate (pissa.METHODS[name].default_lr)")
             res.heading("Final comparison")

@@ -28,11 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pissa.intruders import load_layers, max_cosines
-from pissa.config import AdapterConfig, RunConfig
-
 from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
+from pissa.config import AdapterConfig, RunConfig
+from pissa.intruders import load_layers, max_cosines
 
 METHODS = "pissa,lora,milora,olora,svfit,lora-xs,sorsa"
 CORE_ONLY = {"svfit", "lora-xs"}

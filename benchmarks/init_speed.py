@@ -30,11 +30,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import pissa
+from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 from pissa.hub import load_model
 from pissa.model import find_targets
 from pissa.modules import dense_weight
-
-from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 
 PISSA = "pissa.attach (block Krylov, default)"
 NITER4 = "PEFT pissa_niter_4"

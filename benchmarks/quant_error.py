@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from _results import Results, add_results_options
 from pissa.nf4 import require_bnb
 from pissa.quant_error import layer_ratios, markdown_table, method_names, model_weights, summarize
-
-from _results import Results, add_results_options
 
 
 def main() -> None:

@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import pissa
+from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 from pissa.hub import load_model
 from pissa.nf4 import NF4Linear
-
-from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 
 
 def paired_ms(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
@@ -60,21 +59,21 @@ def layer_rows(shapes: list[tuple[int, int]], tokens: int, repeats: int) -> tupl
             layers = {f"dense {name}": dense, f"nf4 ({name} compute)": NF4Linear(W.to(dtype))}
             x = torch.randn(tokens, in_f, dtype=dtype, requires_grad=True)
 
-            def forward(layer: nn.Module) -> Callable[[], None]:
+            def forward(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
                 def fn() -> None:
                     with torch.no_grad():
                         layer(x)
                 return fn
 
-            def forward_backward(layer: nn.Module) -> Callable[[], None]:
+            def forward_backward(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
                 def fn() -> None:
                     layer(x).sum().backward()
                     x.grad = None
                 return fn
 
             (d_label, d_layer), (q_label, q_layer) = layers.items()
-            d_fwd, q_fwd = paired_ms(forward(d_layer), forward(q_layer), repeats)
-            d_bwd, q_bwd = paired_ms(forward_backward(d_layer), forward_backward(q_layer), repeats)
+            d_fwd, q_fwd = paired_ms(forward(d_layer, x), forward(q_layer, x), repeats)
+            d_bwd, q_bwd = paired_ms(forward_backward(d_layer, x), forward_backward(q_layer, x), repeats)
             for label, layer, fwd, bwd in ((d_label, d_layer, d_fwd, d_bwd), (q_label, q_layer, q_fwd, q_bwd)):
                 size = module_bytes(layer)
                 rows.append([f"{out_f}x{in_f}", label, f"{size / 2**20:.2f}", f"{8 * size / (out_f * in_f):.2f}",

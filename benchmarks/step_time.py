@@ -30,12 +30,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import pissa
+from _results import PAIRED_HEADER, Results, add_results_options, paired_row
+from pissa.config import AdapterConfig, RunConfig
 from pissa.hub import load_model
 from pissa.objective import Batch, collate, encode_all, loss_sum
-from pissa.config import AdapterConfig, RunConfig
 from pissa.train import load_data, make_optimizer, step_indices, train_step
-
-from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 
 VARIANTS = ("pissa (ours)", "peft lora", "peft pissa")
 

@@ -129,17 +129,16 @@ def test_writer_records_the_run(tmp_path):
 def test_writer_writes_nothing_when_the_script_fails(tmp_path):
     res_mod = _load_results_module()
     dest = tmp_path / "demo.md"
-    with pytest.raises(RuntimeError, match="boom"):
-        with res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"]) as res:
-            res.add("half of it")
-            res.artifact("demo.png").write_bytes(b"png")
-            raise RuntimeError("boom")
+    results = res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"])
+    with pytest.raises(RuntimeError, match="boom"), results as res:
+        res.add("half of it")
+        res.artifact("demo.png").write_bytes(b"png")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
     dest.write_text("the previous results\n")  # an earlier file stays as it was
-    with pytest.raises(RuntimeError):
-        with res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"]):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), res_mod.Results("demo", "A demo", dest=dest, argv=["benchmarks/demo.py"]):
+        raise RuntimeError("boom")
     assert dest.read_text() == "the previous results\n"
     assert [p.name for p in tmp_path.iterdir()] == ["demo.md"]
 
@@ -173,7 +172,8 @@ SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"
 def test_scripts_describe_no_machine_by_hand(script):
     """Machine descriptions come from the writer's measurements, never from a script's text."""
     text = script.read_text()
-    for phrase in ("2-core", "2 cores", "shared CPU", "shared, loaded", "heavily loaded", "shared with other jobs", "load average ~"):
+    phrases = ("2-core", "2 cores", "shared CPU", "shared, loaded", "heavily loaded", "shared with other jobs", "load average ~")
+    for phrase in phrases:
         assert phrase not in text, f"{script.name} describes the machine by hand: {phrase!r}"
 
 

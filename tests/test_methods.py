@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps, decaying
+from conftest import TOKENS, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.decompose import InitOptions, init_structured
 
 FAMILY = sorted(pissa.METHODS)
@@ -189,7 +189,8 @@ def smollm2_q():
     from pissa.hub import load_model
 
     model, tok = load_model("smollm2")
-    ids = tok(["The movie was a delight from start to finish.", "Dull, slow and far too long."], return_tensors="pt", padding=True)
+    texts = ["The movie was a delight from start to finish.", "Dull, slow and far too long."]
+    ids = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         before = model(**ids).logits
     return model.eval(), ids, before

@@ -116,7 +116,7 @@ def test_attach_holds_a_4bit_residual_and_stays_close_to_the_base() -> None:
     model = tiny_llama()
     before = logits(model)
     pissa.attach(model, pissa.AdapterConfig(rank=4, quantize="nf4"))
-    for name, layer in pissa.adapted_layers(model):
+    for _, layer in pissa.adapted_layers(model):
         res = layer.residual
         assert isinstance(res, nf4_mod.NF4Linear) and layer.weight.dtype == torch.uint8
         stored = sum(b.numel() * b.element_size() for b in res.buffers())
@@ -238,7 +238,8 @@ def test_adapter_without_residual_factors_still_loads(tmp_path) -> None:
     loaded = pissa.load_adapter(copy.deepcopy(base), tmp_path / "a")
     for name, layer in pissa.adapted_layers(loaded):
         W = base.get_submodule(name).weight.detach()
-        assert layer.Ar is None and torch.equal(layer.residual.dequantized(), nf4_mod.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)))
+        assert layer.Ar is None
+        assert torch.equal(layer.residual.dequantized(), nf4_mod.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)))
 
 
 def test_export_peft_warns_that_the_lora_applies_to_the_unquantized_base(tmp_path) -> None:
@@ -259,7 +260,8 @@ def test_already_quantized_base_is_refused() -> None:
 
     model = mlp()
     model[0] = bnb.nn.Linear4bit(24, 48, quant_type="nf4").to("cpu")
-    with pytest.raises(pissa.PissaError, match="torch.uint8, which cannot be decomposed.*already-quantized model must be loaded unquantized"):
+    match = "torch.uint8, which cannot be decomposed.*already-quantized model must be loaded unquantized"
+    with pytest.raises(pissa.PissaError, match=match):
         pissa.attach(model, pissa.AdapterConfig(rank=2, quantize="nf4"))
     assert not list(pissa.adapted_layers(model))
 

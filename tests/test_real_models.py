@@ -33,7 +33,8 @@ def minilm():
 
 def test_smollm2_outputs_unchanged_and_residual_near_optimal(smollm2) -> None:
     base, tok = smollm2
-    ids = tok(["The movie was a delight from start to finish.", "Dull, slow and far too long."], return_tensors="pt", padding=True)
+    texts = ["The movie was a delight from start to finish.", "Dull, slow and far too long."]
+    ids = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         before = base(**ids).logits
     model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=16))
@@ -48,7 +49,7 @@ def test_smollm2_outputs_unchanged_and_residual_near_optimal(smollm2) -> None:
         optimal = torch.linalg.svdvals(W)[16:].pow(2).sum().sqrt()
         residual = dense_weight(layers[name].residual).double().norm()
         assert residual <= 1.001 * optimal, name
-    expected = sum(16 * (l.in_features + l.out_features) for l in layers.values())
+    expected = sum(16 * (layer.in_features + layer.out_features) for layer in layers.values())
     assert pissa.trainable_parameters(model) == expected
 
 

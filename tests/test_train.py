@@ -20,9 +20,9 @@ from pissa.data import Example
 from pissa.objective import collate, encode, evaluate
 from pissa.train import RunConfig, lr_at, step_indices
 
-POS = "great good fun moving brilliant lovely".split()
-NEG = "bad dull boring awful tedious weak".split()
-FILL = "the movie film plot actors story was is and a of".split()
+POS = ["great", "good", "fun", "moving", "brilliant", "lovely"]
+NEG = ["bad", "dull", "boring", "awful", "tedious", "weak"]
+FILL = ["the", "movie", "film", "plot", "actors", "story", "was", "is", "and", "a", "of"]
 METRIC_KEYS = {"method", "model", "data", "rank", "steps", "lr", "train_loss", "eval_before", "eval_after",
                "trainable_params", "seconds"}
 
@@ -135,13 +135,14 @@ def test_label_scoring_matches_brute_force(tiny: Path, labels: list[str]) -> Non
 
     tok = AutoTokenizer.from_pretrained(tiny / "llama")
     model = AutoModelForCausalLM.from_pretrained(tiny / "llama")
-    examples = [Example(f"Text: {r['text']}\nLabel:", labels[i % 2], labels[i % 2].strip()) for i, r in enumerate(sentiment_rows(6))]
+    rows = sentiment_rows(6)
+    examples = [Example(f"Text: {r['text']}\nLabel:", labels[i % 2], labels[i % 2].strip()) for i, r in enumerate(rows)]
     items = [encode(tok, e, labels, "causal-lm", 64) for e in examples]
     label_ids = [tok(label, add_special_tokens=False)["input_ids"] for label in labels]
     got = evaluate(model, items, labels, label_ids, "causal-lm", tok.pad_token_id, batch_size=4)
     scores, nll, n = [], 0.0, 0
     with torch.no_grad():
-        for e, item in zip(examples, items):
+        for item in items:
             prompt = list(item.ids[: item.n_prompt])
             row = []
             for ids in label_ids:
@@ -164,7 +165,7 @@ def test_finetune_lowers_the_loss_and_writes_the_outputs(tiny: Path, tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "loss.png", "metrics.json"]
     assert not (tmp_path / "run.partial").exists()
     m = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(m)
+    assert set(m) >= METRIC_KEYS
     assert m["method"] == "pissa" and m["rank"] == 4 and m["steps"] == 30 and m["lr"] == 1e-2
     assert [s for s, _ in m["train_loss"]] == list(range(1, 31))
     for key in ("eval_before", "eval_after"):

@@ -7,13 +7,15 @@ generated from the config class (:mod:`pissa.options`).
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import intruders, options, quant_error
 from .config import IntrudersConfig, QuantErrorConfig, SpectrumConfig
 
 ANALYSES: dict[str, tuple[Callable[[Any], int], type, str]] = {
-    "spectrum": (intruders.spectrum, SpectrumConfig, "singular values of adapted layers before and after fine-tuning (table + PNG)"),
+    "spectrum": (intruders.spectrum, SpectrumConfig,
+                 "singular values of adapted layers before and after fine-tuning (table + PNG)"),
     "intruders": (intruders.intruders, IntrudersConfig, "intruder dimensions per layer of a fine-tuned adapter (table + PNG)"),
     "quant-error": (quant_error.quant_error, QuantErrorConfig,
                     "NF4 quantization error reduction of QPiSSA vs LoftQ vs QLoRA per projection (table + PNG)"),

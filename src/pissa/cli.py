@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import analyze, hub, io, options, stream, train
 from .config import ExportConfig
 from .errors import PissaError
-from .model import merge
 
 Command = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int] | None]
 

@@ -3,14 +3,14 @@
 :class:`AdapterConfig` is how an adapter is made; :class:`RunConfig` a fine-tuning run (it holds
 an AdapterConfig); the other classes are the remaining commands' options. Each field's docstring
 is its ``--help`` text (:mod:`pissa.options` generates the command line from these classes).
-""" 
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,8 @@ class AdapterConfig:
     quantize: Literal["nf4"] | None = None
     """None, or "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA)."""
     quant_iters: int = 5
-    """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A, then B A = rank-r SVD of W - nf4(W - B A)."""
+    """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A,
+    then B A = rank-r SVD of W - nf4(W - B A)."""
     seed: int = 0
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: SVDMethod = "krylov"
@@ -94,7 +95,7 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -219,9 +220,11 @@ class Launch:
     resume: bool = False
     """Continue the interrupted run in OUT.partial; an option that differs from the interrupted run's is refused."""
     nproc: int = 1
-    """Data-parallel processes on this machine (relaunches under torchrun; gloo on the CPU, NCCL on GPUs); the cores are split between them."""
+    """Data-parallel processes on this machine (relaunches under torchrun; gloo on the CPU, NCCL on GPUs);
+    the cores are split between them."""
     config: str | None = None
-    """A run configuration file (.yaml or .json, e.g. the OUT/config.yaml a run wrote); options given on the command line override it."""
+    """A run configuration file (.yaml or .json, e.g. the OUT/config.yaml a run wrote);
+    options given on the command line override it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.nproc, int) or self.nproc < 1:

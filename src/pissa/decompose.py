@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +49,9 @@ def layer_seed(seed: int, name: str) -> int:
 
 InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
 """``init(W (L, out, in), r, opt) -> (A (L, r, in), B (L, out, r))`` or :class:`~pissa.factors.Factors`."""
+
+BatchInitFn = Callable[[Batch, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
+"""The init of a :attr:`Method.svd_only` method: it also takes W as any :data:`~pissa.svd.Batch`."""
 
 
 def pissa_init(W: Batch, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
@@ -214,4 +218,6 @@ def init_structured(W: Batch, rank: int, method: str, opt: InitOptions) -> Facto
     """Run the registered method on a batch of ``(out, in)`` weights; its factors are in float32
     (float64 for float64 weights). Methods that are not :attr:`Method.svd_only` get W stacked in that dtype."""
     m = get_method(method)
-    return as_factors(m.init(W if m.svd_only else stack(W, compute_dtype(W[0].dtype)), rank, opt))
+    if m.svd_only:  # its init reads W only through InitOptions.top_svd, which takes any Batch
+        return as_factors(cast(BatchInitFn, m.init)(W, rank, opt))
+    return as_factors(m.init(stack(W, compute_dtype(W[0].dtype)), rank, opt))

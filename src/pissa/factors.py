@@ -42,7 +42,7 @@ class Factors:
     Ar: Tensor | None = None
     Br: Tensor | None = None
 
-    def layer(self, i: int) -> "Factors":
+    def layer(self, i: int) -> Factors:
         """Matrix ``i`` of a batch."""
         core, Ar, Br = (None if t is None else t[i] for t in (self.core, self.Ar, self.Br))
         return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core, Ar=Ar, Br=Br)
@@ -55,7 +55,7 @@ class Factors:
         """``(A, B @ core)``: two factors with the same product."""
         return self.A, fold_core(self.B, self.core)
 
-    def scaled(self, scaling: float) -> "Factors":
+    def scaled(self, scaling: float) -> Factors:
         """Initial factors for an update scaled by ``s``: ``s * B0 @ core0 @ A0 == B @ core @ A``.
 
         Without a core A and B are divided by ``sqrt(s)`` (balanced, as PiSSA's sqrt(S) split);
@@ -68,7 +68,7 @@ class Factors:
             return dataclasses.replace(self, core=self.core / scaling, Ar=Ar, Br=Br)
         return dataclasses.replace(self, A=self.A / root, B=self.B / root, Ar=Ar, Br=Br)
 
-    def to(self, dtype: torch.dtype) -> "Factors":
+    def to(self, dtype: torch.dtype) -> Factors:
         core, Ar, Br = (None if t is None else t.to(dtype) for t in (self.core, self.Ar, self.Br))
         return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core, Ar=Ar, Br=Br)
 
@@ -80,7 +80,7 @@ def fold_core(B: Tensor, core: Tensor | None) -> Tensor:
     return B * core.unsqueeze(-2) if core.dim() == B.dim() - 1 else B @ core
 
 
-def as_factors(result: "tuple[Tensor, Tensor] | Factors") -> Factors:
+def as_factors(result: tuple[Tensor, Tensor] | Factors) -> Factors:
     """An init function's result as :class:`Factors` (a plain ``(A, B)`` pair: both train)."""
     return result if isinstance(result, Factors) else Factors(A=result[0], B=result[1])
 

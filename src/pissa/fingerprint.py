@@ -20,7 +20,7 @@ def weight_digest(W: Tensor) -> str:
     t = W.detach().contiguous().cpu()
     h = xxhash.xxh3_128(f"{t.dtype}:{tuple(t.shape)}:".encode())
     if t.numel():
-        h.update(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        h.update(t.view(-1).view(torch.uint8).numpy().data)  # the array's bytes as a memoryview
     return h.hexdigest()
 
 

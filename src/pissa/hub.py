@@ -21,6 +21,7 @@ old), and concurrent creators need no lock: the first rename wins, the others di
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -263,10 +264,8 @@ def _publish(tmp: Path, final: Path) -> None:
     """Rename the finished ``tmp`` folder to ``final``; losing a race to another creator is fine."""
     if final.exists() and not _is_complete(final):  # incomplete (never made by us): move aside, delete
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.trash-", dir=final.parent))
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another creator moved it first
             os.replace(final, trash)  # replaces the empty trash folder
-        except FileNotFoundError:  # another creator moved it first
-            pass
         shutil.rmtree(trash, ignore_errors=True)
     try:
         os.replace(tmp, final)

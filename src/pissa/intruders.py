@@ -25,9 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import hub
+from .config import IntrudersConfig, SpectrumConfig
 from .decompose import METHODS
 from .errors import PissaError
-from .config import IntrudersConfig, SpectrumConfig
 from .io import atomic_dir, load_adapter, peft_factors, read_adapter, recorded_base
 from .model import _matches, adapted_layers
 from .modules import dense_weight
@@ -70,7 +70,8 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
     if patterns:
         names = [n for n in names if any(_matches(n, p) for p in patterns)]
         if not names:
-            raise PissaError(f"--layers {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers (e.g. {next(iter(doc['layers']))})")
+            raise PissaError(f"--layers {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers "
+                             f"(e.g. {next(iter(doc['layers']))})")
     model_name, kind, num_labels = recorded_base(adapter, model_name, kind)
     kind = hub.resolve_kind(model_name, kind)
     model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
@@ -86,7 +87,7 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
 
 def _table(header: list[str], rows: list[list]) -> str:
     """A markdown table; floats with 4 significant digits."""
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -138,7 +139,8 @@ def spectrum(args: SpectrumConfig) -> int:
         ax.set_xlabel("index")
     axes[0][0].set_ylabel("singular value")
     axes[0][0].legend()
-    _write(args.out, {"spectrum.md": md, "spectrum.csv": _csv(["layer", "index", "before", "after"], csv_rows)}, fig, "spectrum.png")
+    csv_text = _csv(["layer", "index", "before", "after"], csv_rows)
+    _write(args.out, {"spectrum.md": md, "spectrum.csv": csv_text}, fig, "spectrum.png")
     plt.close(fig)
     print(md, end="")
     print(f"wrote {args.out}/spectrum.md, spectrum.csv, spectrum.png")

@@ -16,7 +16,8 @@ A layer's entry in "layers" also records ``train`` (its trainable parts) and ``o
 The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
 base weights (the same :func:`~pissa.decompose.residual_of` as at attach), so no residual
 model needs to be stored; a QPiSSA layer rebuilds its 4-bit residual ``nf4(W - s * Br @ Ar)``
-from its residual factors instead (files without them load as before). No pickle anywhere; every file and directory appears atomically.
+from its residual factors instead (files without them load as before). No pickle anywhere; every
+file and directory appears atomically.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,12 +39,12 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .decompose import METHODS
-from .factors import Factors, fold_core
 from .errors import PissaError
+from .factors import Factors, fold_core
 from .fingerprint import model_fingerprint, weight_digest
-from .modules import dense_weight, is_adaptable, is_conv1d
 from .layer import PissaLinear
 from .model import adapted_layers, rebuild
+from .modules import dense_weight, is_adaptable, is_conv1d, native_weight
 
 FORMAT = "pissa-adapter"
 VERSION = 2
@@ -202,7 +204,8 @@ def read_adapter_doc(path: str | os.PathLike) -> dict[str, Any]:
     """The validated config document (``CONFIG_FILE``) of an adapter directory."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
-        raise PissaError(f"{path} is not a pissa adapter directory (needs {CONFIG_FILE} and {TENSORS_FILE}); pass the folder save_adapter wrote")
+        raise PissaError(f"{path} is not a pissa adapter directory (needs {CONFIG_FILE} and {TENSORS_FILE}); "
+                         "pass the folder save_adapter wrote")
     try:
         doc = json.loads((path / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
@@ -261,7 +264,7 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         W = dense_weight(module) if is_adaptable(module) else None
         if W is None or tuple(W.shape) != (meta["out"], meta["in"]):
             raise PissaError(f"adapter at {path} was made for another model: layer {name!r} has a different type or shape")
-        digest = weight_digest(module.weight)
+        digest = weight_digest(native_weight(module))
         if digest == meta["residual_digest"]:
             residual_ready.add(name)
         elif digest != meta["base_digest"]:
@@ -319,7 +322,8 @@ def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[T
     """
     core = None if layer.lora_core is None else layer.lora_core.detach().float()
     A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
-    A0, B0, core0 = (None if t is None else t.float() for t in layer.residual_factors())
+    A0, B0, core0 = layer.residual_factors()
+    A0, B0, core0 = A0.float(), B0.float(), None if core0 is None else core0.float()
     BC0 = fold_core(B0, core0)
     if export_rank == "2r":
         return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)

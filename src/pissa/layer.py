@@ -27,12 +27,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factors import Part, fold_core
-from .modules import dense_weight, set_dense_weight
+from .modules import dense_weight, native_weight, set_dense_weight
 from .nf4 import NF4Linear
 
 
 class PissaLinear(nn.Module):
     """A frozen residual layer plus ``scaling * B @ [core @] A``; see the module docstring for the formula."""
+
+    # buffers (registered in __init__) and the digest attach sets: declared for type checkers
+    A0: Tensor
+    B0: Tensor
+    core0: Tensor | None
+    Ar: Tensor | None
+    Br: Tensor | None
+    base_digest: str
+    """:func:`~pissa.fingerprint.weight_digest` of the base layer's weight (set by attach / load_adapter)."""
 
     def __init__(
         self,
@@ -67,7 +76,9 @@ class PissaLinear(nn.Module):
 
     def factor(self, part: Part) -> nn.Parameter:
         """The parameter of part "A", "B" or "core"."""
-        return {"A": self.lora_A, "B": self.lora_B, "core": self.lora_core}[part]
+        p = {"A": self.lora_A, "B": self.lora_B, "core": self.lora_core}[part]
+        assert p is not None, f"this layer has no {part!r} factor"  # only "core" can be missing
+        return p
 
     @property
     def rank(self) -> int:
@@ -84,7 +95,7 @@ class PissaLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The residual's (native-layout) weight, for code that inspects ``layer.weight.dtype``/device."""
-        return self.residual.weight
+        return native_weight(self.residual)
 
     def residual_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(A, B, core)`` whose scaled product the residual subtracts from W: ``(Ar, Br, None)`` or ``(A0, B0, core0)``."""

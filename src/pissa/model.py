@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 
 import torch
 from torch import Tensor, nn
@@ -17,12 +18,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
-from .decompose import Decomposition, InitOptions, check_weight, get_method, init_structured, layer_seed
+from .decompose import Decomposition, InitOptions, check_weight, init_structured, layer_seed
 from .errors import PissaError
 from .factors import Factors, as_factors, orthonormality, residual_of
 from .fingerprint import weight_digest
 from .layer import PissaLinear
-from .modules import dense_weight, is_adaptable, set_dense_weight
+from .modules import dense_weight, is_adaptable, native_weight, set_dense_weight
 from .nf4 import check_quantizable, nf4, quantize_residual
 from .qpissa import refine
 from .svd import Batch, compute_dtype, stack
@@ -134,7 +135,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     for batch, factors in distributed.shared_map(batches, factorize, costs):
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
-            _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, weight_digest(modules[n].weight)))
+            _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, weight_digest(native_weight(modules[n]))))
             bar.update(1)
     bar.close()
     return _freeze_base(model, cfg)
@@ -149,7 +150,8 @@ def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int]) -> Factors:
     if cfg.quantize is None:
         return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
     stacked = stack(W, compute_dtype(W[0].dtype))
-    return refine(stacked, init_structured(stacked, cfg.rank, cfg.method, opt), cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
+    init = init_structured(stacked, cfg.rank, cfg.method, opt)
+    return refine(stacked, init, cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
 
 
 def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, **options) -> Decomposition:
@@ -206,7 +208,9 @@ def _make_layer(
 
 
 def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str) -> PissaLinear:
-    layer = PissaLinear(residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal, init.Ar, init.Br)
+    layer = PissaLinear(
+        residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal, init.Ar, init.Br
+    )
     layer.base_digest = digest
     return layer
 
@@ -214,9 +218,9 @@ def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str) -
 def rebuild(
     model: nn.Module,
     cfg: AdapterConfig,
-    factors: dict[str, Factors | tuple[Tensor, Tensor]],
-    digests: dict[str, str],
-    residual_ready: set[str] = frozenset(),  # type: ignore[assignment]
+    factors: Mapping[str, Factors | tuple[Tensor, Tensor]],
+    digests: Mapping[str, str],
+    residual_ready: AbstractSet[str] = frozenset(),
 ) -> nn.Module:
     """Adapt ``model`` from known initial factors ``{name: Factors or (A0, B0)}`` (used by load_adapter).
 

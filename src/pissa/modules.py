@@ -16,9 +16,17 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def native_weight(module: nn.Module) -> Tensor:
+    """The weight of a Linear or Conv1D as stored: (out, in), or (in, out) for Conv1D."""
+    W = module.weight
+    assert isinstance(W, Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return W
+
+
 def dense_weight(module: nn.Module) -> Tensor:
     """The (out, in) weight of a Linear or Conv1D (a view, not a copy)."""
-    return module.weight.T if is_conv1d(module) else module.weight
+    W = native_weight(module)
+    return W.T if is_conv1d(module) else W
 
 
 def set_dense_weight(module: nn.Module, W: Tensor) -> None:

@@ -36,7 +36,9 @@ def require_bnb():
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
-        raise PissaError("quantize='nf4' needs bitsandbytes; run: pip install 'bitsandbytes>=0.45' (or pip install 'pissa[quant]')") from None
+        raise PissaError(
+            "quantize='nf4' needs bitsandbytes; run: pip install 'bitsandbytes>=0.45' (or pip install 'pissa[quant]')"
+        ) from None
     return bnb_functional
 
 
@@ -94,12 +96,12 @@ class _NF4MatMul(torch.autograd.Function):
     """``x @ dq(W)^T`` that dequantizes W again in backward instead of keeping it for autograd."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: "NF4Linear") -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, layer: NF4Linear) -> Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantized(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
         return grad @ ctx.layer.dequantized(grad.dtype), None
@@ -116,6 +118,9 @@ class NF4Linear(nn.Module):
     ``source_digest`` is the :func:`~pissa.fingerprint.weight_digest` of the dense residual in the
     base layer's native layout, i.e. of what a residual checkpoint on disk holds.
     """
+
+    codes: Tensor  # buffers, registered in __init__
+    absmax: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, conv1d: bool = False) -> None:
         super().__init__()
@@ -152,7 +157,8 @@ class NF4Linear(nn.Module):
         else:
             dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
             dense.weight = nn.Parameter(W, requires_grad=False)
-        dense.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        dense.register_parameter("bias", bias)  # as ``dense.bias = bias``, which torch types for tensors and modules only
         return dense
 
     def extra_repr(self) -> str:

@@ -18,8 +18,9 @@ a SmolLM2 step for nothing.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,9 @@ def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
-def encode_all(tokenizer, examples: Sequence[Example], labels: Sequence[str] | None, kind: Kind, max_length: int) -> list[Encoded]:
+def encode_all(
+    tokenizer, examples: Sequence[Example], labels: Sequence[str] | None, kind: Kind, max_length: int
+) -> list[Encoded]:
     """Tokenize examples, each at most ``max_length`` tokens.
 
     Causal LM: ``tokenizer(prompt)`` (with the tokenizer's special tokens) followed by

@@ -20,13 +20,15 @@ import ast
 import dataclasses
 import inspect
 import json
+import operator
 import re
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache, reduce
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 from .errors import PissaError
 
@@ -42,7 +44,7 @@ CHOICES = "choices"
 """Field metadata key: the values a text option accepts."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: docstring}`` from the string literals that follow each field in the class bodies of ``cls``'s MRO."""
     docs: dict[str, str] = {}
@@ -55,10 +57,15 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr):
-                if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                    text = " ".join(inspect.cleandoc(after.value.value).split())
-                    docs[node.target.id] = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                text = " ".join(inspect.cleandoc(after.value.value).split())
+                docs[node.target.id] = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
     return docs
 
 
@@ -71,7 +78,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in args:
         rest = tuple(a for a in args if a is not type(None))
-        return (rest[0] if len(rest) == 1 else Union[rest]), True  # type: ignore[return-value]
+        return (rest[0] if len(rest) == 1 else reduce(operator.or_, rest)), True
     return tp, False
 
 

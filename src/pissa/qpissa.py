@@ -22,7 +22,7 @@ The error metric of the paper is in :mod:`pissa.quant_error`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import Tensor
 
@@ -45,7 +45,8 @@ def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterat
 
 
 def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """LoftQ's iterates ``(Q, A, B)`` for t = 1, 2, ...: ``B A`` <- best rank-r of ``W - Q``, then ``Q = nf4(W - B A)``; ``Q`` starts as ``nf4(W)``."""
+    """LoftQ's iterates ``(Q, A, B)`` for t = 1, 2, ...: ``B A`` <- best rank-r of ``W - Q``,
+    then ``Q = nf4(W - B A)``; ``Q`` starts as ``nf4(W)``."""
     Q = nf4(W)
     while True:
         A, B = pissa_init(W - Q, r, opt)

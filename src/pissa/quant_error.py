@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import io as _io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -66,7 +66,8 @@ def reduction_ratio(W: Tensor, Q: Tensor, A: Tensor, B: Tensor, qlora_error: Ten
 
 
 def projection_type(name: str) -> str:
-    """The part of a module name after its last numeric component (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``)."""
+    """The part of a module name after its last numeric component
+    (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``)."""
     parts = name.split(".")
     idx = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[idx[-1] + 1 :]) if idx and idx[-1] + 1 < len(parts) else name
@@ -113,7 +114,9 @@ def layer_ratios(
     """The ratios of every layer ``{name: W (out, in)}``, equal shapes batched; in the input order."""
     for name, W in weights.items():
         if not 1 <= rank <= min(W.shape):
-            raise PissaError(f"rank {rank} does not fit layer {name!r} of shape {tuple(W.shape)}; choose 1 <= rank <= {min(W.shape)}")
+            raise PissaError(
+                f"rank {rank} does not fit layer {name!r} of shape {tuple(W.shape)}; choose 1 <= rank <= {min(W.shape)}"
+            )
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, W in weights.items():
         groups.setdefault(tuple(W.shape), []).append(name)
@@ -176,7 +179,8 @@ def bar_chart(summary: list[tuple[str, str, int, dict[str, float]]], methods: li
 
 
 def model_weights(model_name: str, kind: str = "auto", sample: int | None = None) -> dict[str, Tensor]:
-    """The (out, in) weights of a model's "all-linear" layers; ``sample``: at most that many per projection type, evenly spaced."""
+    """The (out, in) weights of a model's "all-linear" layers; ``sample``: at most that many per
+    projection type, evenly spaced."""
     model, _ = hub.load_model(model_name, kind=hub.resolve_kind(model_name, kind))
     names = find_targets(model, "all-linear")
     if sample is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPORT_STEPS = (10, 50)
 """Steps whose training loss the compare report lists (plus the last step)."""
@@ -13,7 +15,7 @@ WINDOW = 5
 """Losses in reports and smoothed curves are means over this many steps (one step's batch is noisy)."""
 
 
-def window_mean(curve: Sequence[Sequence[float]], step: int, window: int = WINDOW) -> float | None:
+def window_mean(curve: Sequence[Sequence[float]], step: float, window: int = WINDOW) -> float | None:
     """Mean training loss over the ``window`` steps ending at ``step`` (None if ``step`` was not reached)."""
     values = [loss for s, loss in curve if step - window < s <= step]
     return sum(values) / len(values) if values and any(s == step for s, _ in curve) else None
@@ -33,7 +35,8 @@ def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.Pat
         color = f"C{i}"
         steps = [s for s, _ in curve]
         ax.plot(steps, [loss for _, loss in curve], color=color, alpha=0.25, linewidth=0.8)
-        smooth = [window_mean(curve, s) for s in steps]
+        means = (window_mean(curve, s) for s in steps)
+        smooth = [math.nan if m is None else m for m in means]  # never None here (every step is in the curve)
         ax.plot(steps, smooth, color=color, linewidth=1.8, label=f"{name} (mean of {WINDOW} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (completion tokens)")

@@ -18,14 +18,15 @@ Equal-shape matrices are processed as one batch.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
 
 SVDMethod = Literal["krylov", "exact"]
 
-Batch = Union[Tensor, Sequence[Tensor]]
+Batch: TypeAlias = Tensor | Sequence[Tensor]
 """Equal-shape matrices: one ``(L, m, n)`` tensor, or a sequence of L ``(m, n)`` tensors (attach
 hands over its weights that way, so the SVD stacks them in the dtype it needs, without a
 full-precision copy of every batch)."""
@@ -122,9 +123,13 @@ def pass_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     is untouched: callers subtract ``B A`` from the original W in float32.
     """
     work = compute_dtype(dtype)
-    if device.type == "cpu" and work == torch.float32 and torch.backends.mkldnn.is_available():
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
+    if (
+        device.type == "cpu"
+        and work == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return torch.bfloat16
     return work
 
 

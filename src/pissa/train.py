@@ -23,15 +23,15 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -122,7 +122,11 @@ class Session:
             tokens = sum(len(e.ids) - e.n_prompt for e in items)
             return tokens, tokens
         assert self.label_ids is not None
-        return sum(len(self.label_ids[e.label]) for e in items), len(items)
+        tokens = 0
+        for e in items:
+            assert e.label is not None  # labelled data: every item indexes a label
+            tokens += len(self.label_ids[e.label])
+        return tokens, len(items)
 
 
 VAL_SEED = 1
@@ -294,7 +298,7 @@ def deferred_interrupt() -> Iterator[list[bool]]:
     of the step and stops); a second one raises :class:`Abort` at once."""
     flag = [False]
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         if flag[0]:
             raise Abort
         flag[0] = True
@@ -550,7 +554,7 @@ def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
         out = Path(launch.out or "runs/compare")
         with output_folder(out, launch.resume) as work:
             if launch.resume:
-                cfg = resumed_config(work / CONFIG_FILE, CompareConfig, explicit)  # type: ignore[assignment]
+                cfg = resumed_config(work / CONFIG_FILE, CompareConfig, explicit)
             elif distributed.is_main():
                 work.mkdir(parents=True, exist_ok=True)
                 write_config(work / CONFIG_FILE, cfg)
