@@ -127,3 +127,66 @@ def test_export_of_unadapted_model_is_refused(tmp_path) -> None:
     with pytest.raises(pissa.PissaError, match="no pissa adapters"):
         pissa.export_peft(mlp(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_truncate_keeps_the_best_rank_k_and_reports_the_discarded_values() -> None:
+    from pissa.factors import truncate
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(8, 40, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
+    A_k, B_k, S = truncate(A, B, 3)
+    exact = torch.linalg.svdvals(B @ A)[:8]
+    assert torch.allclose(S, exact, rtol=1e-10) and A_k.shape == (3, 40) and B_k.shape == (30, 3)
+    error = torch.linalg.matrix_norm(B @ A - B_k @ A_k)
+    assert error.item() == pytest.approx((S[3:] ** 2).sum().sqrt().item(), rel=1e-9)
+
+
+def test_export_max_rank_truncates_reports_its_error_and_loads_in_peft(tmp_path) -> None:
+    from peft import PeftModel
+
+    from pissa.io import EXPORT_NOTE
+
+    base = tiny_llama()
+    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=4))
+    train_steps(model, [TOKENS], lm_loss, steps=3)
+    report = pissa.export_peft(model, tmp_path / "k3", max_rank=3)
+    assert (report.rank, report.full_rank, report.max_lora_rank) == (3, 8, 8)
+    updates = {n: (layer.merged().weight - base.get_submodule(n).weight).detach().double()
+               for n, layer in pissa.adapted_layers(model)}
+    S = {n: torch.linalg.svdvals(u) for n, u in updates.items()}
+    expected = (sum((s[3:] ** 2).sum() for s in S.values()) / sum((s**2).sum() for s in S.values())).sqrt().item()
+    assert report.relative_error == pytest.approx(expected, rel=1e-4) and 0 < report.relative_error < 1
+    worst = max(((s[3:] ** 2).sum() / (s**2).sum()).sqrt().item() for s in S.values())
+    assert report.worst_layer_error == pytest.approx(worst, rel=1e-4)
+    note = json.loads((tmp_path / "k3" / EXPORT_NOTE).read_text())
+    assert note["rank"] == 3 and note["relative_error"] == pytest.approx(report.relative_error)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "k3")
+    for n, u in updates.items():  # PEFT's update is the best rank-3 approximation of each layer's update
+        layer = peft_model.base_model.model.get_submodule(n)
+        got = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double() * layer.scaling["default"]
+        U, s, Vh = torch.linalg.svd(u)
+        assert torch.allclose(got, (U[:, :3] * s[:3]) @ Vh[:3], atol=1e-5)
+    full = pissa.export_peft(model, tmp_path / "full", max_rank=16)  # above the full rank: nothing to truncate
+    assert (full.rank, full.relative_error) == (8, 0.0)
+
+
+def test_export_includes_a_trained_classifier_head_as_modules_to_save(tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_labels=2)).eval()
+    model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=4))
+    model.classifier.weight.requires_grad_(True)
+    model.classifier.bias.requires_grad_(True)
+    ids = torch.randint(0, 96, (4, 9), generator=torch.Generator().manual_seed(1))
+    train_steps(model, [ids], lambda m, x: m(input_ids=x).logits.pow(2).mean(), steps=3, lr=5e-2)
+    report = pissa.export_peft(model, tmp_path / "peft")
+    assert report.modules_to_save == ["classifier"]
+    fresh = copy.deepcopy(base)
+    with torch.no_grad():  # another random head: the export must bring the trained one
+        fresh.classifier.weight.normal_()
+    peft_model = PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5)

@@ -372,3 +372,55 @@ def test_val_size_runs_score_the_validation_split(tiny: Path, tmp_path: Path) ->
     m = json.loads((tmp_path / "val" / "metrics.json").read_text())
     full = train_mod.load_data(str(tiny / "data.jsonl"))
     assert m["eval_split"] == "validation" and m["eval_examples"] == 20 and m["train_examples"] <= len(full.train) - 20
+
+
+# --- devices and precision ---------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny: Path, tmp_path: Path) -> None:
+    """Recomputing activations in backward changes memory, not the math: same adapter, same losses."""
+    assert finetune(tiny, tmp_path / "plain", "--steps", "4", "--dropout", "0.0") == 0
+    assert finetune(tiny, tmp_path / "ckpt", "--steps", "4", "--gradient-checkpointing") == 0
+    a, b = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "ckpt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ma, mb = (json.loads((tmp_path / p / "metrics.json").read_text()) for p in ("plain", "ckpt"))
+    assert [x for _, x in ma["train_loss"]] == pytest.approx([x for _, x in mb["train_loss"]], abs=1e-6)
+    assert mb["gradient_checkpointing"] is True and mb["device"] == "cpu"
+
+
+def test_gradient_checkpointing_gradients_equal_plain_gradients() -> None:
+    from conftest import TOKENS, lm_loss, tiny_llama
+
+    grads = []
+    for checkpointing in (False, True):
+        model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, dropout=0.0))
+        model.train()
+        if checkpointing:
+            from pissa.devices import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        lm_loss(model, TOKENS).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5) for k in grads[0])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_base_trains_with_float32_factors(tiny: Path, tmp_path: Path, dtype: str) -> None:
+    """A half-precision base under CPU autocast (float16 with a gradient scaler) starts where the float32 run
+    starts (the residual is rounded once) and learns; the factors stay float32."""
+    assert finetune(tiny, tmp_path / "fp32", "--steps", "6") == 0
+    assert finetune(tiny, tmp_path / dtype, "--steps", "6", "--dtype", dtype, "--gradient-checkpointing") == 0
+    ref, half = (json.loads((tmp_path / p / "metrics.json").read_text()) for p in ("fp32", dtype))
+    assert half["dtype"] == dtype
+    assert half["eval_before"]["loss"] == pytest.approx(ref["eval_before"]["loss"], rel=5e-2)
+    assert half["train_loss"][0][1] == pytest.approx(ref["train_loss"][0][1], rel=5e-2)
+    assert half["eval_after"]["loss"] < half["eval_before"]["loss"]
+    tensors = adapter_tensors(tmp_path / dtype)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_an_unavailable_device_is_one_line_exit_2(tiny: Path, tmp_path: Path, capsys) -> None:
+    bad = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    assert finetune(tiny, tmp_path / "x", "--device", bad) == 2
+    assert "--device" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -37,7 +37,13 @@ def command_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
             kind = hub.resolve_kind(model_name, kind)
             model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
             io.load_adapter(model, cfg.adapter)
-            io.export_peft(model, cfg.out)
+            report = io.export_peft(model, cfg.out, cfg.max_rank)
+            if report.rank < report.full_rank:
+                print(f"truncated the rank-{report.full_rank} update to rank {report.rank}: relative error "
+                      f"{report.relative_error:.3e} over all layers (worst layer {report.worst_layer_error:.3e})")
+            server = f"; serve with max_lora_rank >= {report.max_lora_rank}" if report.max_lora_rank else ""
+            head = f"; modules_to_save: {', '.join(report.modules_to_save)}" if report.modules_to_save else ""
+            print(f"PEFT LoRA of rank {report.rank}{server}{head}")
         print(f"wrote {cfg.out}")
         return 0
 

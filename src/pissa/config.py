@@ -121,6 +121,14 @@ class RunConfig:
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The adapter (its fields are options of their own)."""
+    device: str = "auto"
+    """Where the model, factors, batches and optimizer state live: auto (CUDA when available, else CPU),
+    cpu, cuda, cuda:N, mps."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base and residual; the factors keep factor_dtype, and a half base runs under autocast
+    (float16 with a gradient scaler)."""
+    gradient_checkpointing: bool = False
+    """Recompute the decoder blocks' activations in backward instead of storing them (less memory, ~30% more time)."""
     lr: float | None = None
     """Peak learning rate; None: the method's default measured on the embedded task (pissa.METHODS[m].learning_rate)."""
     steps: int = 150
@@ -259,6 +267,13 @@ class ExportConfig:
     """Model head; auto: the one the adapter records, else detected like finetune."""
     merged: bool = False
     """Write a merged Hugging Face checkpoint (streamed shard by shard) instead of a PEFT LoRA."""
+    max_rank: int | None = None
+    """Truncate the PEFT LoRA to this rank (best rank-K approximation of each update; the error it adds is printed),
+    e.g. to fit a server's max_lora_rank."""
+
+    def __post_init__(self) -> None:
+        if self.max_rank is not None and (self.merged or self.max_rank < 1):
+            raise PissaError("--max-rank takes an integer >= 1 and applies to the PEFT export, not to --merged")
 
 
 @dataclass

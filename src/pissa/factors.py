@@ -102,3 +102,20 @@ def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core
     dt = torch.float64 if torch.float64 in dtypes else torch.float32
     left = fold_core(B.to(dt), None if core is None else core.to(dt))
     return torch.addmm(weight.to(dt), left, A.to(dt), alpha=-scaling).to(weight.dtype)
+
+
+def truncate(A: Tensor, B: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best rank-k factors of the product ``B @ A`` (``A (R, in)``, ``B (out, R)``, k <= R).
+
+    Thin QRs ``B = Qb Rb`` and ``A^T = Qa Ra`` reduce the SVD to the small ``Rb Ra^T = U S V^T``
+    (R x R), so ``B A = (Qb U) S (Qa V)^T``; returns ``A_k = sqrt(S_k) (Qa V_k)^T (k, in)``,
+    ``B_k = Qb U_k sqrt(S_k) (out, k)`` and all R singular values ``S`` of ``B A``: the
+    truncation's error is ``||B A - B_k A_k||_F = sqrt(sum_{i > k} S_i^2)`` (Eckart-Young).
+    Computed in float64, returned in A's dtype (S in float64).
+    """
+    dtype = A.dtype
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().mT)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.mT)
+    root = S[:k].sqrt()
+    return (root[:, None] * (Vh[:k] @ Qa.mT)).to(dtype), ((Qb @ U[:, :k]) * root).to(dtype), S

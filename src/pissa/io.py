@@ -23,6 +23,7 @@ file and directory appears atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .decompose import METHODS
 from .errors import PissaError
-from .factors import Factors, fold_core
+from .factors import Factors, fold_core, truncate
 from .fingerprint import model_fingerprint, weight_digest
 from .layer import PissaLinear
 from .model import adapted_layers, rebuild
@@ -334,9 +336,35 @@ def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[T
     return A, BC
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a Hugging Face PEFT LoRA adapter (rank 2r, or r, see :func:`peft_factors`) that reproduces the
-    trained model on the original base."""
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""``max_lora_rank`` values vLLM accepts: a server of an export of rank r needs the first one >= r."""
+EXPORT_NOTE = "pissa_export.json"
+"""Written beside a PEFT export: its rank, the server rank it needs, and any truncation error."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_peft` wrote: the LoRA rank, the smallest vLLM ``max_lora_rank`` that serves it, and (with
+    ``max_rank``) the relative Frobenius error of the truncation over all layers and the worst layer's."""
+
+    path: Path
+    rank: int
+    full_rank: int
+    max_lora_rank: int | None
+    relative_error: float
+    worst_layer_error: float
+    modules_to_save: list[str]
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None = None) -> ExportReport:
+    """Write a Hugging Face PEFT LoRA adapter that reproduces the trained model on the original base.
+
+    Rank 2r (or r, see :func:`peft_factors`). ``max_rank=K`` below that writes each layer's best
+    rank-K approximation of its update instead (:func:`pissa.factors.truncate`) and reports the
+    error it introduced: ``sqrt(sum of the discarded S_i^2) / ||update||_F``, over all layers and
+    for the worst one. Trained parameters outside the adapters (a classification head) go in as
+    PEFT ``modules_to_save``, so the PEFT model has the trained head too.
+    """
     layers = _layers_or_fail(model)
     cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
     if cfg.quantize is not None:
@@ -350,14 +378,32 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     ranks = {A.shape[0] for A, _ in factors.values()}
     if len(ranks) != 1:
         raise PissaError("layers export to different ranks; this adapter cannot be written as one PEFT LoRA")
-    r = ranks.pop()
+    full = r = ranks.pop()
+    if max_rank is not None and not max_rank >= 1:
+        raise PissaError(f"--max-rank must be >= 1, got {max_rank}")
+    kept = discarded = 0.0
+    worst = 0.0
+    if max_rank is not None and max_rank < full:
+        r = max_rank
+        for name, (A, B) in factors.items():
+            A_k, B_k, S = truncate(A, B, r)
+            factors[name] = (A_k, B_k)
+            lost, total = float((S[r:] ** 2).sum()), float((S**2).sum())
+            kept, discarded = kept + total, discarded + lost
+            worst = max(worst, (lost / total) ** 0.5 if total > 0 else 0.0)
     tensors = {}
     for name, (A, B) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    head = head_parameters(model)
+    head_modules = sorted({n.rsplit(".", 1)[0] for n in head})
+    for module in head_modules:  # PEFT's ModulesToSaveWrapper replaces the whole module: every parameter of it
+        for pname, p in model.get_submodule(module).named_parameters():
+            tensors[f"base_model.model.{module}.{pname}"] = p.detach().float().contiguous().cpu()
     names = [name for name, _ in layers]
     arch = type(model).__name__
-    task = "CAUSAL_LM" if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel") else None
+    task = ("CAUSAL_LM" if arch.endswith(("ForCausalLM", "LMHeadModel"))
+            else "SEQ_CLS" if arch.endswith("ForSequenceClassification") else None)
     config = {
         "peft_type": "LORA",
         "task_type": task,
@@ -366,16 +412,22 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "lora_alpha": cfg.scaling * r,
         "lora_dropout": cfg.dropout,
         "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
-        # a 4-bit residual (quant.NF4Linear) remembers whether its base was a Conv1D
+        # a 4-bit residual (nf4.NF4Linear) remembers whether its base was a Conv1D
         "fan_in_fan_out": all(is_conv1d(layer.residual) or getattr(layer.residual, "conv1d", False) for _, layer in layers),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": head_modules or None,
     }
+    report = ExportReport(
+        path=Path(path), rank=r, full_rank=full, max_lora_rank=next((v for v in VLLM_RANKS if v >= r), None),
+        relative_error=(discarded / kept) ** 0.5 if kept > 0 else 0.0, worst_layer_error=worst, modules_to_save=head_modules,
+    )
+    note = {k: v for k, v in dataclasses.asdict(report).items() if k != "path"}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return Path(path)
+        (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=2))
+    return report

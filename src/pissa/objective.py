@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Example
+from .devices import model_device
 from .errors import PissaError
 
 Kind = Literal["causal-lm", "seq-cls"]
@@ -54,6 +55,10 @@ class Batch:
     attention_mask: Tensor
     target_mask: Tensor
     labels: Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.target_mask, self.labels)))
 
     @property
     def tokens(self) -> int:
@@ -106,8 +111,8 @@ def encode(tokenizer, example: Example, labels: Sequence[str] | None, kind: Kind
     return encode_all(tokenizer, [example], labels, kind, max_length)[0]
 
 
-def collate(items: Sequence[Encoded], pad_id: int, kind: Kind) -> Batch:
-    """Right-pad ``items`` to their longest length (see :class:`Batch`)."""
+def collate(items: Sequence[Encoded], pad_id: int, kind: Kind, device: torch.device | None = None) -> Batch:
+    """Right-pad ``items`` to their longest length (see :class:`Batch`), on ``device`` (default: the CPU)."""
     T = max(len(e.ids) for e in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     attn = torch.zeros(len(items), T, dtype=torch.long)
@@ -118,7 +123,8 @@ def collate(items: Sequence[Encoded], pad_id: int, kind: Kind) -> Batch:
         if kind == "causal-lm":
             target[i, e.n_prompt : len(e.ids)] = True
     labels = torch.tensor([-1 if e.label is None else e.label for e in items])
-    return Batch(ids, attn, target, labels)
+    batch = Batch(ids, attn, target, labels)
+    return batch if device is None or device.type == "cpu" else batch.to(device)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -198,7 +204,7 @@ def _chunks(items: Sequence, size: int):
 def _eval_seq_cls(model: nn.Module, items: Sequence[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
     loss, correct = 0.0, 0
     for chunk in _chunks(items, batch_size):
-        b = collate(chunk, pad_id, "seq-cls")
+        b = collate(chunk, pad_id, "seq-cls", model_device(model))
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
         loss += F.cross_entropy(logits, b.labels, reduction="sum").item()
         correct += int((logits.argmax(-1) == b.labels).sum())
@@ -208,7 +214,7 @@ def _eval_seq_cls(model: nn.Module, items: Sequence[Encoded], pad_id: int, batch
 def _eval_free_text(model: nn.Module, items: Sequence[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
     loss, correct, n = 0.0, 0, 0
     for chunk in _chunks(items, batch_size):
-        logits, targets = completion_logits(model, collate(chunk, pad_id, "causal-lm"))
+        logits, targets = completion_logits(model, collate(chunk, pad_id, "causal-lm", model_device(model)))
         loss += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += int((logits.argmax(-1) == targets).sum())
         n += len(targets)
@@ -221,22 +227,23 @@ def _eval_labels(
     """Score every label's completion; the loss is the gold completion's mean token NLL."""
     single = all(len(t) == 1 for t in label_ids) and len({t[0] for t in label_ids}) == len(label_ids)
     scores = torch.empty(len(items), len(label_ids), dtype=torch.float64)
+    device = model_device(model)
     if single:
-        first = torch.tensor([t[0] for t in label_ids])
+        first = torch.tensor([t[0] for t in label_ids], device=device)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            logits, _ = completion_logits(model, collate(chunk, pad_id, "causal-lm"))
+            logits, _ = completion_logits(model, collate(chunk, pad_id, "causal-lm", device))
             logp = logits.log_softmax(-1)  # one completion token per example: rows match examples
-            scores[start : start + len(chunk)] = logp[:, first].double()
+            scores[start : start + len(chunk)] = logp[:, first].double().cpu()
     else:
         pairs = [(i, j) for i in range(len(items)) for j in range(len(label_ids))]
         seqs = [Encoded(items[i].ids[: items[i].n_prompt] + tuple(label_ids[j]), items[i].n_prompt, j) for i, j in pairs]
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start : start + batch_size]
-            b = collate(chunk, pad_id, "causal-lm")
+            b = collate(chunk, pad_id, "causal-lm", device)
             logits, targets = completion_logits(model, b)
-            token_lp = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).double()
-            rows = b.target_mask[:, 1:].nonzero()[:, 0]  # example row of each token (row-major order)
+            token_lp = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).double().cpu()
+            rows = b.target_mask[:, 1:].nonzero()[:, 0].cpu()  # example row of each token (row-major order)
             per_seq = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, token_lp)
             for k, (i, j) in enumerate(pairs[start : start + len(chunk)]):
                 scores[i, j] = per_seq[k]

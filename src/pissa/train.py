@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed, hub, io, options
 from .config import CompareConfig, Launch, RunConfig
+from .devices import autocast, enable_gradient_checkpointing, grad_scaler, resolve_device, torch_dtype
 from .errors import PissaError
 from .model import attach, regularization, trainable_parameters
 from .objective import Batch, Encoded, Kind, collate, encode_all, evaluate, loss_sum
@@ -97,19 +98,26 @@ class Session:
     train: list[Encoded]
     test: list[Encoded]
     label_ids: list[list[int]] | None
+    device: torch.device
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base's dtype (the autocast dtype when it is a half type)."""
+        return torch_dtype(self.cfg.dtype)
+
     def batch(self, indices: Sequence[int]) -> Batch:
-        return collate([self.train[i] for i in indices], self.pad_id, self.kind)
+        return collate([self.train[i] for i in indices], self.pad_id, self.kind, self.device)
 
     def evaluate(self) -> dict[str, float]:
         """Test loss and accuracy; under torchrun each rank scores its share and the means are combined."""
         items = distributed.my_share(self.test)
-        result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                          batch_size=2 * self.cfg.batch_size) if items else {"loss": 0.0, "accuracy": 0.0}
+        with autocast(self.device, self.dtype):
+            result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
+                              batch_size=2 * self.cfg.batch_size) if items else {"loss": 0.0, "accuracy": 0.0}
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
@@ -158,6 +166,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
         raise PissaError(f"--batch-size {cfg.batch_size} is smaller than the {distributed.world()[1]} processes; "
                          "each process takes a share of every micro-batch")
     torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data, cfg.val_size)
     if kind == "seq-cls" and dataset.labels is None:
@@ -165,7 +174,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
                          f"but {cfg.data} has prompt,completion")
     torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
-    model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels)
+    model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
+    nn.Module.to(model, device)  # before attach: the SVD runs where the weights are (nn.Module.to: typed, unlike transformers' wrapper)
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     label_ids = None
@@ -177,8 +187,10 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
         attach(model, cfg.adapter, progress=True)
         if kind == "seq-cls":
             mark_head_trainable(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
-    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids)
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device)
 
 
 def mark_head_trainable(model: nn.Module) -> list[str]:
@@ -200,34 +212,45 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
-               lr: float, cfg: RunConfig) -> float:
+               lr: float, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> float:
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
     Each micro-batch's summed loss is divided by the step's total number of targets, so the
     gradient is that of the mean loss over the whole step whatever the split (over micro-batches
     and, under torchrun, over ranks: ``model`` is then DDP and each rank holds a share). Adds
-    ``reg_weight * pissa.regularization(model)`` (SORSA) when ``reg_weight > 0``.
-    Returns the step's mean loss.
+    ``reg_weight * pissa.regularization(model)`` (SORSA) when ``reg_weight > 0``. The forward runs
+    under autocast for a half-precision base (``cfg.dtype``); ``scaler`` (float16) scales the loss
+    before backward and unscales the gradients before clipping (a step with inf/NaN gradients is
+    skipped). Returns the step's mean loss.
     """
+    device, dtype = micro_batches[0].input_ids.device, torch_dtype(cfg.dtype)
     ranks = distributed.world()[1]
     total = distributed.all_sum([sum(b.targets for b in micro_batches)])[0]
     step_loss = 0.0
     for i, b in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with distributed.no_sync(model, skip=not last):  # DDP all-reduces in the last backward only
-            loss = loss_sum(model, b, kind) / total
+            with autocast(device, dtype):
+                loss = loss_sum(model, b, kind) / total
             step_loss += loss.item()
             if last and cfg.reg_weight > 0:
                 reg = regularization(model)
                 if reg.requires_grad:  # a constant zero (no graph) for methods without orthonormal factors
                     loss = loss + cfg.reg_weight * reg / ranks
-            (loss * ranks).backward()  # DDP averages over ranks; times ranks: the sum, i.e. the whole step's gradient
+            scaled = loss * ranks  # DDP averages over ranks; times ranks: the sum, i.e. the whole step's gradient
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
     step_loss = distributed.all_sum([step_loss])[0]
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
 
@@ -258,24 +281,29 @@ class Progress:
         self._mark = now
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
     """Write ``path`` atomically: ``adapter/`` (save_adapter), ``state.safetensors`` (optimizer
-    moments, torch RNG state), ``state.json`` (step, losses, optimizer hyper-parameters)."""
+    moments, torch RNG states), ``state.json`` (step, losses, optimizer hyper-parameters, the
+    float16 gradient scaler's state)."""
     sd = optimizer.state_dict()
     tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for i, state in sd["state"].items():
         for k, v in state.items():
             tensors[f"optimizer.{i}.{k}"] = v.detach().contiguous().cpu()
     progress.tick()
-    doc = {"progress": dataclasses.asdict(progress), "param_groups": sd["param_groups"]}
+    doc = {"progress": dataclasses.asdict(progress), "param_groups": sd["param_groups"],
+           "scaler": None if scaler is None else scaler.state_dict()}
     with io.atomic_dir(path) as tmp:
         io.save_adapter(model, tmp / "adapter")
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(doc))
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> Progress:
-    """Restore the optimizer and RNG state from ``path`` (the adapter is restored by :func:`prepare`)."""
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> Progress:
+    """Restore the optimizer, scaler and RNG states from ``path`` (the adapter is restored by :func:`prepare`)."""
     doc = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     state: dict[int, dict[str, Tensor]] = {}
@@ -285,6 +313,10 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> Progress:
             state.setdefault(int(i), {})[k] = t
     optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if scaler is not None and doc.get("scaler"):
+        scaler.load_state_dict(doc["scaler"])
     return Progress(**doc["progress"])
 
 
@@ -318,7 +350,7 @@ def deferred_interrupt() -> Iterator[list[bool]]:
 
 
 def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.optim.Optimizer,
-          show: bool = True) -> Progress:
+          scaler: torch.amp.GradScaler | None = None, show: bool = True) -> Progress:
     """Run steps ``progress.step .. steps - 1``, checkpointing into ``workdir/checkpoint``.
 
     On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt.
@@ -333,7 +365,7 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
             micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]
-            loss = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg)
+            loss = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg, scaler)
             if not math.isfinite(loss):
                 raise PissaError(f"the loss diverged (became {loss}) at step {progress.step + 1}; lower --lr "
                                  f"(now {cfg.learning_rate:g})")
@@ -348,7 +380,7 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             bar.update(1)
             due = cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps
             if (due or interrupted[0]) and distributed.is_main():
-                save_checkpoint(workdir / CHECKPOINT, session.model, optimizer, progress)
+                save_checkpoint(workdir / CHECKPOINT, session.model, optimizer, progress, scaler)
             if interrupted[0]:
                 bar.close()
                 raise KeyboardInterrupt
@@ -369,19 +401,20 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
     if not resume and distributed.is_main():  # under torchrun rank 0 writes every file
         write_config(workdir / CONFIG_FILE, cfg)
     optimizer = make_optimizer(session.model, cfg)
-    progress = load_checkpoint(ckpt, optimizer) if resume else Progress()
+    scaler = grad_scaler(session.device, session.dtype)
+    progress = load_checkpoint(ckpt, optimizer, scaler) if resume else Progress()
     progress._mark = started  # loading and attaching count towards ``seconds`` too
     try:
         if progress.eval_before is None:
             progress.eval_before = session.evaluate()
             print(f"{cfg.method}: before training: {_fmt(progress.eval_before)}", flush=True)
-        train(session, workdir, progress, optimizer, show=show)
+        train(session, workdir, progress, optimizer, scaler, show=show)
         eval_after = session.evaluate()
     except Abort:
         raise
     except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
         if progress.step > 0 and _checkpoint_step(ckpt) != progress.step and distributed.is_main():
-            save_checkpoint(ckpt, session.model, optimizer, progress)
+            save_checkpoint(ckpt, session.model, optimizer, progress, scaler)
         if _checkpoint_step(ckpt) is not None:
             print(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with --resume", flush=True)
         raise
@@ -401,6 +434,9 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "seconds": round(progress.seconds, 2),
         "train_seconds": round(progress.train_seconds, 2),
         "kind": session.kind,
+        "device": str(session.device),
+        "dtype": cfg.dtype,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "alpha": cfg.adapter.alpha,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
