@@ -175,7 +175,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
     model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
-    nn.Module.to(model, device)  # before attach: the SVD runs where the weights are (nn.Module.to: typed, unlike transformers' wrapper)
+    nn.Module.to(model, device)  # before attach, so the SVD runs where the weights are
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     label_ids = None
