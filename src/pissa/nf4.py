@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -142,8 +144,29 @@ class NF4Linear(nn.Module):
         """``dq(W) (out, in)`` in ``dtype`` (default: the original weight's dtype)."""
         return nf4_dequantize(self.codes, self.absmax, (self.out_features, self.in_features), dtype or self.weight_dtype)
 
+    def quant_state(self, dtype: torch.dtype) -> Any:
+        """bitsandbytes' ``QuantState`` of the 2-D weight ``(out, in)`` for a compute ``dtype``.
+
+        The codes were quantized from the flat row-major vector in blocks of 64, which are the same
+        blocks (and bytes) bitsandbytes makes for the 2-D weight, so its 4-bit kernels read them as
+        they are.
+        """
+        bnb = require_bnb()
+        code = bnb.get_4bit_type("nf4", device=self.codes.device)
+        return bnb.QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]), code=code,
+                              blocksize=BLOCKSIZE, quant_type="nf4", dtype=dtype)
+
+    def kernel_matmul(self, x: Tensor) -> Tensor:
+        """``x @ dq(W)^T`` through bitsandbytes' 4-bit matmul (the path of its ``Linear4bit``): fused
+        dequantization on CUDA, autograd for the input gradient included."""
+        import bitsandbytes  # its matmul_4bit; require_bnb (via quant_state) already checked the install
+
+        return bitsandbytes.matmul_4bit(x, self.codes.t(), quant_state=self.quant_state(x.dtype))
+
     def forward(self, x: Tensor) -> Tensor:
-        y = _NF4MatMul.apply(x, self)
+        # CUDA: bitsandbytes' kernels. CPU: dequantize then matmul (bitsandbytes 0.50's CPU 4-bit matmul
+        # misreads 2-D weights whose in_features is not a multiple of 64, and its fast path needs `kernels`)
+        y = self.kernel_matmul(x) if x.is_cuda else _NF4MatMul.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def to_dense(self) -> nn.Module:
