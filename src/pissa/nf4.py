@@ -11,7 +11,6 @@ to quantize live in :mod:`pissa.qpissa`.
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 import torch
