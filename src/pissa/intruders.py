@@ -19,6 +19,7 @@ import csv
 import io as _io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,12 +102,17 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def _write(out: str, files: dict[str, str], figure, png: str) -> None:
-    """Write text files and ``figure`` (as ``png``) into folder ``out``, atomically."""
+def _write(out: str, stem: str, md: str, csv_text: str, figure: Any) -> None:
+    """Write ``stem``.md, .csv and .png (``figure``) into folder ``out`` atomically, close the figure, print the table."""
+    import matplotlib.pyplot as plt
+
     with atomic_dir(out) as tmp:
-        for fname, text in files.items():
-            (tmp / fname).write_text(text)
-        figure.savefig(tmp / png, dpi=120, bbox_inches="tight")
+        (tmp / f"{stem}.md").write_text(md)
+        (tmp / f"{stem}.csv").write_text(csv_text)
+        figure.savefig(tmp / f"{stem}.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    print(md, end="")
+    print(f"wrote {out}/{stem}.md, {stem}.csv, {stem}.png")
 
 
 def spectrum(args: SpectrumConfig) -> int:
@@ -139,11 +145,7 @@ def spectrum(args: SpectrumConfig) -> int:
         ax.set_xlabel("index")
     axes[0][0].set_ylabel("singular value")
     axes[0][0].legend()
-    csv_text = _csv(["layer", "index", "before", "after"], csv_rows)
-    _write(args.out, {"spectrum.md": md, "spectrum.csv": csv_text}, fig, "spectrum.png")
-    plt.close(fig)
-    print(md, end="")
-    print(f"wrote {args.out}/spectrum.md, spectrum.csv, spectrum.png")
+    _write(args.out, "spectrum", md, _csv(["layer", "index", "before", "after"], csv_rows), fig)
     return 0
 
 
@@ -172,9 +174,5 @@ def intruders(args: IntrudersConfig) -> int:
     ax.set_xlabel("adapted layer (module order)")
     ax.set_ylabel(f"intruders (of top {args.k})")
     ax.set_title(f"{Path(args.adapter).name}: {total} intruder dimensions", fontsize=9)
-    csv_text = _csv(["layer", "intruders", "min_max_cos", "relative_update"], rows)
-    _write(args.out, {"intruders.md": md, "intruders.csv": csv_text}, fig, "intruders.png")
-    plt.close(fig)
-    print(md, end="")
-    print(f"wrote {args.out}/intruders.md, intruders.csv, intruders.png")
+    _write(args.out, "intruders", md, _csv(["layer", "intruders", "min_max_cos", "relative_update"], rows), fig)
     return 0
