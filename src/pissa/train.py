@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import distributed, hub, io, options
+from . import distributed, generation, hub, io, options
 from .config import CompareConfig, Launch, RunConfig
 from .devices import autocast, enable_gradient_checkpointing, grad_scaler, resolve_device, torch_dtype
 from .errors import PissaError
@@ -99,6 +99,10 @@ class Session:
     test: list[Encoded]
     label_ids: list[list[int]] | None
     device: torch.device
+    eval_kind: generation.EvalKind = "likelihood"
+    """How :meth:`evaluate` scores (``--eval`` resolved by :func:`pissa.generation.choose_eval`)."""
+    references: list[str] = field(default_factory=list)
+    """The reference completion of each ``test`` item (generation evaluation)."""
 
     @property
     def pad_id(self) -> int:
@@ -116,8 +120,15 @@ class Session:
         """Test loss and accuracy; under torchrun each rank scores its share and the means are combined."""
         items = distributed.my_share(self.test)
         with autocast(self.device, self.dtype):
-            result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                              batch_size=2 * self.cfg.batch_size) if items else {"loss": 0.0, "accuracy": 0.0}
+            if not items:
+                result = {"loss": 0.0, "accuracy": 0.0}
+            elif self.eval_kind == "generate":
+                result = generation.evaluate_generation(
+                    self.model, self.tokenizer, items, distributed.my_share(self.references), pad_id=self.pad_id,
+                    max_new_tokens=self.cfg.max_new_tokens, batch_size=2 * self.cfg.batch_size)
+            else:
+                result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
+                                  batch_size=2 * self.cfg.batch_size)
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
@@ -126,8 +137,10 @@ class Session:
         """What :func:`~pissa.objective.evaluate` averages over: (loss terms, accuracy terms) of ``items``."""
         if self.kind == "seq-cls":
             return len(items), len(items)
+        if self.eval_kind == "generate":  # target tokens for the loss, examples for exact match
+            return sum(e.n_targets for e in items), len(items)
         if self.dataset.labels is None:  # free text: every completion token, for both
-            tokens = sum(len(e.ids) - e.n_prompt for e in items)
+            tokens = sum(e.n_targets for e in items)
             return tokens, tokens
         assert self.label_ids is not None
         tokens = 0
@@ -141,14 +154,27 @@ VAL_SEED = 1
 """Seed of the validation carve's hash (the test split's is 0): a different, independent order."""
 
 
-def load_data(name: str, val_size: int = 0) -> data_mod.Dataset:
+def load_data(name: str, val_size: int = 0, eval_data: str | None = None) -> data_mod.Dataset:
     """The dataset with a held-out test split of min(1000, 20%) examples (at least 1).
 
     ``val_size > 0``: the training split loses about ``val_size`` more examples (chosen by a hash
     of the prompt with :data:`VAL_SEED`, so repeated prompts never straddle the cut) and the
     returned ``test`` is that validation split; the real test split is not returned at all.
+    ``eval_data``: every example of ``name`` trains and ``test`` is the whole of ``eval_data``
+    (in its seed-0 hash order), which must be labelled alike (its labels among ``name``'s).
     """
     full = data_mod.load_dataset(name, test_size=0)
+    if eval_data is not None:
+        held = data_mod.load_dataset(eval_data, test_size=0)
+        if (held.labels is None) != (full.labels is None):
+            raise PissaError(f"--eval-data '{eval_data}' and --data '{name}' must both be labelled (text,label) or both "
+                             "not; pass held-out data of the training data's format")
+        unknown = sorted(set(held.labels or ()) - set(full.labels or ()))
+        if unknown:
+            missing = ",".join(label.strip() for label in unknown)
+            raise PissaError(f"--eval-data '{eval_data}' has labels the training data lacks ({missing}); "
+                             "the model can only be scored on labels it trains on")
+        return data_mod.Dataset(name=name, train=full.train, test=held.train, labels=full.labels)
     test_size = max(1, min(MAX_TEST, len(full.train) // 5))
     train, test = data_mod.split(full.train, test_size=test_size, seed=0, name=name)
     if val_size:
@@ -168,7 +194,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data, cfg.val_size)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
     if kind == "seq-cls" and dataset.labels is None:
         raise PissaError(f"{cfg.model} is a sequence classifier: it needs labelled data (text,label columns), "
                          f"but {cfg.data} has prompt,completion")
@@ -178,6 +204,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     nn.Module.to(model, device)  # before attach, so the SVD runs where the weights are
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
+    references = [e.completion for e in dataset.test[: cfg.eval_size]]
+    eval_kind = generation.choose_eval(cfg.eval, kind, dataset.labels, references, cfg.eval_data or cfg.data)
     label_ids = None
     if kind == "causal-lm" and dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
@@ -190,7 +218,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device)
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references)
 
 
 def mark_head_trainable(model: nn.Module) -> list[str]:
@@ -446,8 +474,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "seed": cfg.seed,
         "train_examples": len(session.train),
         "eval_examples": len(session.test),
-        "eval_split": "validation" if cfg.val_size else "test",
-        "accuracy_kind": "label" if session.dataset.labels is not None else "token",
+        "eval_split": "validation" if cfg.val_size else "eval_data" if cfg.eval_data else "test",
+        "eval_kind": session.eval_kind,
+        "accuracy_kind": "exact_match" if session.eval_kind == "generate" else
+                         "label" if session.dataset.labels is not None else "token",
         "tokens": progress.tokens,
     }
     if distributed.is_main():
