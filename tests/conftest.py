@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+from pissa.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +86,69 @@ def decaying(m: int, n: int, decay: float, seed: int) -> torch.Tensor:
     V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
     S = decay ** torch.arange(k, dtype=torch.float64)
     return (U * S) @ V.T
+
+
+# --- a tiny model folder with data, for whole runs of the command line -------------------------------
+
+
+POS = ["great", "good", "fun", "moving", "brilliant", "lovely"]
+NEG = ["bad", "dull", "boring", "awful", "tedious", "weak"]
+FILL = ["the", "movie", "film", "plot", "actors", "story", "was", "is", "and", "a", "of"]
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Synthetic reviews: filler words plus one word that decides the label."""
+    r = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = r.choice(["positive", "negative"])
+        words = [r.choice(FILL) for _ in range(r.randint(2, 6))] + [r.choice(POS if label == "positive" else NEG)]
+        r.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": label})
+    return rows
+
+
+def tokenizer_for(texts: list[str]):
+    """A 300-token byte-level BPE trained on ``texts`` (offline, milliseconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``llama/`` (tiny random LlamaForCausalLM + tokenizer), ``bert/`` (tiny BERT),
+    ``data.jsonl`` (text,label) and ``free.jsonl`` (prompt,completion)."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    rows = sentiment_rows(160)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    free = [{"prompt": f"Q: {r['text']}\nA:", "completion": f" {r['label']} review"} for r in rows[:60]]
+    (root / "free.jsonl").write_text("".join(json.dumps(r) + "\n" for r in free))
+    tok = tokenizer_for([f"Text: {r['text']}\nLabel: {r['label']}" for r in rows])
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None))
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id))
+    bert.config.architectures = ["BertModel"]
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    return root
+
+
+def finetune(tiny: Path, out: Path, *extra: str) -> int:
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), "--rank", "4",
+            "--lr", "1e-2", "--steps", "8", "--batch-size", "4", "--eval-size", "16", "--warmup", "2",
+            "--threads", "1", "--out", str(out), *extra]
+    return main(args)

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
+from conftest import finetune
 from pissa import options
 from pissa.cli import build_parser, main
 from pissa.config import AdapterConfig, InitConfig, RunConfig
-from test_train import finetune, tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
 
 SRC = Path(pissa.__file__).parent
 
@@ -79,7 +79,7 @@ def test_config_file_precedence_and_errors(tmp_path: Path) -> None:
             options.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / name))
 
 
-def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:
     first = tmp_path / "first"
     assert finetune(tiny, first, "--steps", "4", "--dropout", "0.1", "--targets", "q_proj,v_proj", "--alpha", "8") == 0
     saved = options.read_config_file(first / "config.yaml")
@@ -113,7 +113,7 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
     (["--targets", "q_proj"], "--targets q_proj differs from the interrupted run's"),
     (["--max-length", "32"], "--max-length 32 differs from the interrupted run's 64"),
 ])
-def test_resume_refuses_a_changed_option(tiny: Path, tmp_path: Path, monkeypatch, capsys, changed, message) -> None:  # noqa: F811
+def test_resume_refuses_a_changed_option(tiny: Path, tmp_path: Path, monkeypatch, capsys, changed, message) -> None:
     out = tmp_path / "run"
     _interrupt_after(monkeypatch, 2)
     assert finetune(tiny, out, "--save-every", "1") == 130
@@ -128,7 +128,7 @@ def test_resume_refuses_a_changed_option(tiny: Path, tmp_path: Path, monkeypatch
     assert json.loads((out / "metrics.json").read_text())["steps"] == 8
 
 
-def test_export_defaults_to_the_recorded_base_and_names_it_on_a_wrong_base(tiny: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_export_defaults_to_the_recorded_base_and_names_it_on_a_wrong_base(tiny: Path, tmp_path: Path, capsys) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from test_train import tiny  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
 from pissa import distributed, stream
 
 CFG = dict(rank=4, alpha=8.0, seed=3)
@@ -52,6 +51,45 @@ def test_single_process_helpers_are_no_ops() -> None:
     assert distributed.world() == (0, 1) and distributed.is_main()
     distributed.barrier()
     assert list(distributed.shared_map([1, 2], lambda x: x * 10, [1.0, 1.0])) == [(1, 10), (2, 20)]
+    distributed.shutdown()
+    distributed._at_exit()
+
+
+def test_exit_teardown_skips_the_barrier_when_an_exception_ends_the_program(monkeypatch) -> None:
+    """A rank that dies of an exception must not wait at a barrier its peers may never reach."""
+    calls: list[bool] = []
+    monkeypatch.setattr(distributed, "shutdown", lambda wait=True: calls.append(wait))
+    for name in ("last_value", "last_exc"):  # pytest records failed tests there too
+        monkeypatch.delattr(sys, name, raising=False)
+    distributed._at_exit()
+    monkeypatch.setattr(sys, "last_value", RuntimeError("rank failed"), raising=False)
+    distributed._at_exit()
+    assert calls == [True, False]
+
+
+TEARDOWN = """
+import atexit, os, sys
+import torch.distributed as dist
+from pissa import distributed
+
+def check():  # registered first, so it runs after init_from_env's teardown (atexit is last-in, first-out)
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "w") as f:
+        f.write(f"{dist.is_initialized()} {sorted(t for t in threads if 'gloo' in t)}")
+
+atexit.register(check)
+assert distributed.init_from_env()
+assert distributed.all_sum([1.0]) == [2.0]
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the process's threads in /proc")
+def test_init_from_env_tears_the_group_down_before_the_interpreter_finalizes(tmp_path) -> None:
+    """Workers that never call shutdown: the registered teardown destroys the group and gloo's C++
+    threads are joined while Python is whole. (Left to garbage collection, the group is destroyed
+    during finalization, and a worker could abort: "terminate called without an active exception".)"""
+    torchrun(TEARDOWN, tmp_path, str(tmp_path))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False []"] * 2
 
 
 def test_attach_under_torchrun_gives_every_rank_the_single_process_factors(tmp_path, one_thread) -> None:

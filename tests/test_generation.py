@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import finetune, tokenizer_for
 from pissa.cli import main
 from pissa.data import Example, Message
 from pissa.errors import PissaError
 from pissa.generation import answers_match, choose_eval, evaluate_generation, extract_answer, generate
 from pissa.objective import collate, encode_all, evaluate
 from pissa.tasks import arithmetic_rows
-from test_train import finetune, tiny, tokenizer_for  # noqa: F401  (fixture: tiny Llama + tokenizer + data)
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -217,7 +217,7 @@ def test_generation_eval_scores_exact_match_of_the_generated_answers(tok, monkey
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny: Path, tok, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def chat_model(tiny: Path, tok, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama whose tokenizer has :data:`TEMPLATE`, and ``train.jsonl``/``held.jsonl`` of arithmetic rows."""
     root = tmp_path_factory.mktemp("chat")
     _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).save_pretrained(root / "llama")
@@ -247,7 +247,7 @@ def test_finetune_on_chat_data_evaluates_by_generation(chat_model: Path, tmp_pat
     assert held["eval_split"] == "eval_data" and held["train_examples"] == 60 and held["eval_examples"] == 4
 
 
-def test_eval_options_refuse_bad_combinations(chat_model: Path, tiny: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_eval_options_refuse_bad_combinations(chat_model: Path, tiny: Path, tmp_path: Path, capsys) -> None:
     cases = [
         [*("--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl")), "--eval", "generate"],  # labelled
         ["--model", str(tiny / "llama"), "--data", str(chat_model / "train.jsonl")],  # no chat template

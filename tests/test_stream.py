@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa import cli, model as pmodel, stream
+from pissa import cli, stream
+from pissa import model as pmodel
 from pissa.model import find_targets
 
 CFG = pissa.AdapterConfig(rank=4, alpha=8.0, seed=3)
@@ -217,11 +221,12 @@ def test_quantized_init_loads_to_the_in_memory_qpissa_model(tmp_path, monkeypatc
 
 
 def trained(model, cfg: pissa.AdapterConfig = CFG, steps: int = 3):
-    """``model`` attached and trained a few AdamW steps, so that B != B0 (and A != A0)."""
+    """``model`` attached and trained a few AdamW steps, so that the trainable factors moved (B != B0...)."""
     pissa.attach(model, cfg)
     train_steps(model, [TOKENS], lm_loss, steps=steps, lr=1e-2)
     layer = next(layer for _, layer in pissa.adapted_layers(model))
-    assert not torch.equal(layer.lora_B, layer.B0)
+    initial = {"A": layer.A0, "B": layer.B0, "core": layer.core0}
+    assert all(not torch.equal(layer.factor(p), initial[p]) for p in layer.train_parts)
     return model
 
 
@@ -287,6 +292,14 @@ def test_merge_state_dict_equals_merge_and_leaves_its_input(tmp_path, make) -> N
     assert relative_error(got.T if make is tiny_gpt2 else got, W + delta) <= 1e-6
 
 
+@pytest.mark.parametrize("method", ["svfit", "lora-xs", "sorsa", "lora"])
+def test_merge_state_dict_with_a_core_or_zero_b0_equals_merge(tmp_path, method) -> None:
+    """Methods with a core (B C A, diagonal or full) fold it as pissa.merge does; LoRA's B0 = 0."""
+    model = trained(tiny_llama(), pissa.AdapterConfig(method=method, rank=4, alpha=8.0, seed=3))
+    pissa.save_adapter(model, tmp_path / "adapter")
+    assert_same_tensors(stream.merge_state_dict(tiny_llama().state_dict(), tmp_path / "adapter"), merged_state(model))
+
+
 def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsys) -> None:
     model = trained(tiny_llama())
     pissa.save_adapter(model, tmp_path / "adapter")
@@ -303,7 +316,8 @@ def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsy
     with pytest.raises(pissa.PissaError, match="made for another model"):
         stream.merge_state_dict({k: v for k, v in other.state_dict().items() if "q_proj" not in k}, tmp_path / "adapter")
     capsys.readouterr()
-    assert cli.main(["export", str(tmp_path / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m"), "--merged"]) == 2
+    export = ["export", str(tmp_path / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m"), "--merged"]
+    assert cli.main(export) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar, if any
     assert last.startswith("pissa: error:") and "different base model" in last
     assert not (tmp_path / "m").exists()
@@ -376,7 +390,6 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 what, src, out = sys.argv[1:4]
-stream._meta_model(Path(src))                        # import transformers and build the model skeleton first
 if sys.argv[4] == "dropped":                         # the checkpoint out of the page cache (written back first)
     for p in Path(src).glob("*.safetensors"):
         fd = os.open(p, os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
@@ -386,26 +399,26 @@ if what == "init":
     stream.init_checkpoint(src, out, pissa.AdapterConfig(rank=4), progress=False)
 else:
     stream.merge_checkpoint(src, sys.argv[5], out, progress=False)
-print(json.dumps({"before": before, "peak": status("VmHWM"), "file": status("RssFile")}))
+print(json.dumps({"before": before, "peak": status("VmHWM"), "transformers": "transformers" in sys.modules}))
 """
 
 
 def peak_growth(tmp_path: Path, what: str, src: Path, cache: str, adapter: Path | None = None) -> int:
     """Bytes the peak RSS of a fresh process grows by while it runs ``pissa init`` or the merge on ``src``."""
-    import subprocess
-    import sys
-
     out = tmp_path / f"{what}-{cache}"
     cmd = [sys.executable, "-c", MEASURE, what, str(src), str(out), cache] + ([str(adapter)] if adapter else [])
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert out.is_dir()
+    assert not result["transformers"]  # the architecture was read by a child process that has exited
     return result["peak"] - result["before"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not hasattr(__import__("os"), "posix_fadvise"), reason="Linux only")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not hasattr(os, "posix_fadvise"), reason="Linux only")
 def test_peak_memory_is_bounded_whatever_the_page_cache_holds(tmp_path) -> None:
     """Shards of 100+ MB, mostly tensors that are never adapted: `pissa init` and the merge hold a few
-    tensors and a 16 MiB copy buffer, right after the checkpoint was written and once it is out of the page cache."""
+    tensors and a 16 MiB copy buffer, right after the checkpoint was written and once it is out of the page
+    cache. The growth is measured from the process's RSS with torch and pissa imported (VmHWM reset by
+    /proc/self/clear_refs: a child's ru_maxrss starts from its parent's peak)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=131072, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -436,3 +449,13 @@ def test_peak_memory_is_bounded_whatever_the_page_cache_holds(tmp_path) -> None:
                 del data
         assert peak_growth(tmp_path, "init", src, cache) <= budget, cache
         assert peak_growth(tmp_path, "merge", src, cache, tmp_path / "adapter") <= budget, cache
+
+
+@pytest.mark.parametrize(
+    "make, targets", [(tiny_gpt2, "all-linear"), (tiny_llama, ["no_such_layer"])], ids=["gpt2-conv1d", "no-match"]
+)
+def test_architecture_read_in_a_child_process_is_the_same(tmp_path, make, targets) -> None:
+    make().save_pretrained(tmp_path)
+    found = stream._describe_in_child(tmp_path, targets)
+    assert found == stream._describe(tmp_path, targets)
+    assert ("error" in found) == (make is tiny_llama) and any(found["conv1d"].values()) == (make is tiny_gpt2)

@@ -12,6 +12,7 @@ from .errors import PissaError
 from .io import export_peft, load_adapter, save_adapter
 from .layer import PissaLinear
 from .model import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
+from .stream import merge_checkpoint, merge_state_dict
 
 __all__ = [
     "AdapterConfig",
@@ -25,6 +26,8 @@ __all__ = [
     "export_peft",
     "load_adapter",
     "merge",
+    "merge_checkpoint",
+    "merge_state_dict",
     "regularization",
     "save_adapter",
     "trainable_parameters",

@@ -3,23 +3,27 @@
 Everything here degrades to the single-process case: without an initialized process group
 ``world()`` is ``(0, 1)``, ``assign`` gives everything to rank 0, ``barrier`` does nothing and
 ``shared_map`` computes every item locally. Under ``torchrun`` (``WORLD_SIZE > 1``)
-``init_from_env`` creates the process group (gloo on the CPU, NCCL on GPUs).
+``init_from_env`` creates the process group (gloo on the CPU, NCCL on GPUs) and registers
+:func:`shutdown` to tear it down at interpreter exit.
 """
 
 from __future__ import annotations
 
-import argparse
+import atexit
 import contextlib
 import datetime
 import heapq
 import os
 import subprocess
 import sys
-from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,7 +35,11 @@ _local_only = False
 
 
 def init_from_env() -> bool:
-    """Create the default process group if launched by torchrun with ``WORLD_SIZE > 1``; True if distributed."""
+    """Create the default process group if launched by torchrun with ``WORLD_SIZE > 1``; True if distributed.
+
+    Also registers :func:`shutdown` with :mod:`atexit`, so the group is torn down while the
+    interpreter is still whole, whatever way the program ends.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
@@ -40,7 +48,38 @@ def init_from_env() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=TIMEOUT)
+    atexit.unregister(_at_exit)  # at most once, however often a process group is created
+    atexit.register(_at_exit)
     return True
+
+
+def shutdown(wait: bool = True) -> None:
+    """Destroy the default process group (and every other one); a no-op when there is none.
+
+    With ``wait``, a barrier first: every rank has finished every collective (gloo's barrier also
+    waits for this rank's queued asynchronous work) before any rank tears its connections down.
+    Skip it (``wait=False``) on an error path, where the other ranks may never reach the barrier.
+
+    Torch does not do this by itself. Left alone, the group is destroyed by the garbage collector
+    in the middle of interpreter finalization, or never if something (FSDP2 state) still holds
+    it, so gloo's C++ threads are joined, or still running, while Python is being dismantled; a
+    worker can then abort with "terminate called without an active exception" after all its
+    work succeeded. :func:`init_from_env` registers this to run at exit, while Python is whole.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _at_exit() -> None:
+    """The :mod:`atexit` teardown: :func:`shutdown`, with the barrier only if no exception is
+    propagating out of the program (the interpreter records an uncaught one in ``sys.last_value``
+    before exit handlers run), since a failed rank's peers may never reach the barrier."""
+    shutdown(wait=getattr(sys, "last_value", None) is None and getattr(sys, "last_exc", None) is None)
 
 
 def world() -> tuple[int, int]:
@@ -105,25 +144,10 @@ def shared_map(items: Sequence[T], compute: Callable[[T], R], costs: Sequence[fl
     for i, item in enumerate(items):
         box = [mine.pop(i, None)]
         dist.broadcast_object_list(box, src=owners[i])
-        yield item, box[0]
+        yield item, cast(R, box[0])  # the owner's result, received by every rank
 
 
 # --- data-parallel training ----------------------------------------------------------------------
-
-
-def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, drop: set[str]) -> list[str]:
-    """The sub-command of ``parser`` and the options of ``args`` that differ from their defaults (minus ``drop``), as argv."""
-    argv = [parser.prog.split()[-1]]
-    for action in parser._actions:
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest in drop or action.dest == "help" or value == action.default:
-            continue
-        option = next(o for o in action.option_strings if o.startswith("--"))
-        if action.nargs == 0:  # a flag
-            argv.append(option)
-        else:
-            argv += [option, *map(str, value if isinstance(value, list) else [value])]
-    return argv
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:
@@ -140,20 +164,18 @@ def data_parallel(model: nn.Module) -> nn.Module:
     """
     if world()[1] == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device = _comm_device()
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or ``model``)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def no_sync(model: nn.Module, skip: bool) -> ContextManager:
+def no_sync(model: nn.Module, skip: bool) -> AbstractContextManager[None]:
     """Within the block, backward does not all-reduce (gradient accumulation) when ``skip`` and ``model`` is DDP."""
-    return model.no_sync() if skip and unwrap(model) is not model else contextlib.nullcontext()
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def my_share(items: Sequence[T]) -> list[T]:
