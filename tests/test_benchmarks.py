@@ -64,7 +64,7 @@ def readme_init_speed_tables() -> list[tuple[str, list[str], list[list[str]], li
     """(results file, header, rows, setup lines) of each table in the README's init-speed section.
 
     A table quotes the results file that the text since the previous table links to
-    (``benchmarks/results/NAME.md``), else ``init_speed.md``; setup lines are the lines of that
+    (``benchmarks/results/NAME.md``), else the previous table's file (the first: ``init_speed.md``); setup lines are the lines of that
     text that start with "Model " (the run's model, rank, threads and repeats, as the results file states them).
     """
     lines = section((REPO / "README.md").read_text(), "## Init speed and exactness")
@@ -73,7 +73,8 @@ def readme_init_speed_tables() -> list[tuple[str, list[str], list[list[str]], li
         before = lines[prev_end:start]
         links = re.findall(r"benchmarks/results/(init_speed[\w-]*\.md)", "\n".join(before))
         setup = [line for line in before if line.startswith("Model ")]
-        out.append((links[-1] if links else "init_speed.md", header, rows, setup))
+        source = links[-1] if links else (out[-1][0] if out else "init_speed.md")  # else the previous table's file
+        out.append((source, header, rows, setup))
         prev_end = start + 2 + len(rows)
     return out
 
