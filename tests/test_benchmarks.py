@@ -64,8 +64,9 @@ def readme_init_speed_tables() -> list[tuple[str, list[str], list[list[str]], li
     """(results file, header, rows, setup lines) of each table in the README's init-speed section.
 
     A table quotes the results file that the text since the previous table links to
-    (``benchmarks/results/NAME.md``), else the previous table's file (the first: ``init_speed.md``); setup lines are the lines of that
-    text that start with "Model " (the run's model, rank, threads and repeats, as the results file states them).
+    (``benchmarks/results/NAME.md``), else the previous table's file (the first: ``init_speed.md``);
+    setup lines are the lines of that text that start with "Model " (the run's model, rank, threads and
+    repeats, as the results file states them).
     """
     lines = section((REPO / "README.md").read_text(), "## Init speed and exactness")
     out, prev_end = [], 0
