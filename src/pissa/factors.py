@@ -104,6 +104,18 @@ def residual_of(weight: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core
     return torch.addmm(weight.to(dt), left, A.to(dt), alpha=-scaling).to(weight.dtype)
 
 
+def merged_weight(residual: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, core: Tensor | None = None) -> Tensor:
+    """The merged weight ``residual + scaling * B @ core @ A`` (out, in): the one formula of every merge.
+
+    Computed in the factors' dtype (float32 by default), then cast to ``residual``'s dtype; the
+    update is formed in place (one (out, in) temporary besides the result).
+    """
+    update = fold_core(B, core) @ A
+    update.mul_(scaling)
+    update.add_(residual.to(update.dtype))
+    return update.to(residual.dtype)
+
+
 def truncate(A: Tensor, B: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The best rank-k factors of the product ``B @ A`` (``A (R, in)``, ``B (out, R)``, k <= R).
 

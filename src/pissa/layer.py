@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .factors import Part, fold_core
+from .factors import Part, fold_core, merged_weight
 from .modules import dense_weight, native_weight, set_dense_weight
 from .nf4 import NF4Linear
 
@@ -119,8 +119,9 @@ class PissaLinear(nn.Module):
         """A new plain layer (the residual's type, or a dense one for a 4-bit residual) holding
         ``W_res + scaling * B @ A`` and the bias; this layer is left unchanged."""
         residual = self.residual.to_dense() if isinstance(self.residual, NF4Linear) else copy.deepcopy(self.residual)
-        W = dense_weight(residual)
-        set_dense_weight(residual, (W.to(self.lora_A.dtype) + self.delta().detach()).to(W.dtype))
+        core = None if self.lora_core is None else self.lora_core.detach()
+        merged = merged_weight(dense_weight(residual), self.lora_A.detach(), self.lora_B.detach(), self.scaling, core)
+        set_dense_weight(residual, merged)
         return residual
 
     def extra_repr(self) -> str:

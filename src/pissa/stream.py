@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 from . import distributed, options
 from .config import AdapterConfig, InitConfig
 from .errors import PissaError
-from .factors import fold_core, residual_of
+from .factors import merged_weight, residual_of
 from .fingerprint import weight_digest
 from .io import (
     CONFIG_FILE,
@@ -763,8 +763,9 @@ def _merged_weight(
     None when ``stored`` has neither digest (not the weight the adapter was made from).
 
     ``stored`` may be the base weight W or the residual ``pissa init`` wrote in its place. The
-    arithmetic is :meth:`pissa.layer.PissaLinear.merged`'s on the residual attach or load_adapter
-    builds (:func:`~pissa.factors.residual_of`), so the result is bit-identical to ``pissa.merge``.
+    residual is the one attach or load_adapter builds (:func:`~pissa.factors.residual_of`) and the
+    merge :func:`~pissa.factors.merged_weight`, as in :meth:`pissa.layer.PissaLinear.merged`, so the
+    result is bit-identical to ``pissa.merge``.
     """
     digest = weight_digest(stored)
     W = stored.T if conv1d else stored
@@ -778,11 +779,7 @@ def _merged_weight(
             residual = residual_of(W, parts["A0"], parts["B0"], scaling, parts.get("core0"))
     else:
         return None
-    merged = fold_core(parts["lora_B"], parts.get("lora_core")) @ parts["lora_A"]
-    merged.mul_(scaling)  # = PissaLinear.delta(), in place
-    merged.add_(residual.to(merged.dtype))  # = W_res + delta (addition commutes exactly)
-    del residual
-    merged = merged.to(stored.dtype)
+    merged = merged_weight(residual, parts["lora_A"], parts["lora_B"], scaling, parts.get("lora_core"))
     return merged.T.contiguous() if conv1d else merged
 
 
