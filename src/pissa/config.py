@@ -16,16 +16,10 @@ from typing import Any, Literal
 import torch
 
 from .decompose import METHODS, get_method
+from .devices import DTYPES
 from .errors import PissaError
 from .options import CHOICES, POSITIONAL, RESUME_SAFE
 from .svd import BLOCK, SVDMethod
-
-FACTOR_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
 
 
 @dataclass
@@ -77,8 +71,8 @@ class AdapterConfig:
             raise PissaError(f"block must be an integer >= 1, got {self.block!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise PissaError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.factor_dtype not in FACTOR_DTYPES:
-            raise PissaError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+        if self.factor_dtype not in DTYPES:
+            raise PissaError(f"factor_dtype must be one of {', '.join(DTYPES)}, got {self.factor_dtype!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [self.targets]
 
@@ -89,7 +83,7 @@ class AdapterConfig:
 
     @property
     def torch_factor_dtype(self) -> torch.dtype:
-        return FACTOR_DTYPES[self.factor_dtype]
+        return DTYPES[self.factor_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,10 +94,9 @@ class AdapterConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _resume_safe(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A field that cannot change a run's result (``--resume`` accepts a new value)."""
-    return field(default=default, metadata={RESUME_SAFE: True}, **kw) if default is not dataclasses.MISSING else \
-        field(metadata={RESUME_SAFE: True}, **kw)
+def _resume_safe(**kw: Any) -> Any:
+    """A field (``default=`` or ``default_factory=``) that cannot change a run's result: ``--resume`` accepts a new value."""
+    return field(metadata={RESUME_SAFE: True}, **kw)
 
 
 HeadKind = Literal["auto", "causal-lm", "seq-cls"]
@@ -164,7 +157,7 @@ class RunConfig:
     """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
     reg_weight: float = 0.0
     """Weight of pissa.regularization (SORSA's orthonormality penalty) in the loss."""
-    save_every: int = _resume_safe(50)
+    save_every: int = _resume_safe(default=50)
     """Checkpoint every N steps (0: only on Ctrl-C)."""
     threads: int = _resume_safe(default_factory=lambda: len(os.sched_getaffinity(0)))
     """CPU threads (default: the cores available to this process)."""
@@ -264,7 +257,7 @@ class InitConfig:
     """New output folder: OUT/residual (the residual checkpoint) and OUT/adapter."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The adapter (its fields are options of their own)."""
-    progress: bool = _resume_safe(True)
+    progress: bool = _resume_safe(default=True)
     """Show a progress bar."""
 
 

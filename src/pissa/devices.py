@@ -19,16 +19,16 @@ from torch import nn
 
 from .errors import PissaError
 
-DeviceName = str
-"""``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
+"""Dtype names of the options (``--dtype`` takes the first three, ``--factor-dtype`` all four)."""
 
 
-def resolve_device(name: DeviceName) -> torch.device:
-    """The device for ``name``: ``auto`` is CUDA when available, else the CPU. Under torchrun a
+def resolve_device(name: str) -> torch.device:
+    """The device for ``name`` (auto, cpu, cuda, cuda:N or mps): ``auto`` is CUDA when available, else the CPU. Under torchrun a
     device without an index (``auto``, ``cuda``) is this process's GPU, ``cuda:$LOCAL_RANK``.
 
     Raises PissaError for a device this machine does not have, naming what it has.

@@ -36,8 +36,6 @@ C = TypeVar("C")
 
 RESUME_SAFE = "resume_safe"
 """Field metadata key: the option cannot change a run's result (threads, checkpoint interval)."""
-CLI_NAME = "cli"
-"""Field metadata key: the option's name on the command line when it is not ``--field-name``."""
 POSITIONAL = "positional"
 """Field metadata key: the option is a positional argument."""
 CHOICES = "choices"
@@ -70,8 +68,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def option_name(f: dataclasses.Field) -> str:
-    """``--field-name`` (or the field's ``cli`` metadata)."""
-    return f.metadata.get(CLI_NAME, "--" + f.name.replace("_", "-"))
+    """``--field-name``."""
+    return "--" + f.name.replace("_", "-")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -93,8 +91,8 @@ def _list_item(tp: Any) -> Any:
     return str
 
 
-def converter(tp: Any, name: str) -> tuple[Callable[[str], Any], list[str] | None]:
-    """``(parse, choices)`` for a command-line string of annotated type ``tp``."""
+def converter(tp: Any, name: str) -> Callable[[str], Any]:
+    """The parser of a command-line string of annotated type ``tp`` (ArgumentTypeError on a bad value)."""
     inner, optional = _strip_optional(tp)
 
     def wrap(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
@@ -116,7 +114,7 @@ def converter(tp: Any, name: str) -> tuple[Callable[[str], Any], list[str] | Non
                 raise ValueError(text)
             return text
 
-        return wrap(literal, "one of " + ", ".join(choices)), None
+        return wrap(literal, "one of " + ", ".join(choices))
     if _is_list(inner):
         item = _list_item(inner)
         keep_all = inner is not list and str in typing.get_args(inner)  # "all-linear" or a list
@@ -126,11 +124,11 @@ def converter(tp: Any, name: str) -> tuple[Callable[[str], Any], list[str] | Non
                 return text
             return [item(t.strip()) for t in text.split(",") if t.strip()]
 
-        return wrap(items, f"comma-separated {item.__name__} values"), None
+        return wrap(items, f"comma-separated {item.__name__} values")
     if typing.get_origin(inner) is dict or inner is dict:
-        return wrap(json.loads, "a JSON object"), None
+        return wrap(json.loads, "a JSON object")
     if inner in (int, float, str):
-        return wrap(inner, "an integer" if inner is int else "a number" if inner is float else "text"), None
+        return wrap(inner, "an integer" if inner is int else "a number" if inner is float else "text")
     raise TypeError(f"no command-line form for {name}: {tp}")
 
 
@@ -178,7 +176,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         help_text = docs.get(f.name, "").replace("%", "%%")
         inner, _ = _strip_optional(tp)
         if f.metadata.get(POSITIONAL):
-            parse, _ = converter(tp, f.name)
+            parse = converter(tp, f.name)
             parser.add_argument(f.name, type=parse, help=help_text, metavar=f.name.upper())
             continue
         if default is dataclasses.MISSING:
@@ -189,7 +187,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         if inner is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
-        parse, _ = converter(tp, name)
+        parse = converter(tp, name)
         metavar = None
         if typing.get_origin(inner) is typing.Literal:
             metavar = "{" + ",".join(str(c) for c in typing.get_args(inner)) + "}"
@@ -296,14 +294,11 @@ def _flatten_doc(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_text(config: Any, suffix: str = ".yaml") -> str:
-    """A config dataclass as the text of a config file (nested sections kept), YAML or JSON by ``suffix``."""
-    doc = dataclasses.asdict(config)
-    if suffix == ".json":
-        return json.dumps(doc, indent=2) + "\n"
+def config_text(config: Any) -> str:
+    """A config dataclass as the YAML text of a config file (nested sections kept)."""
     import yaml
 
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
 def resolve(cls: type[C], args: argparse.Namespace, config_file: str | None = None,
