@@ -141,6 +141,11 @@ def _one_of(parse: Callable[[str], Any], choices: tuple[str, ...], name: str) ->
     return run
 
 
+def _keep_suppress(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` for an optional positional: argparse passes its absent value (the SUPPRESS default) through it."""
+    return lambda text: text if text is argparse.SUPPRESS else parse(text)
+
+
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
@@ -177,7 +182,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         inner, _ = _strip_optional(tp)
         if f.metadata.get(POSITIONAL):
             parse = converter(tp, f.name)
-            parser.add_argument(f.name, type=parse, help=help_text, metavar=f.name.upper())
+            if default is dataclasses.MISSING:
+                parser.add_argument(f.name, type=parse, help=help_text, metavar=f.name.upper())
+            else:  # optional: an absent one stays unset
+                parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(),
+                                    type=_keep_suppress(parse))
             continue
         if default is dataclasses.MISSING:
             help_text += " (required)"
