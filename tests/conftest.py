@@ -12,6 +12,9 @@ from torch import nn
 
 from pissa.cli import main
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+"""The devices present: device-agnostic tests run on each (CPU always), unchanged on a GPU machine."""
+
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:

@@ -243,3 +243,164 @@ def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_t
         for k in single:
             assert torch.allclose(got[k], single[k], rtol=1e-4, atol=1e-6), (rank, k)
     assert any(not torch.equal(single[k], pissa.attach(tiny_llama(), pissa.AdapterConfig(**CFG)).state_dict()[k]) for k in single)
+
+
+INTERRUPT = """
+import signal, sys
+from pissa import train
+from pissa.cli import main
+real, calls = train.train_step, []
+def step_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives during step 2 on every rank
+    calls.append(1)
+    if len(calls) == 2:
+        signal.raise_signal(signal.SIGINT)
+    return real(*args, **kwargs)
+train.train_step = step_then_ctrl_c
+sys.exit(0 if main(sys.argv[1:]) == 130 else 1)
+"""
+
+
+def test_fsdp_finetune_equals_one_process_and_resumes_after_ctrl_c(tmp_path, tiny, one_thread) -> None:
+    """`--nproc 2 --fsdp`: the model sharded over 2 CPU processes trains the adapter one process
+    trains (same global batches); interrupted by Ctrl-C at step 2, `--resume` finishes the same run."""
+    import json
+
+    from pissa.cli import main
+
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    torchrun(INTERRUPT, tmp_path, *args, "--out", str(tmp_path / "fsdp"), "--fsdp")
+    state = json.loads((tmp_path / "fsdp.partial" / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["step"] == 2 and not (tmp_path / "fsdp").exists()
+    assert main([*args, "--out", str(tmp_path / "fsdp"), "--fsdp", "--nproc", "2", "--resume"]) == 0
+    single = load_file(str(tmp_path / "single" / "adapter" / "adapter.safetensors"))
+    sharded = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter.safetensors"))
+    assert sharded.keys() == single.keys()
+    for k in single:
+        assert torch.allclose(sharded[k], single[k], rtol=1e-4, atol=1e-6), k
+    m_single, m_fsdp = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp"))
+    assert m_fsdp["fsdp"] and m_fsdp["processes"] == 2 and not m_single["fsdp"]
+    assert [s for s, _ in m_fsdp["train_loss"]] == [1, 2, 3, 4]
+    assert all(abs(a[1] - b[1]) <= 1e-5 for a, b in zip(m_fsdp["train_loss"], m_single["train_loss"]))
+    for key in ("eval_before", "eval_after"):
+        assert abs(m_fsdp[key]["loss"] - m_single[key]["loss"]) <= 1e-5, key
+
+
+def test_fsdp_finetune_in_bfloat16_with_gradient_checkpointing_matches_one_process(tmp_path, tiny, one_thread) -> None:
+    """A bfloat16 base sharded with float32 factors (FSDP2's mixed-precision policy keeps each dtype)
+    and activation checkpointing: the adapter one bfloat16 process trains, within bfloat16 rounding."""
+    import json
+
+    from pissa.cli import main
+
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE,
+            "--dtype", "bfloat16", "--gradient-checkpointing"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--out", str(tmp_path / "fsdp"), "--fsdp", "--nproc", "2"]) == 0
+    single = load_file(str(tmp_path / "single" / "adapter" / "adapter.safetensors"))
+    sharded = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter.safetensors"))
+    trained = [k for k in single if k.endswith((".lora_A", ".lora_B"))]
+    assert trained and all(sharded[k].dtype == torch.float32 for k in trained)
+    # bfloat16 rounds the activations of the two half-batches differently than of the whole batch,
+    # and AdamW's first steps amplify small gradients: compare the whole trained update
+    difference = sum((sharded[k] - single[k]).norm() ** 2 for k in trained) ** 0.5
+    update = sum((single[k] - single[k.replace("lora_", "") + "0"]).norm() ** 2 for k in trained) ** 0.5
+    assert difference <= 0.05 * update, (difference, update)
+    m_single, m_fsdp = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp"))
+    assert abs(m_fsdp["eval_after"]["loss"] - m_single["eval_after"]["loss"]) <= 2e-3
+
+
+def test_fsdp_needs_several_processes(tmp_path, tiny, capsys) -> None:
+    from pissa.cli import main
+
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), "--fsdp"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "--fsdp shards the model over processes: add --nproc N" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def llama_checkpoint(root: Path) -> Path:
+    """A Llama-shaped safetensors checkpoint in several shards (untied head, rotary tables, GQA) under ``root/base``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+    model.save_pretrained(root / "base", max_shard_size="60KB")
+    assert len(list((root / "base").glob("*.safetensors"))) > 2
+    return root / "base"
+
+
+def reference_logits(checkpoint: Path, adapter: Path) -> torch.Tensor:
+    """Logits of the base loaded whole (from_pretrained) with the adapter loaded in memory."""
+    from transformers import LlamaForCausalLM
+
+    model = pissa.load_adapter(LlamaForCausalLM.from_pretrained(checkpoint), adapter)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+IDS = torch.arange(24).reshape(2, 12) % 100
+
+SHARDED = """
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+import pissa
+from pissa import distributed
+from test_distributed import IDS
+assert distributed.init_from_env()
+out = sys.argv[1]
+with torch.device("meta"):
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{out}/residual"))
+pissa.load_sharded(model, f"{out}/residual", f"{out}/adapter", device="cpu")
+local = sum(p.to_local().numel() for p in model.parameters())
+with torch.no_grad():
+    logits = model(input_ids=IDS).logits
+rank = distributed.world()[0]
+save_file({"logits": logits, "local": torch.tensor(local)}, f"{out}/rank{rank}.safetensors")
+"""
+
+
+def test_load_sharded_builds_a_pissa_init_checkpoint_on_two_processes_from_the_meta_device(tmp_path, one_thread) -> None:
+    """`pissa init` output loaded onto a meta-device Llama by 2 FSDP2 processes: each rank holds
+    half of every weight and the sharded model computes the logits of the whole base plus adapter."""
+    base = llama_checkpoint(tmp_path)
+    stream.init_checkpoint(base, tmp_path / "out", pissa.AdapterConfig(**CFG), progress=False)
+    torchrun(SHARDED, tmp_path, str(tmp_path / "out"))
+    expected = reference_logits(base, tmp_path / "out" / "adapter")
+    ranks = [load_file(str(tmp_path / "out" / f"rank{r}.safetensors")) for r in range(2)]
+    total = sum(p.numel() for p in pissa.load_adapter(llama_checkpoint_model(base), tmp_path / "out" / "adapter").parameters())
+    assert sum(int(r["local"]) for r in ranks) == total
+    assert all(0.45 * total <= int(r["local"]) <= 0.55 * total for r in ranks)  # no rank holds the whole base
+    for r in ranks:
+        assert torch.allclose(r["logits"], expected, rtol=1e-4, atol=1e-5)
+
+
+def llama_checkpoint_model(base: Path) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(base)
+
+
+def test_load_sharded_in_one_process_equals_from_pretrained_and_checks_the_checkpoint(tmp_path) -> None:
+    """Without torchrun the meta model is filled whole; another checkpoint or a real model is refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = llama_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    stream.init_checkpoint(base, out, pissa.AdapterConfig(**CFG), progress=False)
+
+    def meta_model() -> torch.nn.Module:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "residual"))
+
+    model = pissa.load_sharded(meta_model(), out / "residual", out / "adapter", device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, reference_logits(base, out / "adapter"), rtol=1e-5, atol=1e-6)
+    assert len(list(pissa.adapted_layers(model))) == 14
+    with pytest.raises(pissa.PissaError, match="is not the residual checkpoint of this adapter"):
+        pissa.load_sharded(meta_model(), base, out / "adapter", device="cpu")  # the original weights, not the residual
+    with pytest.raises(pissa.PissaError, match="needs a model built on the meta device"):
+        pissa.load_sharded(llama_checkpoint_model(base), out / "residual", out / "adapter", device="cpu")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pissa
-from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from conftest import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import nf4 as nf4_mod
 from pissa import qpissa, quant_error
 from pissa.decompose import InitOptions, pissa_init
@@ -307,9 +307,6 @@ def test_analyze_quant_error_command_writes_table_csv_and_plot(tmp_path, monkeyp
     assert "| mlp.up_proj | 32x64 | 2 | 0.00 |" in capsys.readouterr().out
     assert cli.main(["analyze", "quant-error", "--rank", "40", "--out", str(tmp_path / "bad")]) == 2
     assert "rank 40 does not fit" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

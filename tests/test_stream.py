@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pissa
-from conftest import TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
+from conftest import DEVICES, TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import cli, stream
 from pissa import model as pmodel
 from pissa.model import find_targets
@@ -158,6 +158,20 @@ def test_targets_from_architecture_are_all_linear(tmp_path, arch) -> None:
 
 def run_cli(*args: str) -> int:
     return cli.main(["init", "--no-progress", *args])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_init_decomposes_on_the_device_and_writes_the_same_checkpoint(tmp_path, llama_dir, device) -> None:
+    """`--device D` sends each streamed weight to D and writes its residual back: the same
+    checkpoint as on the CPU (bit for bit on the CPU, to float32 rounding on an accelerator)."""
+    assert run_cli("--model", str(llama_dir), "--out", str(tmp_path / "cpu"), "--rank", "4", "--device", "cpu") == 0
+    assert run_cli("--model", str(llama_dir), "--out", str(tmp_path / "dev"), "--rank", "4", "--device", device) == 0
+    ref, got = residual_tensors(tmp_path / "cpu" / "residual"), residual_tensors(tmp_path / "dev" / "residual")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert got[k].device.type == "cpu" and torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-6), k
+    if device == "cpu":
+        assert adapter_of(tmp_path / "dev" / "adapter")[0]["layers"] == adapter_of(tmp_path / "cpu" / "adapter")[0]["layers"]
 
 
 def test_cli_explicit_targets_and_unknown_architecture(tmp_path, llama_dir, capsys) -> None:

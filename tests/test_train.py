@@ -358,7 +358,19 @@ def test_half_precision_base_trains_with_float32_factors(tiny: Path, tmp_path: P
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
-def test_an_unavailable_device_is_one_line_exit_2(tiny: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("command", ["finetune", "init", "analyze spectrum", "analyze quant-error"])
+def test_an_unavailable_device_is_one_line_exit_2(tiny: Path, tmp_path: Path, capsys, command: str) -> None:
+    from pissa.cli import main
+
     bad = "cuda" if not torch.cuda.is_available() else "cuda:99"
-    assert finetune(tiny, tmp_path / "x", "--device", bad) == 2
-    assert "--device" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    out = tmp_path / "x"
+    if command == "finetune":
+        code = finetune(tiny, out, "--device", bad)
+    else:
+        assert finetune(tiny, tmp_path / "run", "--steps", "1") == 0
+        given = {"init": ["--model", str(tiny / "llama")], "analyze spectrum": ["--adapter", str(tmp_path / "run" / "adapter")],
+                 "analyze quant-error": ["--model", str(tiny / "llama")]}[command]
+        code = main([*command.split(), *given, "--out", str(out), "--device", bad])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--device" in err[-1] and err[-1].startswith("pissa: error:") and not out.exists()

@@ -6,12 +6,14 @@
     pissa.export_peft(model, "peft_lora/")    # a rank-2r PEFT LoRA of the same model
 """
 
+from . import integrations  # noqa: F401  (attached Hugging Face models save their adapter)
 from .config import AdapterConfig
 from .decompose import METHODS, Decomposition
 from .errors import PissaError
 from .io import export_peft, load_adapter, save_adapter
 from .layer import PissaLinear
 from .model import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
+from .sharded import load_sharded
 from .stream import merge_checkpoint, merge_state_dict
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "decompose",
     "export_peft",
     "load_adapter",
+    "load_sharded",
     "merge",
     "merge_checkpoint",
     "merge_state_dict",

@@ -237,7 +237,12 @@ class Launch:
     """Continue the interrupted run in OUT.partial; an option that differs from the interrupted run's is refused."""
     nproc: int = 1
     """Data-parallel processes on this machine (relaunches under torchrun; gloo on the CPU, NCCL on GPUs);
-    the cores are split between them."""
+    the cores are split between them. Under an existing torchrun (e.g. several machines with
+    torchrun --nnodes) leave it at 1: the launched processes are used as they are."""
+    fsdp: bool = False
+    """Shard the model over the processes (FSDP2, one unit per decoder block) instead of replicating it:
+    each holds 1/N of the frozen base. Checkpoints hold the whole adapter and optimizer state,
+    so a run may resume with another --nproc, with or without --fsdp."""
     config: str | None = None
     """A run configuration file (.yaml or .json, e.g. the OUT/config.yaml a run wrote);
     options given on the command line override it."""
@@ -257,6 +262,9 @@ class InitConfig:
     """New output folder: OUT/residual (the residual checkpoint) and OUT/adapter."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The adapter (its fields are options of their own)."""
+    device: str = "auto"
+    """Where each streamed weight is decomposed (read from disk, sent there, its residual written back):
+    auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
     progress: bool = _resume_safe(default=True)
     """Show a progress bar."""
 
@@ -302,6 +310,8 @@ class QuantErrorConfig:
     """Block Lanczos steps with --svd krylov; None: the rank's default."""
     sample: int | None = None
     """At most this many layers per projection type (None: all)."""
+    device: str = "auto"
+    """Where the decompositions run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
     out: str = "quant_error"
     """Output folder (replaced): quant_error.md, .csv, .png."""
 
@@ -322,6 +332,8 @@ class AdapterAnalysisConfig:
     """Model head; auto: the one the adapter records, else detected like finetune."""
     layers: list[str] | None = None
     """Comma-separated layer-name suffixes or regexes (default: every adapted layer)."""
+    device: str = "auto"
+    """Where the SVDs run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
     out: str = "analysis"
     """Output folder (replaced)."""
 

@@ -22,8 +22,13 @@ from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+
+from .errors import PissaError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -158,14 +163,60 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 def data_parallel(model: nn.Module) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel when distributed (gradients of the trainable
-    parameters are averaged over ranks in backward), else ``model`` itself.
+    parameters are averaged over ranks in backward), else ``model`` itself (also when it is
+    already sharded by :func:`shard`, which averages gradients itself).
 
     Buffers (A0, B0, 4-bit codes) never change, so they are not re-broadcast at every forward.
     """
-    if world()[1] == 1:
+    if world()[1] == 1 or is_sharded(model):
         return model
     device = _comm_device()
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard ``model`` over every rank with FSDP2 (``fully_shard``), in place: each decoder block
+    (the classes Hugging Face lists in ``_no_split_modules``) is one unit, the rest of the model
+    the root unit. Each rank keeps ``1/world`` of every parameter, frozen residual weights
+    included; a block's full weights exist only while it runs (all-gathered before its forward and
+    again before its backward, freed after).
+
+    Parameters keep their dtypes (a bfloat16 base with float32 factors all-gathers each in its
+    own); gradients are reduce-scattered in float32 and averaged over ranks, as DDP's are.
+    Buffers (A0, B0, 4-bit codes, rotary tables) are not sharded: every rank holds them.
+    """
+    size = world()[1]
+    if size == 1:
+        raise PissaError("--fsdp shards the model over processes: add --nproc N (N >= 2) or launch under torchrun")
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        raise PissaError(f"--fsdp: {type(model).__name__} names no decoder blocks to shard (_no_split_modules); "
+                         "train it with --nproc N without --fsdp (data-parallel)")
+    mesh = init_device_mesh(device.type, (size,))
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded by :func:`shard` (FSDP2)."""
+    return isinstance(model, FSDPModule)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it, in the same order); ``t`` itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: Tensor, param: Tensor) -> Tensor:
+    """``value`` (a whole tensor of ``param``'s shape) as ``param`` holds it: this rank's shard when
+    ``param`` is an FSDP2 DTensor (every rank passes the same ``value``), else ``value`` itself."""
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -174,14 +225,33 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def no_sync(model: nn.Module, skip: bool) -> AbstractContextManager[None]:
-    """Within the block, backward does not all-reduce (gradient accumulation) when ``skip`` and ``model`` is DDP."""
-    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    """Within the block, backward does not reduce gradients over ranks (gradient accumulation) when
+    ``skip`` and ``model`` is DDP or FSDP2 (which then keeps unsharded gradients until the last micro-batch)."""
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        return _fsdp_sync(model, not skip)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model: FSDPModule, sync: bool) -> Iterator[None]:
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def my_share(items: Sequence[T]) -> list[T]:
     """This rank's items of a global list: ``items[rank::world_size]``."""
     rank, size = world()
     return list(items[rank::size])
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (``flag`` in a single process)."""
+    return all_sum([float(flag)])[0] > 0
 
 
 def all_sum(values: Sequence[float]) -> list[float]:

@@ -18,10 +18,16 @@ def weight_digest(W: Tensor) -> str:
     424 MB of projections in 0.02 s here, sha256 in 0.24 s.
     """
     t = W.detach().contiguous().cpu()
-    h = xxhash.xxh3_128(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h = digest_hasher(t.dtype, tuple(t.shape))
     if t.numel():
         h.update(t.view(-1).view(torch.uint8).numpy().data)  # the array's bytes as a memoryview
     return h.hexdigest()
+
+
+def digest_hasher(dtype: torch.dtype, shape: tuple[int, ...]) -> xxhash.xxh3_128:
+    """The hasher of :func:`weight_digest` before any data: ``update`` it with a tensor's raw bytes,
+    in pieces if need be, and ``hexdigest()`` equals ``weight_digest`` of that tensor."""
+    return xxhash.xxh3_128(f"{dtype}:{shape}:".encode())
 
 
 def model_fingerprint(digests: dict[str, str]) -> str:

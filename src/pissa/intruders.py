@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import hub
 from .config import IntrudersConfig, SpectrumConfig
 from .decompose import METHODS
+from .devices import resolve_device
 from .errors import PissaError
 from .io import atomic_dir, load_adapter, peft_factors, read_adapter, recorded_base
 from .model import _matches, adapted_layers
@@ -61,8 +62,10 @@ class LayerWeights:
         return self.base + self.update
 
 
-def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None, kind: str) -> list[LayerWeights]:
-    """Base weights and trained updates of the adapter's layers matching ``patterns`` (all when None).
+def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None, kind: str,
+                device: torch.device | None = None) -> list[LayerWeights]:
+    """Base weights and trained updates (float64, on ``device``; default: the CPU) of the adapter's
+    layers matching ``patterns`` (all when None).
 
     Raises PissaError (before any work) for a bad adapter folder or patterns that match nothing.
     """
@@ -82,7 +85,8 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
     for name, layer in adapted_layers(model):
         if name in base:
             A, B = peft_factors(layer, METHODS[doc["config"]["method"]].export_rank)
-            out.append(LayerWeights(name, base[name], layer.scaling * (B.double() @ A.double()), layer.rank))
+            update = layer.scaling * (B.double() @ A.double())
+            out.append(LayerWeights(name, base[name].to(device), update.to(device), layer.rank))
     return out
 
 
@@ -122,11 +126,11 @@ def spectrum(args: SpectrumConfig) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = load_layers(args.model, args.adapter, args.layers, args.kind)
+    layers = load_layers(args.model, args.adapter, args.layers, args.kind, resolve_device(args.device))
     spectra = {}
     rows, csv_rows = [], []
     for lw in tqdm(layers, desc="spectra", unit="layer"):
-        before, after = torch.linalg.svdvals(lw.base), torch.linalg.svdvals(lw.tuned)
+        before, after = torch.linalg.svdvals(lw.base).cpu(), torch.linalg.svdvals(lw.tuned).cpu()
         spectra[lw.name] = (before, after)
         r = lw.rank
         rel = (lw.update.norm() / lw.base.norm()).item()
@@ -156,7 +160,7 @@ def intruders(args: IntrudersConfig) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = load_layers(args.model, args.adapter, args.layers, args.kind)
+    layers = load_layers(args.model, args.adapter, args.layers, args.kind, resolve_device(args.device))
     rows = []
     for lw in tqdm(layers, desc="intruders", unit="layer"):
         cos = max_cosines(lw.base, lw.tuned, args.k)

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import distributed
 from .config import AdapterConfig
 from .decompose import METHODS
 from .errors import PissaError
@@ -113,18 +114,44 @@ def _layers_or_fail(model: nn.Module) -> list:
     return layers
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path."""
-    layers = _layers_or_fail(model)
+@dataclass
+class AdapterContents:
+    """Everything an adapter directory holds, gathered from a model (:func:`gather_adapter`)."""
+
+    cfg: AdapterConfig
+    tensors: dict[str, Tensor]
+    meta: dict[str, dict[str, Any]]
+    head: dict[str, Tensor]
+    num_labels: int | None
+    base: dict[str, str] | None
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the adapter directory ``path`` (replaced atomically)."""
+        return write_adapter(path, self.cfg, self.tensors, self.meta, self.head, self.num_labels, self.base)
+
+
+def gather_adapter(model: nn.Module) -> AdapterContents:
+    """The model's adapters, on the CPU. For a model sharded over processes (FSDP2) this is a
+    collective that every rank must call: each returns the whole adapter."""
     tensors: dict[str, Tensor] = {}
     meta: dict[str, dict[str, Any]] = {}
-    for name, layer in layers:
+    for name, layer in _layers_or_fail(model):
         layer_tensors, meta[name] = layer_entry(name, layer)
         tensors.update(layer_tensors)
-    head = {n: p.detach().contiguous().cpu() for n, p in head_parameters(model).items()}
+    head = {n: distributed.full(p.detach()).contiguous().cpu() for n, p in head_parameters(model).items()}
     num_labels = getattr(getattr(model, "config", None), "num_labels", None) if head else None
     base = getattr(model, "pissa_base", None)  # set by pissa.hub.load_model
-    return write_adapter(path, model.pissa_config, tensors, meta, head=head, num_labels=num_labels, base=base)  # type: ignore[arg-type]
+    return AdapterContents(model.pissa_config, tensors, meta, head, num_labels, base)  # type: ignore[arg-type]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
+
+    Under torch.distributed only rank 0 writes. A model sharded over the processes (FSDP2) is
+    gathered first (:func:`gather_adapter`): then every rank must call this.
+    """
+    contents = gather_adapter(model)
+    return contents.write(path) if distributed.is_main() else Path(path)
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -142,13 +169,13 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if layer.Ar is not None:
         parts += [("Ar", layer.Ar), ("Br", layer.Br)]
     for key, t in parts:
-        tensors[f"{name}.{key}"] = t.detach().contiguous().cpu()
+        tensors[f"{name}.{key}"] = distributed.full(t.detach()).contiguous().cpu()
     meta = {
         "in": layer.in_features,
         "out": layer.out_features,
         "base_digest": layer.base_digest,
         # a 4-bit residual records the digest of the dense residual it was quantized from (what `pissa init` writes)
-        "residual_digest": getattr(layer.residual, "source_digest", None) or weight_digest(layer.residual.weight),
+        "residual_digest": layer.residual_digest,
         "train": list(layer.train_parts),
         "orthonormal": layer.orthonormal,
     }
@@ -252,12 +279,14 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Adapt ``base`` (the original model, unmodified) with the adapter at ``path``, in place.
 
     The base may also be the residual model that ``pissa init`` wrote. Refuses any other model.
+    A base on the meta device is taken as that residual model, to be filled later
+    (:func:`pissa.load_sharded` does both and checks the residual's digests).
     """
     doc, tensors = read_adapter(path)
     cfg = AdapterConfig.from_dict(doc["config"])
     factors: dict[str, Factors] = {}
     digests: dict[str, str] = {}
-    residual_ready: set[str] = set()
+    residual_ready: dict[str, str] = {}
     for name, meta in doc["layers"].items():
         try:
             module = base.get_submodule(name)
@@ -266,9 +295,16 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         W = dense_weight(module) if is_adaptable(module) else None
         if W is None or tuple(W.shape) != (meta["out"], meta["in"]):
             raise PissaError(f"adapter at {path} was made for another model: layer {name!r} has a different type or shape")
-        digest = weight_digest(native_weight(module))
+        if W.is_meta:  # a model built on the meta device: the residual checkpoint fills it (pissa.load_sharded)
+            if cfg.quantize is not None:
+                raise PissaError(f"adapter at {path} has a 4-bit residual (quantize={cfg.quantize}); it cannot be loaded "
+                                 "onto a meta-device model: load the base model for real, then load_adapter")
+            residual_ready[name] = meta["residual_digest"]
+            digest = meta["residual_digest"]
+        else:
+            digest = weight_digest(native_weight(module))
         if digest == meta["residual_digest"]:
-            residual_ready.add(name)
+            residual_ready[name] = digest
         elif digest != meta["base_digest"]:
             raise PissaError(
                 f"adapter at {path} was made from a different base model (weights of {name!r} differ); "

@@ -42,6 +42,8 @@ class PissaLinear(nn.Module):
     Br: Tensor | None
     base_digest: str
     """:func:`~pissa.fingerprint.weight_digest` of the base layer's weight (set by attach / load_adapter)."""
+    residual_digest: str
+    """:func:`~pissa.fingerprint.weight_digest` of the residual weight (of the dense one a 4-bit residual was quantized from)."""
 
     def __init__(
         self,

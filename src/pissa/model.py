@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 
 import torch
@@ -33,6 +33,11 @@ HEAD_NAMES = ("lm_head", "score", "classifier")
 
 BATCH_BYTES = 1 << 29
 """Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
+
+ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
+"""Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
+(False); :mod:`pissa.integrations` adds the one that makes a Hugging Face model's ``save_pretrained``
+write its adapter."""
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
@@ -185,18 +190,21 @@ def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         for part in layer.train_parts:
             layer.factor(part).requires_grad_(True)
     model.pissa_config = cfg  # type: ignore[assignment]
+    for hook in ADAPT_HOOKS:
+        hook(model, True)
     return model
 
 
 def _make_layer(
-    module: nn.Module, W: Tensor, init: Factors, cfg: AdapterConfig, digest: str, is_residual: bool = False
+    module: nn.Module, W: Tensor, init: Factors, cfg: AdapterConfig, digest: str, is_residual: bool = False,
+    residual_digest: str | None = None,
 ) -> PissaLinear:
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
     ``init`` holds the initial factors (A0, B0, core0) and, for QPiSSA, the residual factors
     (Ar, Br): the residual is ``W - s * Br @ Ar`` then, else ``W - s * B0 @ core0 @ A0``.
     ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it
-    (quantized if ``cfg.quantize``).
+    (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
     """
     A, B, core = init.residual_factors()
     residual = W if is_residual else residual_of(W, A, B, cfg.scaling, core)
@@ -204,14 +212,17 @@ def _make_layer(
         module = quantize_residual(module, residual, cfg.quantize)
     elif not is_residual:
         set_dense_weight(module, residual)
-    return _wrap(module, init, cfg, digest)
+    return _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
 
 
-def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str) -> PissaLinear:
+def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str, residual_digest: str | None = None) -> PissaLinear:
+    """The adapted layer with its digests: ``digest`` of the base weight; ``residual_digest`` of
+    the residual (computed here when not given; a 4-bit residual's is its dense source's)."""
     layer = PissaLinear(
         residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal, init.Ar, init.Br
     )
     layer.base_digest = digest
+    layer.residual_digest = residual_digest or getattr(residual, "source_digest", None) or weight_digest(native_weight(residual))
     return layer
 
 
@@ -220,17 +231,20 @@ def rebuild(
     cfg: AdapterConfig,
     factors: Mapping[str, Factors | tuple[Tensor, Tensor]],
     digests: Mapping[str, str],
-    residual_ready: AbstractSet[str] = frozenset(),
+    residual_ready: Mapping[str, str] | AbstractSet[str] = frozenset(),
 ) -> nn.Module:
     """Adapt ``model`` from known initial factors ``{name: Factors or (A0, B0)}`` (used by load_adapter).
 
-    Layers named in ``residual_ready`` already hold their residual and are wrapped as they are.
+    Layers named in ``residual_ready`` already hold their residual and are wrapped as they are
+    (a mapping gives each one's residual digest, which is then not recomputed: the weight may be
+    on the meta device).
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
     for n, init in factors.items():
         module = model.get_submodule(n)
-        layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready)
+        known = residual_ready.get(n) if isinstance(residual_ready, Mapping) else None
+        layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready, known)
         _set_module(model, n, layer)
     return _freeze_base(model, cfg)
 
@@ -244,6 +258,8 @@ def merge(model: nn.Module) -> nn.Module:
         _set_module(model, name, layer.merged())
     if hasattr(model, "pissa_config"):
         del model.pissa_config
+    for hook in ADAPT_HOOKS:
+        hook(model, False)
     return model
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import hub
 from .config import QuantErrorConfig
 from .decompose import InitOptions, layer_seed, pissa_init
+from .devices import resolve_device
 from .errors import PissaError
 from .io import atomic_dir
 from .model import find_targets
@@ -178,9 +179,10 @@ def bar_chart(summary: list[tuple[str, str, int, dict[str, float]]], methods: li
     return fig
 
 
-def model_weights(model_name: str, kind: str = "auto", sample: int | None = None) -> dict[str, Tensor]:
-    """The (out, in) weights of a model's "all-linear" layers; ``sample``: at most that many per
-    projection type, evenly spaced."""
+def model_weights(model_name: str, kind: str = "auto", sample: int | None = None,
+                  device: torch.device | None = None) -> dict[str, Tensor]:
+    """The (out, in) float32 weights of a model's "all-linear" layers, on ``device`` (default: the CPU);
+    ``sample``: at most that many per projection type, evenly spaced."""
     model, _ = hub.load_model(model_name, kind=hub.resolve_kind(model_name, kind))
     names = find_targets(model, "all-linear")
     if sample is not None:
@@ -192,7 +194,7 @@ def model_weights(model_name: str, kind: str = "auto", sample: int | None = None
             step = max(1, -(-len(group) // sample))
             keep.update(group[::step][:sample])
         names = [n for n in names if n in keep]
-    return {n: dense_weight(model.get_submodule(n)).detach().float() for n in names}
+    return {n: dense_weight(model.get_submodule(n)).detach().to(device, torch.float32) for n in names}
 
 
 def quant_error(args: QuantErrorConfig) -> int:
@@ -200,7 +202,7 @@ def quant_error(args: QuantErrorConfig) -> int:
     require_bnb()
     iters = sorted(set(args.iters))
     methods = method_names(iters)
-    weights = model_weights(args.model, args.kind, args.sample)
+    weights = model_weights(args.model, args.kind, args.sample, resolve_device(args.device))
     start = time.perf_counter()
     rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True)
     seconds = time.perf_counter() - start

@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, options
 from .config import AdapterConfig, InitConfig
+from .devices import resolve_device
 from .errors import PissaError
 from .factors import merged_weight, residual_of
 from .fingerprint import weight_digest
@@ -494,24 +495,26 @@ def _stand_in(name: str, weight: Tensor, conv1d: bool) -> nn.Module:
     return root
 
 
-def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
-    """Adapt one stored weight exactly as ``attach`` does in memory.
+def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig,
+                 device: torch.device | None = None) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+    """Adapt one stored weight exactly as ``attach`` does in memory, on ``device`` (default: where it is).
 
     Returns the dense residual in the stored layout and dtype, and the layer's adapter tensors and
     ``layers`` entry (:func:`pissa.io.layer_entry`). With ``cfg.quantize`` the checkpoint gets the
     dense residual that the 4-bit layer was quantized from (``load_adapter`` quantizes it again).
     """
+    weight = weight.to(device)
     model = _stand_in(target.name, weight, target.conv1d)
     with distributed.local():
         attach(model, dataclasses.replace(cfg, targets=[re.escape(target.name)]))
     (name, layer), = adapted_layers(model)
     tensors, meta = layer_entry(name, layer)
     if cfg.quantize is None:
-        residual = layer.weight.detach()  # the residual module's weight, as stored
+        residual = layer.weight.detach().cpu()  # the residual module's weight, as stored
     else:  # the 4-bit layer keeps no dense copy: the same formula on the same inputs gives it bit-exactly
         A, B, core = layer.residual_factors()  # QPiSSA: the residual factors (Ar, Br), saved in the adapter too
         dense = residual_of(weight.T if target.conv1d else weight, A, B, layer.scaling, core)
-        residual = dense.T.contiguous() if target.conv1d else dense
+        residual = (dense.T.contiguous() if target.conv1d else dense).cpu()
     if weight_digest(residual) != meta["residual_digest"]:
         raise RuntimeError(f"internal error: the residual of {name} does not match its digest")
     return residual, tensors, meta
@@ -539,12 +542,13 @@ def _verified(state: Path, shard: Path, target: Target, entry: Entry, reader: _R
         return False
 
 
-def _do_target(ckpt: Checkpoint, target: Target, cfg: AdapterConfig, residual_dir: Path, state: Path, reader: _Reader) -> None:
+def _do_target(ckpt: Checkpoint, target: Target, cfg: AdapterConfig, residual_dir: Path, state: Path, reader: _Reader,
+               device: torch.device | None = None) -> None:
     """Adapt one target: residual bytes into the copied shard, then its record (renamed into place last)."""
     entry = ckpt.entries[target.key]
     with open(ckpt.root / entry.shard, "rb", buffering=0) as f:
         weight = reader.tensor(f, entry, drop=True)
-    residual, tensors, meta = adapt_tensor(weight, target, cfg)
+    residual, tensors, meta = adapt_tensor(weight, target, cfg, device)
     _write_at(residual_dir / entry.shard, entry.start, residual)
     record = _record_path(state, target)
     part = record.with_name(record.name + ".partial")
@@ -616,8 +620,10 @@ def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: P
     os.replace(work, out)
 
 
-def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: AdapterConfig, *, progress: bool = True) -> Path:
-    """Write ``out/residual`` and ``out/adapter`` for the checkpoint in ``model_dir`` (see the module docstring).
+def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: AdapterConfig, *, progress: bool = True,
+                    device: torch.device | None = None) -> Path:
+    """Write ``out/residual`` and ``out/adapter`` for the checkpoint in ``model_dir`` (see the module docstring);
+    each weight is decomposed on ``device`` (default: the CPU) and its residual written back from there.
 
     Call it on every rank under torchrun; each decomposes its share of the targets.
     """
@@ -650,7 +656,7 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
     try:
         for t in todo:
             bar.set_postfix_str(t.name, refresh=False)
-            _do_target(ckpt, t, cfg, residual_dir, state, reader)
+            _do_target(ckpt, t, cfg, residual_dir, state, reader, device)
             bar.update(1)
     except PissaError:  # bad input found on the way (a NaN weight): nothing worth resuming
         shutil.rmtree(work, ignore_errors=True)
@@ -986,7 +992,7 @@ def command_init(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
     def run(args: argparse.Namespace) -> int:
         cfg, _ = options.resolve(InitConfig, args)
         distributed.init_from_env()
-        out = init_checkpoint(cfg.model, cfg.out, cfg.adapter, progress=cfg.progress)
+        out = init_checkpoint(cfg.model, cfg.out, cfg.adapter, progress=cfg.progress, device=resolve_device(cfg.device))
         if distributed.is_main():
             print(f"wrote {out}/residual and {out}/adapter")
         return 0

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -103,6 +104,8 @@ class Session:
     """How :meth:`evaluate` scores (``--eval`` resolved by :func:`pissa.generation.choose_eval`)."""
     references: list[str] = field(default_factory=list)
     """The reference completion of each ``test`` item (generation evaluation)."""
+    sharded: bool = False
+    """The model is sharded over the processes (FSDP2, ``--fsdp``)."""
 
     @property
     def pad_id(self) -> int:
@@ -117,18 +120,25 @@ class Session:
         return collate([self.train[i] for i in indices], self.pad_id, self.kind, self.device)
 
     def evaluate(self) -> dict[str, float]:
-        """Test loss and accuracy; under torchrun each rank scores its share and the means are combined."""
-        items = distributed.my_share(self.test)
+        """Test loss and accuracy; under torchrun each rank scores its share and the means are combined.
+
+        A sharded model runs every forward on all ranks together (each all-gathers its blocks),
+        so there every rank scores all items, in the same batches, and no combining is needed.
+        """
+        items = self.test if self.sharded else distributed.my_share(self.test)
+        references = self.references if self.sharded else distributed.my_share(self.references)
         with autocast(self.device, self.dtype):
             if not items:
                 result = {"loss": 0.0, "accuracy": 0.0}
             elif self.eval_kind == "generate":
                 result = generation.evaluate_generation(
-                    self.model, self.tokenizer, items, distributed.my_share(self.references), pad_id=self.pad_id,
+                    self.model, self.tokenizer, items, references, pad_id=self.pad_id,
                     max_new_tokens=self.cfg.max_new_tokens, batch_size=2 * self.cfg.batch_size)
             else:
                 result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
                                   batch_size=2 * self.cfg.batch_size)
+        if self.sharded:
+            return result
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
@@ -182,12 +192,18 @@ def load_data(name: str, val_size: int = 0, eval_data: str | None = None) -> dat
     return data_mod.Dataset(name=name, train=train, test=test, labels=full.labels)
 
 
-def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
-    """Load, encode and adapt (``checkpoint``: restore its adapter instead of a fresh attach).
+def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = False) -> Session:
+    """Load, encode and adapt (``checkpoint``: restore its adapter instead of a fresh attach);
+    ``sharded``: then shard the model over the processes (:func:`pissa.distributed.shard`).
 
     Every user error surfaces here, before any output exists.
     """
     cfg.validate()
+    if sharded and distributed.world()[1] == 1:
+        raise PissaError("--fsdp shards the model over processes: add --nproc N (N >= 2) or launch under torchrun")
+    if sharded and cfg.reg_weight > 0:
+        raise PissaError("--reg-weight (SORSA's penalty on whole factors) does not run on sharded factors; "
+                         "drop --fsdp (data-parallel --nproc N works) or set --reg-weight 0")
     if cfg.batch_size < distributed.world()[1]:
         raise PissaError(f"--batch-size {cfg.batch_size} is smaller than the {distributed.world()[1]} processes; "
                          "each process takes a share of every micro-batch")
@@ -217,8 +233,10 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None) -> Session:
             mark_head_trainable(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if sharded:
+        distributed.shard(model, device)
     model.train()
-    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references)
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded)
 
 
 def mark_head_trainable(model: nn.Module) -> list[str]:
@@ -313,32 +331,44 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     scaler: torch.amp.GradScaler | None = None) -> None:
     """Write ``path`` atomically: ``adapter/`` (save_adapter), ``state.safetensors`` (optimizer
     moments, torch RNG states), ``state.json`` (step, losses, optimizer hyper-parameters, the
-    float16 gradient scaler's state)."""
+    float16 gradient scaler's state).
+
+    Under torchrun every rank calls this and rank 0 writes. A sharded model's adapter and optimizer
+    moments are gathered whole, so the checkpoint is the same whether the run was sharded or not.
+    """
     sd = optimizer.state_dict()
     tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     for i, state in sd["state"].items():
         for k, v in state.items():
-            tensors[f"optimizer.{i}.{k}"] = v.detach().contiguous().cpu()
+            tensors[f"optimizer.{i}.{k}"] = distributed.full(v.detach()).contiguous().cpu()
+    adapter = io.gather_adapter(model)
     progress.tick()
+    if not distributed.is_main():
+        return
     doc = {"progress": dataclasses.asdict(progress), "param_groups": sd["param_groups"],
            "scaler": None if scaler is None else scaler.state_dict()}
     with io.atomic_dir(path) as tmp:
-        io.save_adapter(model, tmp / "adapter")
+        adapter.write(tmp / "adapter")
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(doc))
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> Progress:
-    """Restore the optimizer, scaler and RNG states from ``path`` (the adapter is restored by :func:`prepare`)."""
+    """Restore the optimizer, scaler and RNG states from ``path`` (the adapter is restored by :func:`prepare`).
+
+    The moments of a sharded parameter are cut to this rank's shard.
+    """
     doc = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
             _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = t
+            param = params[int(i)]
+            state.setdefault(int(i), {})[k] = distributed.like(t, param) if t.shape == param.shape else t
     optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
@@ -407,24 +437,26 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
             due = cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps
-            if (due or interrupted[0]) and distributed.is_main():
+            stop = distributed.any_rank(interrupted[0])  # all ranks stop at the same step
+            if due or stop:
                 save_checkpoint(workdir / CHECKPOINT, session.model, optimizer, progress, scaler)
-            if interrupted[0]:
+            if stop:
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()
     return progress
 
 
-def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, sharded: bool = False) -> dict[str, Any]:
     """One fine-tuning run in ``workdir`` (created here, after validation); returns the metrics.
 
     Writes ``workdir/{config.yaml, metrics.json, loss.png, adapter/}``; ``checkpoint/`` exists
-    while the run is unfinished. ``resume``: continue from ``workdir/checkpoint``.
+    while the run is unfinished. ``resume``: continue from ``workdir/checkpoint``. ``sharded``:
+    FSDP2 over the torchrun processes (``--fsdp``).
     """
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
-    session = prepare(cfg, ckpt if resume else None)
+    session = prepare(cfg, ckpt if resume else None, sharded)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resume and distributed.is_main():  # under torchrun rank 0 writes every file
         write_config(workdir / CONFIG_FILE, cfg)
@@ -441,7 +473,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
     except Abort:
         raise
     except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
-        if progress.step > 0 and _checkpoint_step(ckpt) != progress.step and distributed.is_main():
+        if distributed.any_rank(distributed.is_main() and progress.step > 0 and _checkpoint_step(ckpt) != progress.step):
             save_checkpoint(ckpt, session.model, optimizer, progress, scaler)
         if _checkpoint_step(ckpt) is not None:
             print(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with --resume", flush=True)
@@ -465,6 +497,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
         "device": str(session.device),
         "dtype": cfg.dtype,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "processes": distributed.world()[1],
+        "fsdp": sharded,
         "alpha": cfg.adapter.alpha,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
@@ -480,8 +514,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True) 
                          "label" if session.dataset.labels is not None else "token",
         "tokens": progress.tokens,
     }
+    io.save_adapter(session.model, workdir / "adapter")  # a collective for a sharded model; rank 0 writes
     if distributed.is_main():
-        io.save_adapter(session.model, workdir / "adapter")
         plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
         io.atomic_write_text(workdir / "metrics.json", json.dumps(metrics, indent=2))
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -577,6 +611,9 @@ def relaunch(argv: Sequence[str], nproc: int, threads_given: bool, threads: int)
 def _start(cls: type[RunConfig], args: argparse.Namespace) -> tuple[RunConfig, Launch, dict[str, Any]]:
     """The command's config (defaults < --config < command line), its launch options and the explicit values."""
     launch, _ = options.resolve(Launch, args)
+    if launch.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PissaError(f"already running under torchrun ({os.environ['WORLD_SIZE']} processes): drop --nproc; "
+                         "the launched processes are used as they are")
     cfg, explicit = options.resolve(cls, args, launch.config)
     if cfg.batch_size < launch.nproc:
         raise PissaError(f"--batch-size {cfg.batch_size} is smaller than --nproc {launch.nproc}; "
@@ -598,7 +635,7 @@ def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
         with output_folder(out, launch.resume) as work:
             if launch.resume:
                 cfg = resumed_config(work / CONFIG_FILE, RunConfig, explicit)
-            run(cfg, work, resume=launch.resume)
+            run(cfg, work, resume=launch.resume, sharded=launch.fsdp)
         if distributed.is_main():
             print(f"wrote {out}/config.yaml, metrics.json, loss.png, adapter/")
         return 0
@@ -631,7 +668,7 @@ def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                 if (sub / "metrics.json").is_file():
                     results[one.method] = json.loads((sub / "metrics.json").read_text())
                     continue
-                results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file())
+                results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(), sharded=launch.fsdp)
             plot_losses({m: r["train_loss"] for m, r in results.items()}, work / "loss.png",
                         title=f"{cfg.model} on {cfg.data}, rank {cfg.adapter.rank}")
             io.atomic_write_text(work / "report.md", write_report(results))
