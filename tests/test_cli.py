@@ -150,6 +150,24 @@ def test_export_defaults_to_the_recorded_base_and_names_it_on_a_wrong_base(tiny:
         pissa.load_adapter(other, run / "adapter")
 
 
+def test_an_adapter_trained_on_a_bfloat16_base_exports_and_analyzes_from_its_record(tiny: Path, tmp_path: Path) -> None:
+    """The digests cover the base's dtype: commands load the base in the dtype the adapter records;
+    loading it onto a float32 base in Python names the dtype to use."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    assert finetune(tiny, run, "--steps", "2", "--dtype", "bfloat16") == 0
+    doc = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert {m["base_dtype"] for m in doc["layers"].values()} == {"bfloat16"}
+    assert main(["export", str(run / "adapter"), "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert main(["analyze", "spectrum", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "spectrum")]) == 0
+    with pytest.raises(pissa.PissaError, match="made on a bfloat16 base and this model's weights are float32; load the base in bfloat16"):
+        pissa.load_adapter(AutoModelForCausalLM.from_pretrained(tiny / "llama"), run / "adapter")
+    model = pissa.load_adapter(AutoModelForCausalLM.from_pretrained(tiny / "llama", dtype=torch.bfloat16), run / "adapter")
+    assert len(list(pissa.adapted_layers(model))) == 14
+
+
 def test_every_command_takes_comma_separated_targets(tmp_path: Path) -> None:
     p = build_parser()
     cfg, _ = options.resolve(InitConfig, p.parse_args(["init", "--model", "m", "--out", "o", "--targets", "q_proj,v_proj"]))

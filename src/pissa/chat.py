@@ -16,9 +16,9 @@ Decoding is ``model.generate`` with the KV cache: greedy at temperature 0, else 
 (``max_position_embeddings``) is full; a chat first drops its oldest exchanges to make room.
 
 Dtypes: an adapter's fingerprint covers the dtype of the base it was made on (the base a
-``--dtype`` run attached to), so the base loads in float32, is rounded to that dtype (read off the
-fingerprint), adapted, and its frozen weights then converted to ``--dtype``; the factors keep their
-dtype, and a half base runs under autocast, as in training.
+``--dtype`` run attached to, recorded in the adapter), so the base loads in that dtype, is adapted,
+and its frozen weights are then converted to ``--dtype``; the factors keep their dtype, and a half
+base runs under autocast, as in training.
 """
 
 from __future__ import annotations
@@ -36,10 +36,8 @@ from . import hub, io, options
 from .config import GenerateConfig
 from .devices import autocast, model_device, resolve_device, torch_dtype
 from .errors import PissaError
-from .fingerprint import weight_digest
 from .generation import end_tokens
 from .model import adapted_layers
-from .modules import native_weight
 from .objective import _render
 
 Message = dict[str, str]
@@ -87,35 +85,19 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _made_on(model: nn.Module, adapter: str) -> torch.dtype:
-    """The dtype of the base weights the adapter at ``adapter`` was made from, read off its first layer's digests
-    (float32 when none matches: :func:`pissa.io.load_adapter` then names the mismatch)."""
-    layers = io.read_adapter_doc(adapter).get("layers") or {}
-    for name, meta in list(layers.items())[:1]:
-        try:
-            W = native_weight(model.get_submodule(name))
-        except AttributeError:
-            break
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            if weight_digest(W.to(dtype)) in (meta.get("base_digest"), meta.get("residual_digest")):
-                return dtype
-    return torch.float32
-
-
 def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the causal LM ``cfg`` names (the adapter's recorded base when ``--model`` is not
     given), adapted when ``cfg.adapter`` is set, its frozen base in ``cfg.dtype``, on ``cfg.device``, in eval mode."""
-    name, kind = cfg.model or "smollm2", "auto"
+    name, kind, made_on = cfg.model or "smollm2", "auto", torch_dtype(cfg.dtype)
     if cfg.adapter is not None:
-        name, kind, _ = io.recorded_base(cfg.adapter, cfg.model, "auto")
+        name, kind, _, made_on = io.recorded_base(cfg.adapter, cfg.model, "auto")
     if hub.resolve_kind(name, kind) != "causal-lm":
         raise PissaError(f"pissa generate needs a causal language model, and {name} loads as a sequence classifier"
                          f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass --model with a causal LM")
     device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
-    loaded, tokenizer = hub.load_model(name, dtype=torch.float32 if cfg.adapter is not None else dtype)
+    loaded, tokenizer = hub.load_model(name, dtype=made_on)
     model: nn.Module = loaded
     if cfg.adapter is not None:
-        model.to(_made_on(model, cfg.adapter))
         io.load_adapter(model, cfg.adapter)
         factors = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters(recurse=False)}
         for p in model.parameters():

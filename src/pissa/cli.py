@@ -30,12 +30,12 @@ def command_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
 
     def run(args: argparse.Namespace) -> int:
         cfg, _ = options.resolve(ExportConfig, args)
-        model_name, kind, num_labels = io.recorded_base(cfg.adapter, cfg.model, cfg.kind)
+        model_name, kind, num_labels, dtype = io.recorded_base(cfg.adapter, cfg.model, cfg.kind)
         if cfg.merged:
             stream.merge_checkpoint(hub.resolve_model(model_name), cfg.adapter, cfg.out)
         else:
             kind = hub.resolve_kind(model_name, kind)
-            model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
+            model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None, dtype=dtype)
             io.load_adapter(model, cfg.adapter)
             report = io.export_peft(model, cfg.out, cfg.max_rank)
             if report.rank < report.full_rank:

@@ -76,9 +76,9 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
         if not names:
             raise PissaError(f"--layers {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers "
                              f"(e.g. {next(iter(doc['layers']))})")
-    model_name, kind, num_labels = recorded_base(adapter, model_name, kind)
+    model_name, kind, num_labels, dtype = recorded_base(adapter, model_name, kind)
     kind = hub.resolve_kind(model_name, kind)
-    model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None)
+    model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None, dtype=dtype)
     base = {n: dense_weight(model.get_submodule(n)).detach().double().clone() for n in names}
     load_adapter(model, adapter)
     out = []

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -174,6 +174,7 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "in": layer.in_features,
         "out": layer.out_features,
         "base_digest": layer.base_digest,
+        "base_dtype": str(layer.base_dtype).removeprefix("torch."),
         # a 4-bit residual records the digest of the dense residual it was quantized from (what `pissa init` writes)
         "residual_digest": layer.residual_digest,
         "train": list(layer.train_parts),
@@ -262,9 +263,19 @@ def base_description(doc: dict[str, Any]) -> str:
     return f"{name} ({kind}fingerprint {doc['base_fingerprint']})"
 
 
-def recorded_base(path: str | os.PathLike, model: str | None, kind: str) -> tuple[str, str, int | None]:
-    """``(model, kind, num_labels)`` to load the base of the adapter at ``path``: the given model / kind, else
-    the ones the adapter records; a PissaError when neither names a model."""
+class RecordedBase(NamedTuple):
+    """How to load the base of an adapter (:func:`recorded_base`)."""
+
+    model: str
+    kind: str
+    num_labels: int | None
+    dtype: torch.dtype
+    """The dtype the base weights had (their digests cover it): load the base in it, then convert if need be."""
+
+
+def recorded_base(path: str | os.PathLike, model: str | None, kind: str) -> RecordedBase:
+    """How to load the base of the adapter at ``path``: the given model / kind, else the ones the
+    adapter records, and the dtype of its base weights; a PissaError when neither names a model."""
     doc = read_adapter_doc(path)
     base = doc.get("base_model") or {}
     model = model or base.get("model")
@@ -272,7 +283,13 @@ def recorded_base(path: str | os.PathLike, model: str | None, kind: str) -> tupl
         raise PissaError(f"the adapter at {path} does not record its base model; pass --model")
     if kind == "auto":
         kind = base.get("kind") or "auto"
-    return model, kind, doc.get("num_labels")
+    return RecordedBase(model, kind, doc.get("num_labels"), _base_dtype(doc))
+
+
+def _base_dtype(doc: dict[str, Any]) -> torch.dtype:
+    """The base weights' dtype an adapter document records (float32 for adapters that predate the record)."""
+    first: dict[str, Any] = next(iter(doc["layers"].values()), {})
+    return getattr(torch, first.get("base_dtype", "float32"))
 
 
 def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -306,6 +323,11 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         if digest == meta["residual_digest"]:
             residual_ready[name] = digest
         elif digest != meta["base_digest"]:
+            recorded = meta.get("base_dtype", "float32")
+            if str(W.dtype).removeprefix("torch.") != recorded:
+                raise PissaError(f"adapter at {path} was made on a {recorded} base and this model's weights are "
+                                 f"{str(W.dtype).removeprefix('torch.')}; load the base in {recorded} "
+                                 f"(dtype=torch.{recorded}), adapt it, then convert")
             raise PissaError(
                 f"adapter at {path} was made from a different base model (weights of {name!r} differ); "
                 f"load it onto {base_description(doc)}"

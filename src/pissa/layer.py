@@ -43,6 +43,8 @@ class PissaLinear(nn.Module):
     base_digest: str
     """:func:`~pissa.fingerprint.weight_digest` of the base layer's weight (set by attach / load_adapter)."""
     residual_digest: str
+    base_dtype: torch.dtype
+    """The dtype of the base weight (what the digests cover; a model loads the adapter in that dtype)."""
     """:func:`~pissa.fingerprint.weight_digest` of the residual weight (of the dense one a 4-bit residual was quantized from)."""
 
     def __init__(

@@ -212,7 +212,9 @@ def _make_layer(
         module = quantize_residual(module, residual, cfg.quantize)
     elif not is_residual:
         set_dense_weight(module, residual)
-    return _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
+    layer = _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
+    layer.base_dtype = W.dtype
+    return layer
 
 
 def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str, residual_digest: str | None = None) -> PissaLinear:
