@@ -166,6 +166,15 @@ def test_an_adapter_trained_on_a_bfloat16_base_exports_and_analyzes_from_its_rec
         pissa.load_adapter(AutoModelForCausalLM.from_pretrained(tiny / "llama"), run / "adapter")
     model = pissa.load_adapter(AutoModelForCausalLM.from_pretrained(tiny / "llama", dtype=torch.bfloat16), run / "adapter")
     assert len(list(pissa.adapted_layers(model))) == 14
+    # the streamed merge into the float32 checkpoint: the bfloat16 model's merged weights, stored as float32;
+    # the weights no adapter touches stay the checkpoint's own
+    assert main(["export", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    adapted = {f"{n}.weight" for n, _ in pissa.adapted_layers(model)}
+    expected, base = pissa.merge(model).state_dict(), AutoModelForCausalLM.from_pretrained(tiny / "llama").state_dict()
+    assert len(adapted) == 14
+    for name, t in merged.items():
+        assert t.dtype == torch.float32 and torch.equal(t, expected[name].float() if name in adapted else base[name]), name
 
 
 def test_every_command_takes_comma_separated_targets(tmp_path: Path) -> None:

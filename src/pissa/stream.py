@@ -790,11 +790,16 @@ def _merged_weight(
 
 
 def _merge_layer(adapter: _Adapter, name: str, stored: Tensor, conv1d: bool) -> Tensor:
+    """The merged weight of layer ``name``, in ``stored``'s dtype. An adapter made on a base of
+    another dtype (a bfloat16 run on a float32 checkpoint) merges the weight rounded to that dtype,
+    as the trained model held it, and the result is stored back in the checkpoint's dtype."""
     meta = adapter.layers[name]
-    merged = _merged_weight(stored, conv1d, adapter.factors(name), adapter.scaling, meta["base_digest"], meta["residual_digest"])
+    made_on = getattr(torch, meta.get("base_dtype", "float32"))
+    merged = _merged_weight(stored.to(made_on), conv1d, adapter.factors(name), adapter.scaling, meta["base_digest"],
+                            meta["residual_digest"])
     if merged is None:
         raise adapter.wrong_base(name)
-    return merged
+    return merged.to(stored.dtype)
 
 
 def _head_plan(
