@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import pissa
 from conftest import decaying
-from pissa.decompose import METHODS
+from pissa.decompose import ADAPTERS
 from pissa.svd import truncated_svd
 
 
@@ -24,7 +24,7 @@ shapes = st.tuples(st.integers(1, 96), st.integers(1, 96))
 
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, rank_frac=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**31), method=st.sampled_from(sorted(METHODS)))
+       seed=st.integers(0, 2**31), method=st.sampled_from(sorted(ADAPTERS)))
 def test_residual_plus_product_is_weight(shape, rank_frac, dtype, seed, method) -> None:
     m, n = shape
     r = max(1, round(rank_frac * min(m, n)))

@@ -10,6 +10,7 @@ import torch
 
 import pissa
 from conftest import TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from pissa.decompose import ADAPTERS
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 
@@ -34,7 +35,7 @@ def trained(make, method: str = "pissa", alpha: float | None = 8.0):
 
 
 @pytest.mark.parametrize("arch", MAKERS)
-@pytest.mark.parametrize("method", sorted(pissa.METHODS))
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
 def test_save_load_round_trip_is_exact(tmp_path, arch, method) -> None:
     base, model = trained(MAKERS[arch], method)
     pissa.save_adapter(model, tmp_path / "adapter")
@@ -111,7 +112,7 @@ def test_bad_adapter_dir_is_refused(tmp_path, content, message) -> None:
 
 
 @pytest.mark.parametrize("arch", MAKERS)
-@pytest.mark.parametrize("method", sorted(pissa.METHODS))
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
 def test_export_peft_loads_in_peft_and_reproduces_outputs(tmp_path, arch, method) -> None:
     from peft import PeftModel
 

@@ -15,9 +15,9 @@ import torch
 
 import pissa
 from conftest import TOKENS, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.decompose import InitOptions, init_structured
+from pissa.decompose import ADAPTERS, InitOptions, init_structured
 
-FAMILY = sorted(pissa.METHODS)
+FAMILY = sorted(ADAPTERS)
 TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core")}
 
 

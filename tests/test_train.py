@@ -374,3 +374,121 @@ def test_an_unavailable_device_is_one_line_exit_2(tiny: Path, tmp_path: Path, ca
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--device" in err[-1] and err[-1].startswith("pissa: error:") and not out.exists()
+
+
+# --- full fine-tuning and training health ------------------------------------------------------------
+
+
+def test_full_fine_tuning_trains_every_weight_saves_the_model_and_resumes_exactly(tiny: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """`--method full`: the same loop with every weight trainable; OUT/model loads with from_pretrained;
+    a crash after the step-4 checkpoint resumes to the same weights as an uninterrupted run."""
+    from transformers import AutoModelForCausalLM
+
+    args = ("--method", "full", "--lr", "1e-3")
+    assert finetune(tiny, tmp_path / "whole", *args, "--save-every", "0") == 0
+    real_step, calls = train_mod.train_step, [0]
+
+    def crashing_step(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise RuntimeError("killed")
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune(tiny, tmp_path / "split", *args, "--save-every", "4")
+    assert (tmp_path / "split.partial" / "checkpoint" / train_mod.WEIGHTS).is_file()
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert finetune(tiny, tmp_path / "split", *args, "--save-every", "4", "--resume") == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny / "llama").state_dict()
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model").state_dict()
+    split = AutoModelForCausalLM.from_pretrained(tmp_path / "split" / "model").state_dict()
+    assert whole.keys() == base.keys() and not (tmp_path / "whole" / "adapter").exists()
+    assert all(not torch.equal(whole[k], base[k]) for k in whole if k.endswith("proj.weight"))  # every weight moved
+    assert max((whole[k] - split[k]).abs().max().item() for k in whole) <= 1e-6
+    m = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert m["method"] == "full" and m["trainable_params"] == sum(t.numel() for t in base.values())
+    assert m["start_check"] is None and m["eval_after"]["loss"] < m["eval_before"]["loss"]
+    with pytest.raises(pissa.PissaError, match="trains every weight and makes no adapter"):
+        pissa.attach(AutoModelForCausalLM.from_pretrained(tiny / "llama"), pissa.AdapterConfig(method="full"))
+
+
+def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Path) -> None:
+    from pissa.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "pissa,lora,full", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
+                 "--rank", "4", "--steps", "3", "--batch-size", "4", "--eval-size", "8", "--threads", "1",
+                 "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} |" in report for m in ("pissa", "lora", "full"))
+    assert (out / "full" / "model" / "config.json").is_file() and (out / "pissa" / "adapter").is_dir()
+
+
+def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_path: Path, capsys) -> None:
+    assert finetune(tiny, tmp_path / "run", "--steps", "3") == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [s for s, _ in m["grad_norm"]] == [1, 2, 3] and all(n > 0 for _, n in m["grad_norm"])
+    check = m["start_check"]
+    assert check["relative_change"] <= train_mod.START_TOLERANCE["float32"]
+    assert check["base_loss"] == pytest.approx(check["adapted_loss"], rel=1e-4)
+    assert "start check: first batch loss" in capsys.readouterr().out
+
+
+def test_an_inexact_init_stops_before_training_with_one_line(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A residual that is not W - s B0 A0 (simulated: the residual left as W) moves the start; the run refuses."""
+    from pissa import model as model_mod
+
+    monkeypatch.setattr(model_mod, "residual_of", lambda W, *a, **kw: W)
+    assert finetune(tiny, tmp_path / "bad", "--method", "pissa") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pissa: error: inexact init: attaching pissa moved the first batch's loss")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_a_learning_rate_far_above_the_measured_default_warns(tiny: Path, tmp_path: Path, capsys) -> None:
+    default = pissa.METHODS["pissa"].default_lr
+    assert finetune(tiny, tmp_path / "hot", "--steps", "1", "--lr", str(default * 40)) == 0
+    assert "is 40x pissa's measured default" in capsys.readouterr().err
+    assert finetune(tiny, tmp_path / "ok", "--steps", "1", "--lr", str(default * 2)) == 0
+    assert "measured default" not in capsys.readouterr().err
+
+
+# --- sequence packing --------------------------------------------------------------------------------
+
+
+def test_packed_rows_compute_the_unpacked_loss(tiny: Path) -> None:
+    """First-fit packing places every example once within the length; positions restart and the block
+    mask keeps examples apart, so the summed loss and the targets equal those of padded rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pissa.objective import collate, collate_packed, encode_all, loss_sum, pack
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny / "llama"), AutoTokenizer.from_pretrained(tiny / "llama")
+    data = train_mod.load_data(str(tiny / "free.jsonl"))
+    items = encode_all(tok, data.train[:12], None, "causal-lm", 120)
+    rows = pack(items, 120)
+    assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in items)
+    assert all(sum(len(e.ids) for e in row) <= 120 for row in rows) and len(rows) < len(items)
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        packed = collate_packed(items, tok.pad_token_id, 120, torch.float32)
+        padded = collate(items, tok.pad_token_id, "causal-lm")
+        assert packed.targets == padded.targets and packed.tokens == padded.tokens
+        assert packed.input_ids.numel() < padded.input_ids.numel()
+        with torch.no_grad():
+            assert loss_sum(model, packed, "causal-lm").item() == pytest.approx(loss_sum(model, padded, "causal-lm").item(),
+                                                                              rel=1e-5)
+
+
+def test_pack_trains_the_same_run_with_fewer_rows(tiny: Path, tmp_path: Path, capsys) -> None:
+    free = ("--data", str(tiny / "free.jsonl"), "--max-length", "128", "--steps", "4")  # ~45-token examples: 2 a row
+    assert finetune(tiny, tmp_path / "padded", *free) == 0
+    assert finetune(tiny, tmp_path / "packed", *free, "--pack") == 0
+    a, b = adapter_tensors(tmp_path / "padded"), adapter_tensors(tmp_path / "packed")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    ma, mb = (json.loads((tmp_path / p / "metrics.json").read_text()) for p in ("padded", "packed"))
+    assert [x for _, x in ma["train_loss"]] == pytest.approx([x for _, x in mb["train_loss"]], rel=1e-5)
+    assert finetune(tiny, tmp_path / "cls", "--model", str(tiny / "bert"), "--pack") == 2
+    assert "--pack joins examples of a causal LM" in capsys.readouterr().err and not (tmp_path / "cls").exists()

@@ -133,6 +133,9 @@ class RunConfig:
     """Micro-batches per optimizer step."""
     max_length: int = 64
     """Max tokens per example (longer prompts lose their start)."""
+    pack: bool = False
+    """Pack each micro-batch's examples into rows of up to --max-length tokens (less padding); each example
+    keeps its own positions and attends only to itself, so the loss is the unpacked one (causal LMs)."""
     eval_size: int = 200
     """Held-out examples scored before and after training."""
     val_size: int = 0

@@ -133,6 +133,11 @@ def sorsa_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     return Factors(A=Vh, B=U, core=S, train=("A", "B", "core"), orthonormal=True)
 
 
+def full_init(W: Batch, r: int, opt: InitOptions) -> Factors:
+    """Full fine-tuning has no factors: every weight of the model trains (``pissa finetune --method full``)."""
+    raise PissaError("method 'full' trains every weight and has no adapter factors; use it with pissa finetune/compare")
+
+
 FALLBACK_LR = 5e-5
 """Learning rate of a method whose record has no measured one (PiSSA's: the cautious choice)."""
 
@@ -158,6 +163,8 @@ class Method:
     (the update is ``s B A``) or when A is frozen (``s (B - B0) A``)."""
     needs: tuple[Literal["weight"], ...] = ("weight",)
     """What its init reads: the weight alone (data-aware methods will add statistics)."""
+    adapter: bool = True
+    """False for full fine-tuning: no adapter, every weight trains (the paper's baseline; finetune and compare only)."""
 
     @property
     def learning_rate(self) -> float:
@@ -177,9 +184,13 @@ METHODS: dict[str, Method] = {
         Method("svfit", svfit_init, svd_only=True, export_rank="r"),
         Method("lora-xs", lora_xs_init, svd_only=True, export_rank="r"),
         Method("sorsa", sorsa_init, svd_only=True),
+        Method("full", full_init, adapter=False),
     )
 }
 """The registry: name -> :class:`Method`."""
+
+ADAPTERS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.adapter)
+"""The methods that make an adapter (every one but ``full``)."""
 
 
 def get_method(name: str) -> Method:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
-from .decompose import Decomposition, InitOptions, check_weight, init_structured, layer_seed
+from .decompose import ADAPTERS, Decomposition, InitOptions, check_weight, get_method, init_structured, layer_seed
 from .errors import PissaError
 from .factors import Factors, as_factors, orthonormality, residual_of
 from .fingerprint import weight_digest
@@ -122,6 +122,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
+    if not get_method(cfg.method).adapter:
+        raise PissaError(f"method {cfg.method!r} trains every weight and makes no adapter; attach one of: {', '.join(ADAPTERS)}")
     names = find_targets(model, cfg.targets)
     modules = {n: model.get_submodule(n) for n in names}
     weights = {n: dense_weight(m).detach() for n, m in modules.items()}

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,10 +43,11 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed, generation, hub, io, options
 from .config import CompareConfig, Launch, RunConfig
+from .decompose import METHODS
 from .devices import autocast, enable_gradient_checkpointing, grad_scaler, resolve_device, torch_dtype
 from .errors import PissaError
-from .model import attach, regularization, trainable_parameters
-from .objective import Batch, Encoded, Kind, collate, encode_all, evaluate, loss_sum
+from .model import adapted_layers, attach, regularization, trainable_parameters
+from .objective import Batch, Encoded, Kind, collate, collate_packed, encode_all, evaluate, loss_sum
 from .report import plot_losses, write_report
 
 CHECKPOINT = "checkpoint"
@@ -106,6 +108,8 @@ class Session:
     """The reference completion of each ``test`` item (generation evaluation)."""
     sharded: bool = False
     """The model is sharded over the processes (FSDP2, ``--fsdp``)."""
+    start: dict[str, float] | None = None
+    """The start check of a fresh adapter (:func:`start_check`); None when resumed or fully fine-tuned."""
 
     @property
     def pad_id(self) -> int:
@@ -117,7 +121,11 @@ class Session:
         return torch_dtype(self.cfg.dtype)
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        return collate([self.train[i] for i in indices], self.pad_id, self.kind, self.device)
+        """The training examples ``indices`` as one batch: padded rows, or packed ones (``--pack``)."""
+        items = [self.train[i] for i in indices]
+        if self.cfg.pack:
+            return collate_packed(items, self.pad_id, self.cfg.max_length, self.dtype, self.device)
+        return collate(items, self.pad_id, self.kind, self.device)
 
     def evaluate(self) -> dict[str, float]:
         """Test loss and accuracy; under torchrun each rank scores its share and the means are combined.
@@ -211,6 +219,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    if kind == "seq-cls" and cfg.pack:
+        raise PissaError(f"--pack joins examples of a causal LM; {cfg.model} is a sequence classifier: drop --pack")
     if kind == "seq-cls" and dataset.labels is None:
         raise PissaError(f"{cfg.model} is a sequence classifier: it needs labelled data (text,label columns), "
                          f"but {cfg.data} has prompt,completion")
@@ -225,18 +235,72 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     label_ids = None
     if kind == "causal-lm" and dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
+    start = None
     if checkpoint is not None:
-        io.load_adapter(model, checkpoint / "adapter")
+        restore_trained(model, checkpoint)
+    elif not METHODS[cfg.method].adapter:  # full fine-tuning: every weight trains
+        model.requires_grad_(True)
     else:
+        first = collate([train[i] for i in step_indices(len(train), cfg.seed, 0, cfg.batch_size)], tokenizer.pad_token_id,
+                        kind, device)
+        base_loss = batch_loss(model, first, kind, torch_dtype(cfg.dtype))
         attach(model, cfg.adapter, progress=True)
         if kind == "seq-cls":
             mark_head_trainable(model)
+        start = start_check(cfg, base_loss, batch_loss(model, first, kind, torch_dtype(cfg.dtype)))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if sharded:
         distributed.shard(model, device)
     model.train()
-    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded)
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded, start)
+
+
+START_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+"""Largest relative change of the first batch's loss that attach may cause with an exact method, per base dtype:
+the residual ``W - s B0 A0`` is rounded to that dtype once (measured: benchmarks/results/init_exactness.md)."""
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch: Batch, kind: Kind, dtype: torch.dtype) -> float:
+    """Mean per-target loss of ``batch`` in eval mode (no dropout), under the run's autocast."""
+    was_training = model.training
+    model.eval()
+    with autocast(batch.input_ids.device, dtype):
+        loss = loss_sum(model, batch, kind).item() / max(1, batch.targets)
+    model.train(was_training)
+    return loss
+
+
+def start_check(cfg: RunConfig, base: float, adapted: float) -> dict[str, float]:
+    """Compare the first batch's loss before and after attach; a PissaError when a method that promises
+    an exact start (every one without ``quantize``) moved it by more than the dtype allows. A 4-bit
+    residual starts elsewhere by design: its measured distance is reported instead."""
+    gap = abs(adapted - base) / max(abs(base), 1e-8)
+    tolerance = START_TOLERANCE[cfg.dtype]
+    if cfg.adapter.quantize is None and not gap <= tolerance:
+        raise PissaError(f"inexact init: attaching {cfg.method} moved the first batch's loss from {base:.4f} to {adapted:.4f} "
+                         f"(relative {gap:.2e} > {tolerance:g} allowed in {cfg.dtype}); the adapted model must start where "
+                         "the base is: report this with the model and options")
+    if distributed.is_main():
+        note = "" if cfg.adapter.quantize is None else f" ({cfg.adapter.quantize} residual: starts off the base by design)"
+        print(f"{cfg.method}: start check: first batch loss {base:.4f} (base) -> {adapted:.4f} (adapted), "
+              f"relative change {gap:.1e}{note}", flush=True)
+    return {"base_loss": base, "adapted_loss": adapted, "relative_change": gap}
+
+
+LR_WARN = 10.0
+"""Warn when the learning rate exceeds the method's measured default by this factor."""
+
+
+def lr_warning(cfg: RunConfig) -> str | None:
+    """A warning when ``--lr`` is far above the method's measured default (PiSSA's large principal factors
+    diverge at LoRA's rates); None otherwise."""
+    method = METHODS[cfg.method]
+    if cfg.lr is None or method.default_lr is None or cfg.lr <= LR_WARN * method.default_lr:
+        return None
+    return (f"warning: --lr {cfg.lr:g} is {cfg.lr / method.default_lr:.0f}x {cfg.method}'s measured default "
+            f"{method.default_lr:g}; if the loss rises or the gradient norm grows, lower it")
 
 
 def mark_head_trainable(model: nn.Module) -> list[str]:
@@ -258,7 +322,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
-               lr: float, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> float:
+               lr: float, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
     Each micro-batch's summed loss is divided by the step's total number of targets, so the
@@ -267,7 +331,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
     ``reg_weight * pissa.regularization(model)`` (SORSA) when ``reg_weight > 0``. The forward runs
     under autocast for a half-precision base (``cfg.dtype``); ``scaler`` (float16) scales the loss
     before backward and unscales the gradients before clipping (a step with inf/NaN gradients is
-    skipped). Returns the step's mean loss.
+    skipped). Returns the step's mean loss and the gradient's global L2 norm before clipping.
     """
     device, dtype = micro_batches[0].input_ids.device, torch_dtype(cfg.dtype)
     ranks = distributed.world()[1]
@@ -289,7 +353,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    norm = float(distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
     for group in optimizer.param_groups:
         group["lr"] = lr
     if scaler is not None:
@@ -298,7 +362,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return step_loss, norm
 
 
 # --- checkpoints (no pickle: safetensors + JSON) -----------------------------------------------
@@ -310,6 +374,8 @@ class Progress:
 
     step: int = 0
     train_loss: list[list[float]] = field(default_factory=list)
+    grad_norm: list[list[float]] = field(default_factory=list)
+    """``[step, L2 norm of the whole gradient before clipping]`` per step."""
     eval_before: dict[str, float] | None = None
     seconds: float = 0.0
     """Wall time of the run so far, every session (load, evaluation, training) included."""
@@ -343,16 +409,53 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     for i, state in sd["state"].items():
         for k, v in state.items():
             tensors[f"optimizer.{i}.{k}"] = distributed.full(v.detach()).contiguous().cpu()
-    adapter = io.gather_adapter(model)
+    trained = gather_trained(model)
     progress.tick()
     if not distributed.is_main():
         return
     doc = {"progress": dataclasses.asdict(progress), "param_groups": sd["param_groups"],
            "scaler": None if scaler is None else scaler.state_dict()}
     with io.atomic_dir(path) as tmp:
-        adapter.write(tmp / "adapter")
+        if isinstance(trained, io.AdapterContents):
+            trained.write(tmp / "adapter")
+        else:
+            save_file(trained, str(tmp / WEIGHTS))
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(doc))
+
+
+WEIGHTS = "weights.safetensors"
+"""A full fine-tuning checkpoint's trained weights (an adapter run's checkpoint holds ``adapter/`` instead)."""
+
+
+def gather_trained(model: nn.Module) -> io.AdapterContents | dict[str, Tensor]:
+    """What a checkpoint keeps of the model, whole and on the CPU (a collective for a sharded model):
+    its adapter, or, with full fine-tuning, every trainable weight."""
+    if any(True for _ in adapted_layers(model)):
+        return io.gather_adapter(model)
+    return {n: distributed.full(p.detach()).contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trained(model: nn.Module, checkpoint: Path) -> None:
+    """Put a checkpoint's adapter (or fully fine-tuned weights) into the freshly loaded base ``model``."""
+    if (checkpoint / "adapter").is_dir():
+        io.load_adapter(model, checkpoint / "adapter")
+        return
+    weights = load_file(str(checkpoint / WEIGHTS))
+    model.requires_grad_(True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+
+
+def save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    """The fully fine-tuned model as a Hugging Face folder (``save_pretrained`` + tokenizer), written
+    atomically by rank 0 (a sharded model is gathered first, on every rank)."""
+    state = {n: distributed.full(t.detach()).contiguous().cpu() for n, t in model.state_dict().items()}
+    if distributed.is_main():
+        with io.atomic_dir(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state)  # type: ignore[operator]
+            tokenizer.save_pretrained(tmp)
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> Progress:
@@ -423,7 +526,7 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
             micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]
-            loss = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg, scaler)
+            loss, norm = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg, scaler)
             if not math.isfinite(loss):
                 raise PissaError(f"the loss diverged (became {loss}) at step {progress.step + 1}; lower --lr "
                                  f"(now {cfg.learning_rate:g})")
@@ -431,10 +534,11 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             tokens = int(distributed.all_sum([sum(b.tokens for b in micro)])[0])
             progress.tokens += tokens
             progress.train_loss.append([progress.step, loss])
+            progress.grad_norm.append([progress.step, norm])
             elapsed = time.perf_counter() - start
             progress.train_seconds += elapsed
             smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-            bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set_postfix(loss=f"{smooth:.4f}", grad_norm=f"{norm:.3g}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update(1)
             due = cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.steps
             stop = distributed.any_rank(interrupted[0])  # all ranks stop at the same step
@@ -457,6 +561,9 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
     session = prepare(cfg, ckpt if resume else None, sharded)
+    warning = lr_warning(cfg)
+    if warning and distributed.is_main():
+        print(warning, file=sys.stderr, flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resume and distributed.is_main():  # under torchrun rank 0 writes every file
         write_config(workdir / CONFIG_FILE, cfg)
@@ -488,6 +595,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
         "steps": cfg.steps,
         "lr": cfg.learning_rate,
         "train_loss": progress.train_loss,
+        "grad_norm": progress.grad_norm,
+        "start_check": session.start,
         "eval_before": progress.eval_before,
         "eval_after": eval_after,
         "trainable_params": trainable_parameters(session.model),
@@ -514,7 +623,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
                          "label" if session.dataset.labels is not None else "token",
         "tokens": progress.tokens,
     }
-    io.save_adapter(session.model, workdir / "adapter")  # a collective for a sharded model; rank 0 writes
+    if METHODS[cfg.method].adapter:  # gathered on every rank when sharded; rank 0 writes
+        io.save_adapter(session.model, workdir / "adapter")
+    else:
+        save_model(session.model, session.tokenizer, workdir / "model")
     if distributed.is_main():
         plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
         io.atomic_write_text(workdir / "metrics.json", json.dumps(metrics, indent=2))
@@ -637,7 +749,7 @@ def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
                 cfg = resumed_config(work / CONFIG_FILE, RunConfig, explicit)
             run(cfg, work, resume=launch.resume, sharded=launch.fsdp)
         if distributed.is_main():
-            print(f"wrote {out}/config.yaml, metrics.json, loss.png, adapter/")
+            print(f"wrote {out}/config.yaml, metrics.json, loss.png, {'adapter' if METHODS[cfg.method].adapter else 'model'}/")
         return 0
 
     return run_cmd
