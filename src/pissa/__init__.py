@@ -7,6 +7,7 @@
 """
 
 from . import integrations  # noqa: F401  (attached Hugging Face models save their adapter)
+from .calibration import calibrate
 from .config import AdapterConfig
 from .decompose import METHODS, Decomposition
 from .errors import PissaError
@@ -24,6 +25,7 @@ __all__ = [
     "PissaLinear",
     "adapted_layers",
     "attach",
+    "calibrate",
     "decompose",
     "export_peft",
     "load_adapter",

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import analyze, chat, hub, io, options, stream, train
+from . import analyze, calibration, chat, hub, io, options, stream, train
 from .config import ExportConfig
 from .errors import PissaError
 
@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "init": (stream.command_init, "decompose a safetensors checkpoint into a residual checkpoint plus an adapter"),
     "export": (command_export, "a trained adapter to a PEFT LoRA folder or a merged checkpoint"),
     "analyze": (analyze.command_analyze, "spectra, quantization error, intruder dimensions"),
+    "calibrate": (calibration.command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (chat.command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
 }
 

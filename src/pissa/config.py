@@ -273,6 +273,44 @@ class InitConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """``pissa calibrate``: per-layer activation statistics (and loss gradients) of a model over data."""
+
+    out: str
+    """The statistics file to write (safetensors); one with the same model fingerprint and data digest is reused."""
+    model: str = "smollm2"
+    """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
+    data: str = "rotten_tomatoes"
+    """Embedded dataset or a data file (the formats of pissa finetune); its training split is used."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the embedded model's, else from config.json's architectures."""
+    samples: int = 256
+    """Training examples passed through the model (the first ones of the training split)."""
+    batch_size: int = 8
+    """Examples per forward pass (padding is left out of the statistics)."""
+    max_length: int = 64
+    """Max tokens per example, as in pissa finetune."""
+    targets: str | list[str] = "all-linear"
+    """The layers to collect statistics for, as AdapterConfig.targets."""
+    gradients: bool = False
+    """Also accumulate the loss gradient w.r.t. each target weight (lora-ga, lora-sb): one backward per batch."""
+    device: str = "auto"
+    """Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the model (the statistics are accumulated in float32)."""
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """CPU threads (default: the cores available to this process)."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size", "max_length", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = [self.targets]
+
+
+@dataclass
 class ExportConfig:
     """``pissa export``: a trained adapter -> a PEFT LoRA folder or a merged checkpoint."""
 

@@ -162,6 +162,15 @@ def split(
     return ordered[cut:], ordered[:cut]
 
 
+MAX_HELD_OUT = 1000
+"""Most examples of a dataset held out as its test split."""
+
+
+def held_out_size(n: int) -> int:
+    """How many of a dataset's ``n`` examples form its test split: a fifth, at least 1, at most :data:`MAX_HELD_OUT`."""
+    return max(1, min(MAX_HELD_OUT, n // 5))
+
+
 def label_counts(examples: Iterable[Example]) -> dict[str, int]:
     """How many examples carry each label, most common first (free-text examples are skipped)."""
     return dict(Counter(e.label for e in examples if e.label is not None).most_common())

@@ -263,6 +263,19 @@ def all_sum(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_tensors(tensors: Sequence[Tensor]) -> None:
+    """Sum each tensor over ranks in place (every rank passes tensors of the same shapes, in the same
+    order); a no-op in a single process. Sent through the communication device and copied back."""
+    if world()[1] == 1:
+        return
+    device = _comm_device()
+    for t in tensors:
+        buf = t.to(device)
+        dist.all_reduce(buf)
+        if buf is not t:
+            t.copy_(buf)
+
+
 def _comm_device() -> torch.device:
     """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

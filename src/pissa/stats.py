@@ -1,0 +1,200 @@
+"""Calibration statistics: what data-aware methods read, and the file ``pissa calibrate`` writes.
+
+Per distinct layer input (modules that read the same tensor, such as q/k/v or gate/up, share
+one entry) over the n non-padding calibration tokens ``x_t (in,)``:
+
+    cov  = X^T X / n   (in, in)   the uncentred second moment ("activation covariance")
+    mean = X^T 1 / n   (in,)      the centred covariance is cov - mean mean^T
+
+and per target layer, in gradient mode, the mean gradient of the loss over the n_target
+target tokens with respect to the layer's weight in ``(out, in)`` layout:
+
+    grad = d(sum_t loss_t) / dW / n_target    (out, in)
+
+The file is a safetensors file: tensors ``{input}.cov``, ``{input}.mean``, ``{layer}.grad``
+(float32) and one JSON metadata entry (:data:`META_KEY`) with the format, each layer's input key,
+shape and weight digest, the model's fingerprint, the data's digest and the token counts. It is
+read lazily (:class:`Calibration`), one layer's tensors at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import PissaError
+from .fingerprint import model_fingerprint, weight_digest
+
+FORMAT = "pissa-calibration"
+VERSION = 1
+META_KEY = "pissa"
+
+Need = Literal["weight", "covariance", "gradient"]
+"""What an init reads: the weight, the activation statistics (cov, mean), the loss gradient."""
+
+HOW_TO = ("run `pissa calibrate --model MODEL --data DATA --out stats.safetensors{grad}` and pass "
+          "calibration='stats.safetensors' (--calibration stats.safetensors)")
+
+
+def how_to_calibrate(gradient: bool = False) -> str:
+    """The one sentence that says how to make the statistics a method needs."""
+    return HOW_TO.format(grad=" --gradients" if gradient else "")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Statistics of a batch of L equal-shape layers, the third argument of a data-aware init.
+
+    ``cov (L, in, in)``: ``X^T X / n``; ``mean (L, in)``; ``grad (L, out, in)``: the mean loss
+    gradient w.r.t. W. Any of them may be None when the method does not read it.
+    """
+
+    cov: Tensor | None = None
+    mean: Tensor | None = None
+    grad: Tensor | None = None
+
+    def to(self, dtype: torch.dtype, device: torch.device | None = None) -> Stats:
+        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+        return Stats(conv(self.cov), conv(self.mean), conv(self.grad))
+
+    def batched(self) -> Stats:
+        """One layer's statistics (``cov (in, in)``...) as a batch of one."""
+        add = lambda t: None if t is None else t.unsqueeze(0)
+        return Stats(add(self.cov), add(self.mean), add(self.grad))
+
+
+def centred(cov: Tensor, mean: Tensor | None) -> Tensor:
+    """The covariance of the activations about their mean, ``cov - mean mean^T`` (batched)."""
+    return cov if mean is None else cov - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
+def layer_digest(W: Tensor) -> str:
+    """Digest of a layer's dense ``(out, in)`` weight as float32: the same whatever dtype a model
+    held it in when that dtype converts exactly (bfloat16/float16 -> float32)."""
+    return weight_digest(W.detach().float())
+
+
+@dataclass
+class Calibration:
+    """Statistics of a model's target layers (in memory, or read lazily from a file).
+
+    ``layers``: ``{name: {"input": key, "shape": [out, in], "digest": layer_digest}}``;
+    ``info``: fingerprint, data digest, counts, whether gradients were collected.
+    """
+
+    layers: dict[str, dict[str, Any]]
+    info: dict[str, Any]
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.info["fingerprint"])
+
+    @property
+    def data_digest(self) -> str:
+        return str(self.info["data_digest"])
+
+    @property
+    def has_gradients(self) -> bool:
+        return bool(self.info.get("gradients"))
+
+    def _get(self, key: str) -> Tensor:
+        if key in self.tensors:
+            return self.tensors[key]
+        if self.path is None:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def _layer(self, name: str) -> dict[str, Any]:
+        if name not in self.layers:
+            where = self.path or "the statistics"
+            raise PissaError(f"{where} has no statistics for layer {name!r} (they cover {len(self.layers)} layers, e.g. "
+                             f"{next(iter(self.layers), '-')}); calibrate with the same --targets as the adapter")
+        return self.layers[name]
+
+    def check(self, name: str, W: Tensor) -> None:
+        """PissaError unless the statistics of layer ``name`` were computed on this weight ``W (out, in)``."""
+        entry = self._layer(name)
+        if list(W.shape) != entry["shape"] or layer_digest(W) != entry["digest"]:
+            raise PissaError(f"calibration statistics {self.path or ''} were computed on another model (layer {name!r} "
+                             f"differs, fingerprint {self.fingerprint}); " + how_to_calibrate(self.has_gradients)
+                             + " with this model")
+
+    def layer_stats(self, name: str, needs: Sequence[Need]) -> Stats:
+        """Layer ``name``'s statistics (float32, on the CPU): cov and mean if ``needs`` covariance, grad if gradient."""
+        entry = self._layer(name)
+        cov = mean = grad = None
+        if "covariance" in needs:
+            cov, mean = self._get(f"{entry['input']}.cov"), self._get(f"{entry['input']}.mean")
+        if "gradient" in needs:
+            if not self.has_gradients:
+                raise PissaError(f"{self.path or 'these statistics'} hold no gradients; " + how_to_calibrate(True))
+            grad = self._get(f"{name}.grad")
+        return Stats(cov, mean, grad)
+
+    def stats(self, names: Sequence[str], needs: Sequence[Need]) -> Stats:
+        """The statistics of equal-shape layers ``names`` stacked: ``cov (L, in, in)``, ``grad (L, out, in)``."""
+        parts = [self.layer_stats(n, needs) for n in names]
+        stack = lambda ts: None if ts[0] is None else torch.stack(ts)
+        return Stats(stack([p.cov for p in parts]), stack([p.mean for p in parts]), stack([p.grad for p in parts]))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the statistics to ``path`` (a safetensors file, replaced atomically)."""
+        path = Path(path)
+        if path.is_dir():
+            raise PissaError(f"{path} is a folder; pass a file name for the statistics, e.g. {path / 'stats.safetensors'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: self._get(k).contiguous() for k in self.keys()}
+        meta = {"format": FORMAT, "version": VERSION, "layers": self.layers, **self.info}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = path
+        return path
+
+    def keys(self) -> list[str]:
+        """Every tensor name of the statistics."""
+        inputs = sorted({e["input"] for e in self.layers.values()})
+        keys = [f"{k}.{part}" for k in inputs for part in ("cov", "mean")]
+        return keys + ([f"{n}.grad" for n in self.layers] if self.has_gradients else [])
+
+
+def fingerprint_of(layers: Mapping[str, Mapping[str, Any]]) -> str:
+    """The model fingerprint of the statistics' layer digests."""
+    return model_fingerprint({n: e["digest"] for n, e in layers.items()})
+
+
+def open_calibration(path: str | os.PathLike) -> Calibration:
+    """The statistics file at ``path``, validated (tensors are read on demand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PissaError(f"calibration statistics {path} do not exist; " + how_to_calibrate())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+    except Exception:  # not safetensors, or no pissa metadata
+        raise PissaError(f"{path} is not a statistics file written by pissa calibrate; " + how_to_calibrate()) from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise PissaError(f"{path} has format {meta.get('format')!r} v{meta.get('version')}; this pissa reads "
+                         f"{FORMAT} v{VERSION}: " + how_to_calibrate())
+    layers = meta.pop("layers")
+    for k in ("format", "version"):
+        meta.pop(k)
+    return Calibration(layers=layers, info=meta, path=path)
