@@ -24,51 +24,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-import pissa
+from _common import optimal_residuals, residual_ratios, timed_init
 from _results import PAIRED_HEADER, Results, add_results_options, paired_row
 from pissa.hub import load_model
 from pissa.model import find_targets
-from pissa.modules import dense_weight
 
 PISSA = "pissa.attach (block Krylov, default)"
 NITER4 = "PEFT pissa_niter_4"
 FULL = "PEFT pissa (full SVD)"
 PEFT_INIT = {NITER4: "pissa_niter_4", FULL: "pissa"}
-
-
-def optimal_residuals(model: torch.nn.Module, names: list[str], rank: int) -> dict[str, float]:
-    """Exact sqrt(sum of discarded S^2) per layer, from float64 singular values."""
-    out = {}
-    for n in names:
-        S = torch.linalg.svdvals(dense_weight(model.get_submodule(n)).detach().double())
-        out[n] = S[rank:].pow(2).sum().sqrt().item()
-    return out
-
-
-def timed_init(label: str, model: torch.nn.Module, rank: int, targets: str | list[str]) -> tuple[float, dict[str, torch.Tensor]]:
-    """(seconds of the init call alone, {layer name: residual weight}) of one init on ``model``."""
-    if label == PISSA:
-        cfg = pissa.AdapterConfig(rank=rank, targets=targets)
-        start = time.perf_counter()
-        pissa.attach(model, cfg)
-        seconds = time.perf_counter() - start
-        return seconds, {n: dense_weight(layer.residual).detach() for n, layer in pissa.adapted_layers(model)}
-    cfg = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=PEFT_INIT[label], target_modules=targets)
-    start = time.perf_counter()
-    peft_model = get_peft_model(model, cfg)
-    seconds = time.perf_counter() - start
-    prefix = "base_model.model."
-    residuals = {
-        n[len(prefix):]: m.base_layer.weight.detach()
-        for n, m in peft_model.named_modules()
-        if hasattr(m, "base_layer") and hasattr(m, "lora_A") and n.startswith(prefix)
-    }
-    return seconds, residuals
 
 
 def main() -> None:
@@ -87,7 +54,7 @@ def main() -> None:
         labels = [PISSA, NITER4] + ([] if args.no_full_svd else [FULL])
 
         for label in labels:  # warm-up, untimed: first-call imports and setup of each code path
-            timed_init(label, copy.deepcopy(base), args.rank, [names[0]])
+            timed_init(copy.deepcopy(base), args.rank, [names[0]], PEFT_INIT.get(label))
 
         times: dict[str, list[float]] = {k: [] for k in labels}
         errors: dict[str, list[float]] = {k: [] for k in labels}
@@ -98,10 +65,9 @@ def main() -> None:
             for label in order:
                 model = copy.deepcopy(base)
                 torch.manual_seed(rnd)
-                seconds, residuals = timed_init(label, model, args.rank, "all-linear")
+                seconds, residuals = timed_init(model, args.rank, "all-linear", PEFT_INIT.get(label))
                 times[label].append(seconds)
-                assert sorted(residuals) == sorted(names), f"{label} adapted a different set of layers"
-                errors[label] += [residuals[n].double().norm().item() / opt[n] for n in names]
+                errors[label] += residual_ratios(residuals, opt)
                 print(f"round {rnd + 1}: {label}: {seconds:.2f} s", flush=True)
                 del model, residuals
 

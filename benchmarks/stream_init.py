@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from _common import measure as measure_run
 from _results import Results, add_results_options
 
 LIMIT = 0.20
@@ -87,32 +88,6 @@ with torch.no_grad():
     base = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)(input_ids=ids).logits.double()
 print(((adapted - base).norm() / base.norm()).item(), ((remerged - base).norm() / base.norm()).item())
 """
-
-MEASURE = """
-import json, os, subprocess, sys, time
-def status(pid):
-    out = {}
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-t0 = time.perf_counter()
-proc = subprocess.Popen(sys.argv[2:])
-peak = {}
-while True:
-    pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
-    if pid:
-        break
-    for key, value in status(proc.pid).items():
-        peak[key] = max(peak.get(key, 0), value)
-    time.sleep(0.005)
-json.dump([time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(code), peak], open(sys.argv[1], "w"))
-"""
-
 
 def llama_tensors(
     hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, layers: int
@@ -238,22 +213,12 @@ def page_cache_share(folder: Path) -> float | None:
 
 def measure(cmd: list[str], threads: int | None = None) -> dict[str, float]:
     """Wall seconds, peak RSS (bytes) of the largest process in the tree, and the sampled peaks of the
-    command's own RssAnon and RssFile.
-
-    A child's ``ru_maxrss`` starts from the high-water mark of the process that started it (Linux
-    keeps it across fork or vfork + exec), so a command started straight from this process, which
-    wrote the checkpoint, would report this process's peak. The command is started from a small
-    wrapper interpreter that imports nothing heavy, and the wrapper reports ``os.wait4``'s numbers.
-    """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-c", MEASURE, f.name, *cmd], env=env, check=True)
-        seconds, rss, code, sampled = json.loads(Path(f.name).read_text())
-    if code != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return {"seconds": seconds, "rss": rss, "anon": sampled.get("RssAnon"), "file": sampled.get("RssFile")}
+    command's own RssAnon and RssFile (:func:`_common.measure`: the command starts from a small wrapper
+    interpreter, so its peak is not this process's, which wrote the checkpoint)."""
+    m = measure_run(cmd, env=None if threads is None else {"OMP_NUM_THREADS": str(threads)})
+    if not m.ok:
+        raise SystemExit(f"failed: {' '.join(cmd)}: {m.failure}")
+    return {"seconds": m.seconds, "rss": m.rss, "anon": m.anon, "file": m.file}
 
 
 def main() -> None:
