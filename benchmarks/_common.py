@@ -148,14 +148,15 @@ class Trainee:
         trainable = any(p.requires_grad for p in model.parameters())
         return cls(model, make_optimizer(model, cfg) if trainable else None)
 
-    def step(self, batch: Batch, cfg: RunConfig) -> float:
-        """One training step; returns its loss."""
+    def step(self, batch: Batch, cfg: RunConfig) -> None:
+        """One training step (the floor: forward and backward)."""
         if self.optimizer is not None:
-            return train_step(self.model, [batch], "causal-lm", self.optimizer, cfg.learning_rate, cfg)
+            train_step(self.model, [batch], "causal-lm", self.optimizer, cfg.learning_rate, cfg)
+            return
         with autocast(batch.input_ids.device, torch_dtype(cfg.dtype)):
             loss = loss_sum(self.model, batch, "causal-lm") / batch.targets
         loss.backward()
-        return loss.item()
+        loss.item()  # waits for the work, as train_step's loss.item() does
 
 
 @dataclass
