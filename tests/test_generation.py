@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import finetune, tokenizer_for
+from pissa import generation
 from pissa.cli import main
 from pissa.data import Example, Message
 from pissa.errors import PissaError
@@ -190,27 +191,63 @@ def test_generation_eval_scores_exact_match_of_the_generated_answers(tok, monkey
     answers = [r.splitlines()[-1] for r in refs]  # "#### N"
     forced = [f"Some work.\n{answers[0]}", f"{answers[1]}1", f"The answer is: {answers[2][5:]}", "I do not know"]
     model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    real = generation.score_and_generate
     seen: list[list[int]] = []
 
-    def fake_generate(input_ids, attention_mask, max_new_tokens, **kwargs):
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            assert mask == sorted(mask)  # left padding: zeros, then ones
-            prompt = [t for t, m in zip(ids, mask) if m]
-            seen.append(prompt)
-            k = [list(e.ids[: e.n_prompt]) for e in items].index(prompt)
-            new = tok(forced[k], add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 7, 8]  # junk after eos
-            rows.append(ids + new[:max_new_tokens])
-        width = max(map(len, rows))
-        return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    def fake(model, items, **kwargs):
+        total, count, _ = real(model, items, **kwargs)
+        seen.extend(list(e.ids[: e.n_prompt]) for e in items)
+        return total, count, [tok(text, add_special_tokens=False)["input_ids"] for text in forced]
 
-    monkeypatch.setattr(model, "generate", fake_generate)
+    monkeypatch.setattr(generation, "score_and_generate", fake)
     result = evaluate_generation(model, tok, items, refs, pad_id=tok.pad_token_id, max_new_tokens=64, batch_size=3)
-    assert sorted(seen) == sorted(list(e.ids[: e.n_prompt]) for e in items)  # every prompt, once
+    assert seen == [list(e.ids[: e.n_prompt]) for e in items]  # every prompt, once
     assert result["accuracy"] == pytest.approx(2 / 4)  # 0 and 2 match; 1 has an extra digit; 3 has no number
     assert result["loss"] == pytest.approx(evaluate(model, items, None, None, "causal-lm", tok.pad_token_id)["loss"])
     with pytest.raises(PissaError, match="one reference per example"):
         evaluate_generation(model, tok, items, refs[:3], pad_id=tok.pad_token_id, max_new_tokens=8)
+
+
+def test_one_pass_scoring_equals_the_loss_pass_and_generation_apart(tok) -> None:
+    """score_and_generate (contexts run once, the cache cropped to them) gives the teacher-forced loss of
+    objective.evaluate and the tokens of generate, also for a chat whose earlier assistant turn is a target."""
+    examples = [chat(("user", r["messages"][0]["content"]), ("assistant", r["messages"][1]["content"])) for r in ROWS[:5]]
+    examples.append(chat(("user", "Sam has 3 apples. How many?"), ("assistant", "#### 3"), ("user", "And twice?"),
+                         ("assistant", "3 * 2 = 6.\n#### 6")))
+    items = encode_all(tok, examples, None, "causal-lm", 256)
+    assert items[-1].mask is not None and any(items[-1].mask[: items[-1].n_prompt])  # a target inside the context
+    model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    for batch_size in (1, 4):
+        total, count, outputs = generation.score_and_generate(model, items, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id],
+                                                              max_new_tokens=9, batch_size=batch_size)
+        expected = evaluate(model, items, None, None, "causal-lm", tok.pad_token_id)
+        assert count == sum(e.n_targets for e in items) and total / count == pytest.approx(expected["loss"], rel=1e-5)
+        assert outputs == generate(model, [e.ids[: e.n_prompt] for e in items], pad_id=tok.pad_token_id,
+                                   end_ids=[tok.eos_token_id], max_new_tokens=9, batch_size=2)
+
+
+def test_generation_runs_on_a_merged_copy_of_the_adapted_layers(tok) -> None:
+    """In float32 the adapted layers are swapped for merged ones while generating (same tokens), then put back."""
+    import pissa
+
+    model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    pissa.attach(model, pissa.AdapterConfig(method="pissa", rank=4))
+    with torch.no_grad():
+        for _, layer in pissa.model.adapted_layers(model):
+            layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))  # a trained-looking update
+    layers = dict(pissa.model.adapted_layers(model))
+    prompts = [list(e.ids[: e.n_prompt]) for e in encode_all(tok, [chat(("user", r["messages"][0]["content"]),
+               ("assistant", r["messages"][1]["content"])) for r in ROWS[:4]], None, "causal-lm", 256)]
+    adapted = generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8, batch_size=4)
+    with generation.merged_for_inference(model) as merged:
+        assert merged and not list(pissa.model.adapted_layers(model))
+        assert generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8,
+                        batch_size=4) == adapted
+    assert dict(pissa.model.adapted_layers(model)) == layers  # the very same layer objects again
+    half = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).to(torch.bfloat16)
+    pissa.attach(half, pissa.AdapterConfig(method="pissa", rank=4))
+    with generation.merged_for_inference(half) as merged:
+        assert not merged  # a half-precision residual would be rounded: left as it is
 
 
 # --- runs ------------------------------------------------------------------------------------------

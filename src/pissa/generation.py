@@ -24,16 +24,22 @@ data (labelled, or free text without such answers) is scored by likelihood.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .devices import model_device
 from .errors import PissaError
-from .objective import Encoded, Kind, evaluate
+from .layer import PissaLinear
+from .model import _set_module, adapted_layers
+from .modules import dense_weight
+from .nf4 import NF4Linear
+from .objective import Encoded, Kind, _accepts_logits_to_keep
 
 EvalKind = Literal["generate", "likelihood"]
 
@@ -102,41 +108,178 @@ def end_tokens(tokenizer, model: nn.Module) -> list[int]:
     return sorted({int(i) for i in ids})
 
 
+def _check_generative(model: nn.Module, end_ids: Sequence[int]) -> None:
+    if not callable(getattr(model, "generate", None)):
+        raise PissaError("--eval generate needs a Hugging Face generative model (with .generate); use --eval likelihood")
+    if not end_ids:
+        raise PissaError("generation needs an end token, but the tokenizer has no eos token; set one or use --eval likelihood")
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
+    """``rows`` right-aligned in ``(len(rows), width)`` ids (``pad_id`` before them) and their 0/1 attention mask."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        attention[r, width - len(row) :] = 1
+    return ids, attention
+
+
+def _decode(model: nn.Module, cache: Any, logits: Tensor, attention: Tensor, rows: list[int], out: list[list[int]],
+            ends: Tensor, max_new_tokens: int) -> None:
+    """Greedy decoding of a prefilled batch: ``logits (B, V)`` of each row's last position, ``cache`` and
+    ``attention (B, T)`` (left-padded) cover the same T positions. Appends each step's token to
+    ``out[rows[b]]``; a row leaves the batch (its cache rows dropped) once it produced an end token."""
+    positions = attention.sum(-1, keepdim=True) - 1  # each row's last position (counted from its first real token)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        ended = torch.isin(token, ends)
+        for r, t in zip(rows, token.tolist()):
+            out[r].append(t)
+        if step == max_new_tokens - 1 or bool(ended.all()):
+            return
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows = [rows[k] for k in keep.tolist()]
+            token, attention, positions = token[keep], attention[keep], positions[keep]
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def _cut(out: list[list[int]], end_ids: Sequence[int]) -> list[list[int]]:
+    ends = {int(t) for t in end_ids}
+    return [new[: next((k for k, t in enumerate(new) if t in ends), len(new))] for new in out]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int, end_ids: Sequence[int],
              max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy continuations of token-id ``prompts``, each cut before its first end token.
 
-    Prompts are batched by length (``batch_size`` a batch), left-padded with ``pad_id`` and decoded
-    with ``model.generate`` (KV cache, ``do_sample=False``) for at most ``max_new_tokens`` tokens.
-    Returns one list of new token ids per prompt, in the order of ``prompts``.
+    Prompts are batched by length (``batch_size`` a batch) and left-padded with ``pad_id``; each
+    batch runs once over its prompts (positions counted from each row's first real token, logits of
+    the last position only), then one token at a time with the KV cache (a ``DynamicCache``), taking
+    the argmax, for at most ``max_new_tokens`` tokens. A row that produced an end token leaves the
+    batch (its cache rows are dropped): the tokens are those of ``model.generate(do_sample=False)``,
+    without its per-token overhead and without computing rows that already ended. Returns one list
+    of new token ids per prompt, in the order of ``prompts``.
     """
-    if not callable(getattr(model, "generate", None)):
-        raise PissaError("--eval generate needs a Hugging Face generative model (with .generate); use --eval likelihood")
-    if not end_ids:
-        raise PissaError("generation needs an end token, but the tokenizer has no eos token; set one or use --eval likelihood")
+    _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
     device = model_device(model)
+    ends = torch.tensor(sorted(set(end_ids)), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    ends = set(end_ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            attention[row, width - len(prompts[i]) :] = 1
-        sequences = model.generate(  # type: ignore[operator]
-            input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=False, num_beams=1,
-            max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(end_ids), use_cache=True,
-            temperature=None, top_p=None, top_k=None,
-        )
-        for row, i in enumerate(chunk):
-            new = sequences[row, width:].tolist()
-            cut = next((k for k, t in enumerate(new) if t in ends), len(new))
-            out[i] = new[:cut]
-    return out
+        ids, attention = _left_padded([prompts[i] for i in chunk], pad_id, max(len(prompts[i]) for i in chunk))
+        ids, attention = ids.to(device), attention.to(device)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True, **kwargs).logits[:, -1]
+        _decode(model, cache, logits, attention, list(chunk), out, ends, max_new_tokens)
+    return _cut(out, end_ids)
+
+
+@torch.no_grad()
+def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: int, end_ids: Sequence[int],
+                       max_new_tokens: int, batch_size: int) -> tuple[float, int, list[list[int]]]:
+    """The teacher-forced loss of ``items`` and greedy continuations of their contexts, from one forward
+    pass over each batch.
+
+    A batch lays its items out with their contexts (the first ``n_prompt`` tokens) right-aligned at
+    column ``W`` and their reference completions after it, right-padded: ``[pad | context | completion | pad]``.
+    One forward over the whole width gives the logits of every target token (the loss) and, at column
+    ``W - 1``, of the first generated token; the KV cache it fills is then cropped to the first ``W``
+    columns, which is exactly the cache of the contexts alone (causal attention: no context position
+    sees a completion token), and decoding continues from it (:func:`generate`'s loop). So the
+    contexts are run once instead of twice. Batches are formed by context length.
+
+    Returns ``(summed target NLL, number of targets, new tokens per item cut before the first end token)``.
+    """
+    _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    ends = torch.tensor(sorted(set(end_ids)), device=device)
+    order = sorted(range(len(items)), key=lambda i: (items[i].n_prompt, len(items[i].ids)))
+    out: list[list[int]] = [[] for _ in items]
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
+        W = max(e.n_prompt for e in chunk)
+        T = W + max(len(e.ids) - e.n_prompt for e in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(chunk), T, dtype=torch.long)
+        target = torch.zeros(len(chunk), T, dtype=torch.bool)
+        for r, e in enumerate(chunk):
+            at = W - e.n_prompt
+            ids[r, at : at + len(e.ids)] = torch.tensor(e.ids)
+            attention[r, at : at + len(e.ids)] = 1
+            if e.mask is not None:
+                target[r, at : at + len(e.ids)] = torch.tensor(e.mask)
+            else:
+                target[r, W : at + len(e.ids)] = True
+        predict = target[:, 1:]  # column t predicts token t + 1
+        needed = predict.any(0)
+        needed[W - 1] = True  # the context's last column predicts the first new token
+        keep = needed.nonzero().squeeze(1)
+        ids, attention = ids.to(device), attention.to(device)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        kwargs = {"logits_to_keep": keep.to(device)} if _accepts_logits_to_keep(model) else {}
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True, **kwargs).logits
+        if not kwargs:
+            logits = logits[:, keep.to(device)]
+        mask = predict[:, keep].to(device)
+        targets = ids[:, 1:][:, keep.to(device)][mask]
+        total += F.cross_entropy(logits[mask].float(), targets, reduction="sum").item()
+        count += int(mask.sum())
+        first = logits[:, int((keep == W - 1).nonzero())]
+        del logits
+        cache.crop(W - T)  # drop the completion columns (a negative count removes that many)
+        _decode(model, cache, first, attention[:, :W], order[start : start + len(chunk)], out, ends, max_new_tokens)
+    return total, count, _cut(out, end_ids)
+
+
+@contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[bool]:
+    """Within the block, each adapted layer of ``model`` is replaced by its merged copy (``W_res + s B A``,
+    :meth:`~pissa.layer.PissaLinear.merged`); the adapted layers are put back on exit. Yields whether it merged.
+
+    One matmul per layer instead of three: decoding a token costs the base model's time. Done only when
+    every adapted layer computes in float32 (a float32 residual, dense or 4-bit, float32 factors, no
+    autocast) and holds plain tensors (not FSDP shards): the merged weight then gives the same outputs
+    to float32 rounding (a half-precision base would round the merged weight to its dtype, which it
+    does not do unmerged). Costs one extra copy of the adapted weights while it lasts.
+    """
+    layers = list(adapted_layers(model))
+    if not layers or torch.is_autocast_enabled() or not all(_float32_layer(layer) for _, layer in layers):
+        yield False
+        return
+    with torch.no_grad():
+        merged = [(name, layer.merged()) for name, layer in layers]
+    try:
+        for name, new in merged:
+            _set_module(model, name, new)
+        yield True
+    finally:
+        for name, layer in layers:
+            _set_module(model, name, layer)
+
+
+def _float32_layer(layer: PissaLinear) -> bool:
+    tensors = [p for p in layer.parameters()] + [b for b in layer.buffers()]
+    if any(hasattr(t, "device_mesh") for t in tensors):
+        return False  # FSDP's DTensor shards
+    residual = layer.residual
+    dtype = residual.weight_dtype if isinstance(residual, NF4Linear) else dense_weight(residual).dtype
+    return dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
 
 
 @torch.no_grad()
@@ -155,11 +298,12 @@ def evaluate_generation(model: nn.Module, tokenizer, items: Sequence[Encoded], r
     was_training = model.training
     model.eval()
     try:
-        loss = evaluate(model, items, None, None, "causal-lm", pad_id, batch_size)["loss"]
-        outputs = generate(model, [e.ids[: e.n_prompt] for e in items], pad_id=pad_id,
-                           end_ids=end_tokens(tokenizer, model), max_new_tokens=max_new_tokens, batch_size=batch_size)
+        with merged_for_inference(model):
+            total, count, outputs = score_and_generate(model, items, pad_id=pad_id, end_ids=end_tokens(tokenizer, model),
+                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
     finally:
         model.train(was_training)
+    loss = total / max(1, count)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
     correct = sum(answers_match(text, ref) for text, ref in zip(texts, references))
     return {"loss": loss, "accuracy": correct / len(items)}
