@@ -23,6 +23,16 @@ MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")
 """What a checkpoint of the whole model holds, and an adapter checkpoint must not."""
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test (the trainers keep torch's default, a thread per core, which on a CPU
+    loaded by other jobs made the SmolLM2 test 4x slower; README "Step time in a trainer")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def trained(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors, detached copies."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
