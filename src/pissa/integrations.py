@@ -28,8 +28,9 @@ Why this mechanism (transformers 5.23, TRL 1.16):
   ``_save_checkpoint`` only adds a model card. So the model's own save is the one place that sees
   every checkpoint *before* anything is written. A ``TrainerCallback`` is the wrong place: its
   ``on_save`` runs after the whole model is on disk and could only delete it again, and a callback
-  that the user forgets brings back 561 MB checkpoints. PEFT does the same: ``PeftModel.save_pretrained``
-  writes only the adapter. The method is set on the instance (accelerate patches ``forward`` the same way).
+  that the user forgets brings back whole-model checkpoints that ``from_pretrained`` cannot read.
+  PEFT does the same: ``PeftModel.save_pretrained`` writes only the adapter. The method is set on
+  the instance (accelerate and TRL patch ``forward`` the same way).
 - Resuming (``Trainer._load_from_checkpoint``) and ``load_best_model_at_end`` (``_load_best_model``)
   accept a folder with full weights, a PEFT adapter (only for ``PeftModel`` instances) or a sharded
   checkpoint index; the index is the one they load partially without complaint
