@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 from pissa.cli import main
+from pissa.decompose import ADAPTERS, METHODS
+
+WEIGHT_ONLY = sorted(m for m in ADAPTERS if METHODS[m].needs == ("weight",))
+"""The adapter methods that read the weight alone (data-aware ones are tested with statistics in test_data_aware.py)."""
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
 """The devices present: device-agnostic tests run on each (CPU always), unchanged on a GPU machine."""

@@ -14,16 +14,16 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.decompose import ADAPTERS, InitOptions, init_structured
+from conftest import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from pissa.decompose import InitOptions, init_structured
 
-FAMILY = sorted(ADAPTERS)
-TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core")}
+FAMILY = WEIGHT_ONLY
+TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",)}
 
 
 def expected_params(method: str, r: int, n_in: int, n_out: int) -> int:
     """Trainable parameters of one layer: r (in + out) for two full factors, r for SVFit, r^2 for LoRA-XS."""
-    return {"svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r}.get(method, r * (n_in + n_out))
+    return {"svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r, "loldu": r}.get(method, r * (n_in + n_out))
 
 
 def init(W: torch.Tensor, r: int, method: str):

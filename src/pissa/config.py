@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,21 @@ class AdapterConfig:
     """Dropout probability on the adapter path's input."""
     factor_dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     """Dtype of the trainable factors: float32, bfloat16, float16 or float64."""
+    rank_pattern: dict[str, int] | None = None
+    """Per-layer ranks, a JSON object {module name, name suffix or regex: rank}; a layer takes the rank of
+    its exact name, else of the first key that matches it, else --rank; rank 0 leaves the layer unadapted."""
+    calibration: str | None = None
+    """Statistics file written by pissa calibrate, read by the data-aware methods (corda, corda-kpm, eva,
+    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize nf4)."""
+    damping: float = 0.01
+    """Data-aware methods: the activation covariance C gets damping * mean(diag C) added to its diagonal
+    before it is inverted or factored (CorDA, EoRA)."""
+    first_lr: float = 5e-6
+    """LoRA-SB: learning rate of the simulated first full fine-tuning step -lr sign(G) it starts from
+    (its paper: the peak rate divided by the warm-up steps; pissa finetune's defaults give 5e-5 / 10)."""
+    eva_rho: float = 2.0
+    """EVA: a layer may take up to eva_rho * rank components; the budget rank x layers goes to the components
+    explaining the most variance across layers (1: every layer keeps rank)."""
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -75,11 +91,39 @@ class AdapterConfig:
             raise PissaError(f"factor_dtype must be one of {', '.join(DTYPES)}, got {self.factor_dtype!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [self.targets]
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.rank_pattern.items()
+            ):
+                raise PissaError(f"rank_pattern must map module names or regexes to ranks >= 0, got {self.rank_pattern!r}")
+            self.rank_pattern = dict(self.rank_pattern) or None
+        if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < math.inf):
+            raise PissaError(f"damping must be a number >= 0, got {self.damping!r}")
+        if not (isinstance(self.first_lr, (int, float)) and self.first_lr > 0):
+            raise PissaError(f"first_lr must be > 0, got {self.first_lr!r}")
+        if not (isinstance(self.eva_rho, (int, float)) and self.eva_rho >= 1):
+            raise PissaError(f"eva_rho must be >= 1 (1: uniform ranks), got {self.eva_rho!r}")
 
     @property
     def scaling(self) -> float:
         """alpha / rank (1.0 when alpha is None)."""
         return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def scaling_for(self, rank: int) -> float:
+        """The scaling of a layer of rank ``rank``: alpha / rank (1.0 when alpha is None), as PEFT's rank_pattern."""
+        return 1.0 if self.alpha is None else self.alpha / rank
+
+    def layer_rank(self, name: str) -> int:
+        """The rank of layer ``name``: its exact name in rank_pattern, else the first key matching it
+        (dotted suffix or full regex), else ``rank``; 0: not adapted."""
+        pattern = self.rank_pattern or {}
+        if name in pattern:
+            return pattern[name]
+        for key, r in pattern.items():
+            if name.endswith("." + key) or _fullmatch(key, name):
+                return r
+        return self.rank
 
     @property
     def torch_factor_dtype(self) -> torch.dtype:
@@ -92,6 +136,13 @@ class AdapterConfig:
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
 
 
 def _resume_safe(**kw: Any) -> Any:
@@ -351,6 +402,9 @@ class QuantErrorConfig:
     """Block Lanczos steps with --svd krylov; None: the rank's default."""
     sample: int | None = None
     """At most this many layers per projection type (None: all)."""
+    calibration: str | None = None
+    """Statistics file of this model (pissa calibrate): adds the activation-weighted error table, with EoRA
+    on nf4(W) and QPiSSA+EoRA (QPiSSA's last step activation-weighted)."""
     device: str = "auto"
     """Where the decompositions run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
     out: str = "quant_error"

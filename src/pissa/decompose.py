@@ -6,12 +6,17 @@ its random draws for matrix i come from ``opt.seeds[i]`` (so a layer gets the sa
 or batched). The frozen residual is always ``W - B @ [core @] A``
 (:func:`~pissa.factors.residual_of`), so the adapted model starts exactly where the base was.
 
+Data-aware methods also read calibration statistics of the same layers (:class:`Stats`:
+``X^T X / n`` of the layer inputs and their mean, or the mean loss gradient w.r.t. W), handed in
+``opt.stats``; they are still pure functions of ``(W, r, stats)``.
+
 Adding a method is one function here, one :class:`Method` record in :data:`METHODS` and its
 tests; nothing else in the package names methods one by one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -28,18 +33,83 @@ from .svd import BLOCK, Batch, SVDMethod, compute_dtype, seeded, stack, truncate
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+Need = Literal["weight", "covariance", "gradient"]
+"""What an init reads: the weight; the activation statistics (``X^T X / n`` and the mean, ``pissa
+calibrate``); the mean loss gradient w.r.t. the weight (``pissa calibrate --gradients``)."""
+
+
+def calibration_hint(need: Need = "covariance") -> str:
+    """How to make the statistics of ``need``, in one sentence (every missing-statistics error ends with it)."""
+    grad = " --gradients" if need == "gradient" else ""
+    return (f"run `pissa calibrate --model MODEL --data DATA --out stats.safetensors{grad}` and pass "
+            "calibration='stats.safetensors' (--calibration stats.safetensors)")
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Calibration statistics of a batch of L equal-shape layers (the third argument of a data-aware init).
+
+    ``cov (L, in, in)``: ``X^T X / n`` over the n calibration tokens ``x (in,)`` that reached the
+    layer (uncentred); ``mean (L, in)``: ``X^T 1 / n``; ``grad (L, out, in)``: the mean gradient of
+    the loss w.r.t. W. A method reads only what its :attr:`Method.needs` names; the rest may be None.
+    """
+
+    cov: Tensor | None = None
+    mean: Tensor | None = None
+    grad: Tensor | None = None
+
+    def to(self, dtype: torch.dtype, device: torch.device | None = None) -> Stats:
+        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+        return Stats(conv(self.cov), conv(self.mean), conv(self.grad))
+
+    def batched(self) -> Stats:
+        """One layer's statistics (``cov (in, in)``...) as a batch of one."""
+        add = lambda t: None if t is None else t.unsqueeze(0)
+        return Stats(add(self.cov), add(self.mean), add(self.grad))
+
+
+def centred(cov: Tensor, mean: Tensor | None) -> Tensor:
+    """The covariance of the activations about their mean, ``cov - mean mean^T`` (batched)."""
+    return cov if mean is None else cov - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
+def damped(cov: Tensor, damping: float) -> Tensor:
+    """``C + damping * mean(diag C) * I`` (batched): the damped covariance CorDA and EoRA factor or invert."""
+    scale = damping * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(cov.dtype).tiny)
+    return cov + scale[..., None, None] * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+
+
 @dataclass(frozen=True)
 class InitOptions:
-    """Numerical options shared by the init functions; ``seeds`` has one entry per matrix of the batch."""
+    """Numerical options shared by the init functions; ``seeds`` has one entry per matrix of the batch.
+
+    ``stats``: the batch's calibration statistics (data-aware methods); ``damping``: their covariance's
+    relative damping (:func:`damped`); ``first_lr``: LoRA-SB's simulated first step.
+    """
 
     seeds: Sequence[int] = (0,)
     svd: SVDMethod = "krylov"
     niter: int | None = None
     block: int = BLOCK
+    stats: Stats | None = None
+    damping: float = 0.01
+    first_lr: float = 5e-6
 
     def top_svd(self, W: Batch, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-r triplets ``U (L, out, r), S (L, r), Vh (L, r, in)`` of the batch W with these options."""
         return truncated_svd(W, r, method=self.svd, steps=self.niter, block=self.block, seeds=self.seeds)
+
+    def covariance(self) -> Tensor:
+        """``stats.cov (L, in, in)``, or a PissaError that says how to make it."""
+        if self.stats is None or self.stats.cov is None:
+            raise PissaError("this method reads activation statistics and none were given; " + calibration_hint())
+        return self.stats.cov
+
+    def gradient(self) -> Tensor:
+        """``stats.grad (L, out, in)``, or a PissaError that says how to make it."""
+        if self.stats is None or self.stats.grad is None:
+            raise PissaError("this method reads the loss gradient and none was given; " + calibration_hint("gradient"))
+        return self.stats.grad
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -133,6 +203,159 @@ def sorsa_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     return Factors(A=Vh, B=U, core=S, train=("A", "B", "core"), orthonormal=True)
 
 
+def corda_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """CorDA, instruction-previewed mode (Yang et al., 2024, arXiv 2406.05223): the top of W
+    oriented by the activations.
+
+    With ``C`` the damped covariance (:func:`damped` of ``X^T X / n``) and the SVD ``W C = U S V^T``,
+    ``W = U S (V^T C^{-1})`` exactly; ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T C^{-1}`` (the r
+    largest components, which carry the task's context; the residual keeps the rest). C = I gives
+    PiSSA. The SVD is ``opt.top_svd`` (block Krylov by default); ``V_r^T C^{-1}`` is a solve with C.
+    PEFT's CorDA also divides each calibration sequence by its largest entry before summing
+    ``X^T X``; here every token weighs the same.
+    """
+    C = damped(opt.covariance(), opt.damping)
+    U, S, Vh = opt.top_svd(W @ C, r)
+    return _corda_factors(U, S, Vh, C)
+
+
+def corda_kpm_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """CorDA, knowledge-preserved mode: the r *smallest* components of ``W C = U S V^T`` train and the
+    principal ones, which the calibration data (e.g. world-knowledge QA) exercises most, stay frozen
+    in the residual. ``B = U_{-r:} sqrt(S_{-r:})``, ``A = sqrt(S_{-r:}) V_{-r:}^T C^{-1}``; C = I gives
+    MiLoRA. Always a full SVD (a sketch cannot find the smallest singular values)."""
+    C = damped(opt.covariance(), opt.damping)
+    U, S, Vh = torch.linalg.svd(W @ C, full_matrices=False)
+    return _corda_factors(U[..., -r:], S[..., -r:], Vh[..., -r:, :], C)
+
+
+def _corda_factors(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A, B) = (sqrt(S) Vh C^{-1}, U sqrt(S))`` for triplets of ``W C`` (C symmetric positive definite)."""
+    root = S.sqrt()
+    right = torch.linalg.solve(C, Vh.mT).mT  # Vh C^{-1} = (C^{-1} Vh^T)^T
+    return root.unsqueeze(-1) * right, U * root.unsqueeze(-2)
+
+
+def eva_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """EVA (Paischer et al., 2024, arXiv 2410.07170): A = the top-r principal directions of the layer's
+    inputs, B = 0.
+
+    The rows of ``A (r, in)`` are the orthonormal eigenvectors of the centred covariance
+    ``X^T X / n - mean mean^T`` with the r largest eigenvalues (what PEFT's incremental PCA
+    converges to, computed exactly); ``B = 0`` so the residual is W. Per-layer ranks come from
+    :func:`eva_ranks` (``AdapterConfig.eva_rho``).
+    """
+    cov = centred(opt.covariance(), opt.stats.mean if opt.stats is not None else None)
+    vectors = torch.linalg.eigh(cov).eigenvectors  # ascending eigenvalues
+    A = vectors[..., -r:].flip(-1).mT.contiguous()
+    return A, torch.zeros(W.shape[0], W.shape[1], r, dtype=W.dtype, device=W.device)
+
+
+def explained_variance(cov: Tensor, mean: Tensor | None) -> Tensor:
+    """The fractions of the inputs' variance along each principal direction, descending: the
+    eigenvalues of the centred covariance divided by their sum (``(..., in)``)."""
+    values = torch.linalg.eigvalsh(centred(cov.double(), None if mean is None else mean.double())).flip(-1).clamp_min(0)
+    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def eva_ranks(ratios: dict[str, Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:
+    """EVA's rank redistribution: each layer offers its ``round(rho * r_l)`` leading explained-variance
+    ratios (:func:`explained_variance`), the budget ``sum_l r_l`` goes to the largest of all offered
+    ones, and a layer's rank is the number of its own that were chosen (0: the layer is not adapted).
+    ``rho = 1`` keeps every layer at ``r_l``. Ties break by layer order, then by component index.
+    """
+    budget = sum(ranks.values())
+    offers = []
+    for li, (name, r) in enumerate(ranks.items()):
+        k = min(int(round(rho * r)), ratios[name].shape[-1])
+        offers += [(-float(v), li, j, name) for j, v in enumerate(ratios[name][:k].tolist())]
+    chosen = sorted(offers)[:budget]
+    out = dict.fromkeys(ranks, 0)
+    for _, _, _, name in chosen:
+        out[name] += 1
+    return out
+
+
+def eora_fit(E: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """EoRA (Liu et al., 2024, arXiv 2410.21271): the rank-r ``B A`` minimising the activation-weighted
+    error ``||(E - B A) L||_F``, ``L L^T = C`` the damped covariance, for an error ``E (L, out, in)``.
+
+    ``C = Q diag(lam) Q^T``, ``L = Q diag(sqrt(lam))``; the SVD ``E L = U S V^T`` gives
+    ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T L^{-1}`` with ``L^{-1} = diag(1/sqrt(lam)) Q^T``, so
+    ``(E - B A) L = E L - U_r S_r V_r^T`` and the error is ``sqrt(sum_{i>r} S_i^2)``, the smallest
+    possible (Eckart-Young in the eigenspace). Since ``||M L||_F^2 = tr(M C M^T)``, this is
+    ``||M X^T||_F / sqrt(n)`` for the calibration inputs X when the damping is 0. (EoRA puts S on B;
+    the balanced sqrt split matches PiSSA.)
+    """
+    lam, Q = torch.linalg.eigh(damped(opt.covariance(), opt.damping))
+    root = lam.clamp_min(torch.finfo(lam.dtype).tiny * lam.amax(-1, keepdim=True)).sqrt()  # (L, in)
+    U, S, Vh = opt.top_svd(E @ (Q * root.unsqueeze(-2)), r)
+    s = S.sqrt()
+    A = s.unsqueeze(-1) * ((Vh / root.unsqueeze(-2)) @ Q.mT)
+    return A, U * s.unsqueeze(-2)
+
+
+def eora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """EoRA as an init: :func:`eora_fit` of the compression error ``W - compressed(W)``. The compressed
+    weight is ``nf4(W)`` with ``quantize="nf4"`` (applied by :func:`pissa.qpissa.refine`, the record is
+    :attr:`Method.compensates`) and 0 without, where ``B A`` is the activation-weighted best rank-r
+    approximation of W itself and the residual ``W - B A`` starts exactly at the base."""
+    return eora_fit(W, r, opt)
+
+
+LORA_GA_GAMMA = 16.0
+"""LoRA-GA's stable-scale hyper-parameter gamma (the paper's and PEFT's default)."""
+
+
+def lora_ga_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
+    """LoRA-GA (Wang et al., 2024, arXiv 2407.05000): factors from the SVD of the mean loss gradient G.
+
+    ``G = U S V^T`` (top 2r); ``A = zeta V_{1..r}^T``, ``B = zeta U_{r+1..2r}`` with the stable
+    scale ``zeta = out^{1/4} / sqrt(gamma)`` (gamma = :data:`LORA_GA_GAMMA`): the "ArB2r" choice,
+    under which the first step of the adapter best approximates the first step of full fine-tuning.
+    As in the paper (and PEFT) the frozen weight becomes ``W - B A``, so the model starts at the
+    base. (PEFT 0.21 also multiplies B by ``S_{r+1..2r}`` and scales only B; the spans are the same.)
+    Needs ``2 r <= min(out, in)``.
+    """
+    G = opt.gradient()
+    if 2 * r > min(G.shape[-2:]):
+        raise PissaError(f"lora-ga takes 2r = {2 * r} gradient directions, more than the {min(G.shape[-2:])} of a "
+                         f"{tuple(G.shape[-2:])} layer; use rank <= {min(G.shape[-2:]) // 2}")
+    U, _, Vh = opt.top_svd(G, 2 * r)
+    zeta = W.shape[-2] ** 0.25 / LORA_GA_GAMMA**0.5
+    return zeta * Vh[..., :r, :], zeta * U[..., r : 2 * r]
+
+
+def lora_sb_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """LoRA-SB (Ponkshe et al., 2024, arXiv 2411.19557): LoRA-XS's frozen ``B``, ``A`` and trainable
+    ``r x r`` core R, initialised from an approximation of full fine-tuning's first update.
+
+    That update is AdamW's first step, ``dW = -eta sign(G)`` (``eta = opt.first_lr``, the first
+    step's learning rate, G the mean loss gradient); with its SVD ``dW = U S V^T``:
+    ``B = U_r``, ``R = diag(S_r)``, ``A = V_r^T``, the best rank-r approximation of dW. As in the
+    paper the base weight is *not* offset: the residual factors are zero, so the model starts at
+    ``W + B R A``, one approximated full fine-tuning step away from the base (not an exact start:
+    :attr:`Method.exact_start` is False), and its update relative to W is ``B R A``.
+    """
+    delta = -opt.first_lr * torch.sign(opt.gradient())
+    U, S, Vh = opt.top_svd(delta, r)
+    core = torch.diag_embed(S)
+    zeros = torch.zeros_like
+    return Factors(A=Vh, B=U, core=core, train=("core",), Ar=zeros(Vh), Br=zeros(U))
+
+
+def loldu_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """LoLDU (Shi et al., 2024, arXiv 2410.13618): a pivoted LU, ``W = P L D U`` (L unit lower, D
+    diagonal, U unit upper); ``B = P L_r``, ``core = D_r`` (the only trainable part: r parameters),
+    ``A = U_r``, the first r columns / entries / rows. At full rank ``B D A = W`` exactly (for a
+    nonsingular pivot sequence); the residual is ``W - P L_r D_r U_r``.
+    """
+    P, L, U = torch.linalg.lu(W)
+    d = U.diagonal(dim1=-2, dim2=-1)
+    unit = U / torch.where(d == 0, torch.ones_like(d), d).unsqueeze(-1)
+    return Factors(A=unit[..., :r, :], B=P @ L[..., :r], core=d[..., :r].clone(), train=("core",))
+
+
 def full_init(W: Batch, r: int, opt: InitOptions) -> Factors:
     """Full fine-tuning has no factors: every weight of the model trains (``pissa finetune --method full``)."""
     raise PissaError("method 'full' trains every weight and has no adapter factors; use it with pissa finetune/compare")
@@ -161,10 +384,19 @@ class Method:
     export_rank: Literal["r", "2r"] = "2r"
     """Rank of its PEFT LoRA export: ``"2r"`` for ``s [B | -B0] [A ; A0]``; ``"r"`` when ``B0 = 0``
     (the update is ``s B A``) or when A is frozen (``s (B - B0) A``)."""
-    needs: tuple[Literal["weight"], ...] = ("weight",)
-    """What its init reads: the weight alone (data-aware methods will add statistics)."""
+    needs: tuple[Need, ...] = ("weight",)
+    """What its init reads: the weight, and for data-aware methods the calibration statistics
+    (``AdapterConfig.calibration``, written by ``pissa calibrate [--gradients]``)."""
     adapter: bool = True
     """False for full fine-tuning: no adapter, every weight trains (the paper's baseline; finetune and compare only)."""
+    exact_start: bool = True
+    """The adapted model starts exactly at the base (without ``quantize``): the residual is ``W - B A``.
+    False for a method that starts elsewhere by design (LoRA-SB starts one approximated update away)."""
+    compensates: bool = False
+    """With ``quantize="nf4"`` its init is applied to the quantization error ``W - nf4(W)`` and the residual
+    is ``nf4(W)`` (EoRA); see :func:`pissa.qpissa.refine`."""
+    allocates_ranks: bool = False
+    """Its per-layer ranks come from the statistics (EVA: :func:`eva_ranks`, ``AdapterConfig.eva_rho``)."""
 
     @property
     def learning_rate(self) -> float:
@@ -184,6 +416,13 @@ METHODS: dict[str, Method] = {
         Method("svfit", svfit_init, svd_only=True, export_rank="r"),
         Method("lora-xs", lora_xs_init, svd_only=True, export_rank="r"),
         Method("sorsa", sorsa_init, svd_only=True),
+        Method("corda", corda_init, needs=("weight", "covariance")),
+        Method("corda-kpm", corda_kpm_init, needs=("weight", "covariance")),
+        Method("eva", eva_init, needs=("covariance",), export_rank="r", allocates_ranks=True),
+        Method("eora", eora_init, needs=("weight", "covariance"), compensates=True),
+        Method("lora-ga", lora_ga_init, needs=("gradient",)),
+        Method("lora-sb", lora_sb_init, needs=("gradient",), export_rank="r", exact_start=False),
+        Method("loldu", loldu_init, export_rank="r"),
         Method("full", full_init, adapter=False),
     )
 }
@@ -231,4 +470,7 @@ def init_structured(W: Batch, rank: int, method: str, opt: InitOptions) -> Facto
     m = get_method(method)
     if m.svd_only:  # its init reads W only through InitOptions.top_svd, which takes any Batch
         return as_factors(cast(BatchInitFn, m.init)(W, rank, opt))
-    return as_factors(m.init(stack(W, compute_dtype(W[0].dtype)), rank, opt))
+    stacked = stack(W, compute_dtype(W[0].dtype))
+    if opt.stats is not None:
+        opt = dataclasses.replace(opt, stats=opt.stats.to(stacked.dtype, stacked.device))
+    return as_factors(m.init(stacked, rank, opt))

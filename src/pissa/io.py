@@ -402,7 +402,8 @@ EXPORT_NOTE = "pissa_export.json"
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_peft` wrote: the LoRA rank, the smallest vLLM ``max_lora_rank`` that serves it, and (with
+    """What :func:`export_peft` wrote: the LoRA rank (the largest layer's), the smallest vLLM ``max_lora_rank`` that
+    serves it, and (with
     ``max_rank``) the relative Frobenius error of the truncation over all layers and the worst layer's."""
 
     path: Path
@@ -421,7 +422,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
     rank-K approximation of its update instead (:func:`pissa.factors.truncate`) and reports the
     error it introduced: ``sqrt(sum of the discarded S_i^2) / ||update||_F``, over all layers and
     for the worst one. Trained parameters outside the adapters (a classification head) go in as
-    PEFT ``modules_to_save``, so the PEFT model has the trained head too.
+    PEFT ``modules_to_save``, so the PEFT model has the trained head too. Layers of different ranks
+    (``AdapterConfig.rank_pattern``, EVA) go in as PEFT ``rank_pattern`` with an ``alpha_pattern``
+    that keeps each layer's scaling.
     """
     layers = _layers_or_fail(model)
     cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
@@ -433,22 +436,27 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         )
     export_rank = METHODS[cfg.method].export_rank
     factors = {name: peft_factors(layer, export_rank) for name, layer in layers}
-    ranks = {A.shape[0] for A, _ in factors.values()}
-    if len(ranks) != 1:
-        raise PissaError("layers export to different ranks; this adapter cannot be written as one PEFT LoRA")
-    full = r = ranks.pop()
+    scalings = {name: layer.scaling for name, layer in layers}
     if max_rank is not None and not max_rank >= 1:
         raise PissaError(f"--max-rank must be >= 1, got {max_rank}")
+    full = max(A.shape[0] for A, _ in factors.values())
     kept = discarded = 0.0
     worst = 0.0
-    if max_rank is not None and max_rank < full:
-        r = max_rank
-        for name, (A, B) in factors.items():
-            A_k, B_k, S = truncate(A, B, r)
+    for name, (A, B) in list(factors.items()):
+        if max_rank is not None and max_rank < A.shape[0]:
+            A_k, B_k, S = truncate(A, B, max_rank)
             factors[name] = (A_k, B_k)
-            lost, total = float((S[r:] ** 2).sum()), float((S**2).sum())
+            lost, total = float((S[max_rank:] ** 2).sum()), float((S**2).sum())
             kept, discarded = kept + total, discarded + lost
             worst = max(worst, (lost / total) ** 0.5 if total > 0 else 0.0)
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    # PEFT's LoRA scales each layer by lora_alpha / r: the most common rank is "r"; layers of another rank
+    # (rank_pattern, EVA) get their own rank and alpha so that every layer keeps its pissa scaling
+    r = max(set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k))
+    rank_pattern = {name: k for name, k in ranks.items() if k != r}
+    alphas = {name: scalings[name] * k for name, k in ranks.items()}
+    alpha = scalings[next(n for n, k in ranks.items() if k == r)] * r
+    alpha_pattern = {name: a for name, a in alphas.items() if a != alpha}
     tensors = {}
     for name, (A, B) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
@@ -467,7 +475,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         "task_type": task,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
         "r": r,
-        "lora_alpha": cfg.scaling * r,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(n): k for n, k in rank_pattern.items()},  # PEFT matches (.*\.)?(key)$
+        "alpha_pattern": {re.escape(n): a for n, a in alpha_pattern.items()},
         "lora_dropout": cfg.dropout,
         "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
         # a 4-bit residual (nf4.NF4Linear) remembers whether its base was a Conv1D
@@ -480,7 +490,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         "modules_to_save": head_modules or None,
     }
     report = ExportReport(
-        path=Path(path), rank=r, full_rank=full, max_lora_rank=next((v for v in VLLM_RANKS if v >= r), None),
+        path=Path(path), rank=max(ranks.values()), full_rank=full,
+        max_lora_rank=next((v for v in VLLM_RANKS if v >= max(ranks.values())), None),
         relative_error=(discarded / kept) ** 0.5 if kept > 0 else 0.0, worst_layer_error=worst, modules_to_save=head_modules,
     )
     note = {k: v for k, v in dataclasses.asdict(report).items() if k != "path"}

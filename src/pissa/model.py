@@ -7,6 +7,7 @@ and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -18,7 +19,19 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AdapterConfig
-from .decompose import ADAPTERS, Decomposition, InitOptions, check_weight, get_method, init_structured, layer_seed
+from .decompose import (
+    ADAPTERS,
+    Decomposition,
+    InitOptions,
+    Need,
+    Stats,
+    calibration_hint,
+    check_weight,
+    eva_ranks,
+    get_method,
+    init_structured,
+    layer_seed,
+)
 from .errors import PissaError
 from .factors import Factors, as_factors, orthonormality, residual_of
 from .fingerprint import weight_digest
@@ -26,6 +39,7 @@ from .layer import PissaLinear
 from .modules import dense_weight, is_adaptable, native_weight, set_dense_weight
 from .nf4 import check_quantizable, nf4, quantize_residual
 from .qpissa import refine
+from .stats import Calibration, open_calibration
 from .svd import Batch, compute_dtype, stack
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -92,13 +106,13 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     return chosen
 
 
-def _batches(names: list[str], weights: dict[str, Tensor]) -> Iterator[list[str]]:
-    """Group layer names by (shape, dtype, device), each group cut to at most BATCH_BYTES of float32."""
+def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int]) -> Iterator[list[str]]:
+    """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for n in names:
         W = weights[n]
-        groups[(tuple(W.shape), W.dtype, W.device)].append(n)
-    for (shape, _, _), group in groups.items():
+        groups[(tuple(W.shape), ranks[n], W.dtype, W.device)].append(n)
+    for (shape, _, _, _), group in groups.items():
         per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
         for i in range(0, len(group), per):
             yield group[i : i + per]
@@ -122,20 +136,31 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
-    if not get_method(cfg.method).adapter:
+    method = get_method(cfg.method)
+    if not method.adapter:
         raise PissaError(f"method {cfg.method!r} trains every weight and makes no adapter; attach one of: {', '.join(ADAPTERS)}")
     names = find_targets(model, cfg.targets)
     modules = {n: model.get_submodule(n) for n in names}
     weights = {n: dense_weight(m).detach() for n, m in modules.items()}
+    calibration, needs = statistics_for(cfg)
+    if calibration is not None:
+        for n in names:
+            calibration.check(n, weights[n])
+    cfg, ranks = layer_ranks(cfg, names, calibration)
+    names = [n for n in names if ranks[n] > 0]
+    if not names:
+        raise PissaError("every target layer has rank 0 (rank_pattern); nothing to adapt")
     for n in sorted(names, key=lambda n: min(weights[n].shape)):  # a too-large rank names the smallest layer
-        check_weight(weights[n], cfg.rank, f"layer {n!r}")
+        check_weight(weights[n], ranks[n], f"layer {n!r}")
     if cfg.quantize is not None:
         check_quantizable(cfg.quantize)
-    batches = list(_batches(names, weights))
+    batches = list(_batches(names, weights, ranks))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
     def factorize(batch: list[str]) -> Factors:
-        return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch])
+        stats = calibration.stats(batch, needs) if calibration is not None and needs else None
+        return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch],
+                               rank=ranks[batch[0]], stats=stats)
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
@@ -148,20 +173,55 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     return _freeze_base(model, cfg)
 
 
-def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int]) -> Factors:
-    """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``,
-    scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`), in float32 (float64 for
-    float64 weights). With ``cfg.quantize`` they are refined against the 4-bit residual (QPiSSA,
-    :func:`pissa.qpissa.refine`). ``seeds[i]`` seeds matrix i's random draws."""
-    opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block)
+def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, ...]]:
+    """The calibration statistics ``cfg`` needs and what of them: the method's :attr:`~pissa.decompose.Method.needs`,
+    plus the covariance for QPiSSA's activation-weighted last step when ``cfg.calibration`` is given with
+    ``quantize``; ``(None, ())`` when nothing is read. A method that needs statistics without a file is a PissaError."""
+    method = get_method(cfg.method)
+    needs = tuple(n for n in method.needs if n != "weight")
+    if cfg.calibration is None:
+        if needs:
+            what = "the loss gradient" if "gradient" in needs else "activation statistics"
+            raise PissaError(f"method {cfg.method!r} reads {what}: " + calibration_hint(needs[0]))
+        return None, ()
+    if cfg.quantize is not None and method.qpissa and "covariance" not in needs:
+        needs += ("covariance",)
+    return (open_calibration(cfg.calibration), needs) if needs else (None, ())
+
+
+def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration | None) -> tuple[AdapterConfig, dict[str, int]]:
+    """Each target layer's rank (:meth:`AdapterConfig.layer_rank`; 0: not adapted) and the config that
+    reproduces them. A method that allocates ranks from the statistics (EVA, :func:`~pissa.decompose.eva_ranks`)
+    redistributes them: the returned config then holds the resulting ``rank_pattern`` and ``eva_rho = 1``."""
+    ranks = {n: cfg.layer_rank(n) for n in names}
+    if not get_method(cfg.method).allocates_ranks or calibration is None or cfg.eva_rho == 1:
+        return cfg, ranks
+    ranks = eva_ranks(calibration.explained_variance(names), ranks, cfg.eva_rho)
+    pattern = {**(cfg.rank_pattern or {}), **{n: r for n, r in ranks.items() if r != cfg.rank or cfg.rank_pattern}}
+    return dataclasses.replace(cfg, rank_pattern=pattern or None, eva_rho=1.0), ranks
+
+
+def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
+                    stats: Stats | None = None) -> Factors:
+    """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
+    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`),
+    in float32 (float64 for float64 weights). With ``cfg.quantize`` they are refined against the 4-bit
+    residual (QPiSSA, :func:`pissa.qpissa.refine`; its last step activation-weighted when ``stats`` has
+    a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
+    r = cfg.rank if rank is None else rank
+    opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,
+                      first_lr=cfg.first_lr)
     if cfg.quantize is None:
-        return init_structured(W, cfg.rank, cfg.method, opt).scaled(cfg.scaling)
+        return init_structured(W, r, cfg.method, opt).scaled(cfg.scaling_for(r))
     stacked = stack(W, compute_dtype(W[0].dtype))
-    init = init_structured(stacked, cfg.rank, cfg.method, opt)
-    return refine(stacked, init, cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling)
+    init = init_structured(stacked, r, cfg.method, opt)
+    if stats is not None:
+        opt = dataclasses.replace(opt, stats=stats.to(stacked.dtype, stacked.device))
+    return refine(stacked, init, cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling_for(r))
 
 
-def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, **options) -> Decomposition:
+def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, stats: Stats | None = None,
+              **options) -> Decomposition:
     """Split ``weight (out, in)`` into trainable ``B (out, rank)``, ``A (rank, in)`` and a frozen residual.
 
     ``weight ≈ residual + B @ A`` (equal up to the residual's rounding to weight's dtype; with
@@ -169,12 +229,14 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
     code path as :func:`attach` for one layer: ``options`` are any other :class:`AdapterConfig`
     fields (``svd``, ``niter``, ``block``, ``seed``, ``quant_iters``, ``alpha``...). A core is
     folded into B. Factors are float32 (float64 for a float64 weight); the residual has weight's dtype.
+    ``stats``: the layer's calibration statistics for data-aware methods (``cov (in, in)``, ``mean (in,)``,
+    ``grad (out, in)``). For LoRA-SB, whose base is not offset, ``weight ≈ residual + B @ A - update``.
     """
     check_weight(weight, rank)
     cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]
     if quantize is not None:
         check_quantizable(quantize)
-    init = initial_factors(weight.unsqueeze(0), cfg, [cfg.seed]).layer(0)
+    init = initial_factors(weight.unsqueeze(0), cfg, [cfg.seed], stats=None if stats is None else stats.batched()).layer(0)
     A, B, core = init.residual_factors()
     residual = residual_of(weight, A, B, cfg.scaling, core)
     if quantize is not None:
@@ -209,7 +271,7 @@ def _make_layer(
     (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
     """
     A, B, core = init.residual_factors()
-    residual = W if is_residual else residual_of(W, A, B, cfg.scaling, core)
+    residual = W if is_residual else residual_of(W, A, B, cfg.scaling_for(init.A.shape[-2]), core)
     if cfg.quantize is not None:
         module = quantize_residual(module, residual, cfg.quantize)
     elif not is_residual:
@@ -223,7 +285,8 @@ def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str, r
     """The adapted layer with its digests: ``digest`` of the base weight; ``residual_digest`` of
     the residual (computed here when not given; a 4-bit residual's is its dense source's)."""
     layer = PissaLinear(
-        residual, init.A, init.B, cfg.scaling, cfg.dropout, init.core, init.train, init.orthonormal, init.Ar, init.Br
+        residual, init.A, init.B, cfg.scaling_for(init.A.shape[-2]), cfg.dropout, init.core, init.train, init.orthonormal,
+        init.Ar, init.Br,
     )
     layer.base_digest = digest
     layer.residual_digest = residual_digest or getattr(residual, "source_digest", None) or weight_digest(native_weight(residual))

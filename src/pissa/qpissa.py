@@ -16,6 +16,11 @@ LoftQ (Li et al., 2023), the baseline, quantizes W itself first and then alterna
 
 Both are measured on their final pair ``(Q_T, B_T A_T)``.
 
+With calibration statistics (``C = X^T X / n``) QPiSSA's last SVD step becomes EoRA's
+activation-weighted one, ``B_T A_T = argmin ||(W - Q_T - B A) L||_F`` with ``L L^T = C``
+(:func:`pissa.decompose.eora_fit`): the factors are spent where the inputs are. A method that
+:attr:`~pissa.decompose.Method.compensates` (EoRA) is applied once to ``W - nf4(W)`` instead.
+
 The error metric of the paper is in :mod:`pissa.quant_error`.
 """
 
@@ -24,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
-from .decompose import METHODS, InitOptions, pissa_init
-from .factors import Factors
+from .decompose import METHODS, InitOptions, eora_fit, pissa_init
+from .factors import Factors, as_factors
 from .nf4 import nf4
 
 
@@ -55,16 +61,26 @@ def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor
 
 
 def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOptions) -> Factors:
-    """The factors for a 4-bit residual: QPiSSA's iteration ``T = iters`` for PiSSA, unchanged otherwise.
+    """The factors for a 4-bit residual: QPiSSA's iteration ``T = iters`` for PiSSA, the compensation of
+    ``W - nf4(W)`` for EoRA, unchanged otherwise.
 
     ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it
-    (``A_0, B_0``). Returns ``A, B = A_T, B_T`` (trainable) and the residual factors
-    ``Ar, Br = A_{T-1}, B_{T-1}``: the residual is ``nf4(W - Br Ar) = Q_T``, as in :func:`qpissa_iterates`.
+    (``A_0, B_0``). QPiSSA returns ``A, B = A_T, B_T`` (trainable) and the residual factors
+    ``Ar, Br = A_{T-1}, B_{T-1}``: the residual is ``nf4(W - Br Ar) = Q_T``, as in :func:`qpissa_iterates`;
+    with ``opt.stats`` holding a covariance the last step is :func:`~pissa.decompose.eora_fit`.
+    EoRA returns its init of ``W - nf4(W)`` with zero residual factors: the residual is ``nf4(W)``.
     """
-    if not METHODS[method].qpissa:
+    m = METHODS[method]
+    r = factors.A.shape[-2]
+    if m.compensates:
+        comp = as_factors(m.init(W - nf4(W), r, opt))
+        return dataclasses.replace(comp, Ar=torch.zeros_like(comp.A), Br=torch.zeros_like(comp.B))
+    if not m.qpissa:
         return factors
+    weighted = opt.stats is not None and opt.stats.cov is not None
     A, B = factors.A, factors.B
-    for _ in range(iters):
+    for t in range(iters):
         Ar, Br = A, B
-        A, B = pissa_init(W - nf4(W - Br @ Ar), A.shape[-2], opt)
+        E = W - nf4(W - Br @ Ar)
+        A, B = eora_fit(E, r, opt) if weighted and t == iters - 1 else pissa_init(E, r, opt)
     return dataclasses.replace(factors, A=A, B=B, Ar=Ar, Br=Br)

@@ -9,7 +9,12 @@ For every adapted layer ("all-linear") of a model and a rank r, the paper's redu
 both measured on their final pair ``(Q_T, B_T A_T)``, whose last step is the SVD step (the
 pair a QPiSSA model holds at init, :func:`pissa.qpissa.refine`).
 
-for each T in ``--iters``. Equal-shape layers run as one batch; the rank-r SVDs are exact
+for each T in ``--iters``. With ``--calibration STATS`` (``pissa calibrate``) a second table gives the
+activation-weighted reduction ``(1 - ||(W - Q - B A) L||_F / ||(W - nf4(W)) L||_F) x 100``,
+``L L^T = X^T X / n`` (so ``||M L||_F = ||M X^T||_F / sqrt(n)`` over the calibration inputs X), of the
+same methods plus EoRA on nf4(W) (``B A`` = :func:`~pissa.decompose.eora_fit` of ``W - nf4(W)``) and
+QPiSSA+EoRA-T (QPiSSA's ``Q_T`` with the activation-weighted last step, what ``quantize="nf4"``
+with statistics gives). Equal-shape layers run as one batch; the rank-r SVDs are exact
 (LAPACK) unless ``--svd krylov``. Output: a markdown table per projection type (the module name
 after its layer index, e.g. ``self_attn.q_proj``) and on average over all layers, printed and
 written with a per-layer CSV and a bar chart PNG into ``--out``.
@@ -18,6 +23,7 @@ written with a per-layer CSV and a bar chart PNG into ``--out``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io as _io
 import time
 from collections.abc import Sequence
@@ -30,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .config import QuantErrorConfig
-from .decompose import InitOptions, layer_seed, pissa_init
+from .decompose import InitOptions, Stats, eora_fit, layer_seed, pissa_init
 from .devices import resolve_device
 from .errors import PissaError
 from .io import atomic_dir
@@ -38,6 +44,7 @@ from .model import find_targets
 from .modules import dense_weight
 from .nf4 import nf4, require_bnb
 from .qpissa import loftq_iterates, qpissa_iterates
+from .stats import open_calibration
 from .svd import SVDMethod
 
 CHUNK = 8
@@ -79,16 +86,41 @@ def method_names(iters: Sequence[int]) -> list[str]:
     return ["QLoRA"] + [f"LoftQ-{t}" for t in iters] + [f"QPiSSA-{t}" for t in iters]
 
 
-def batch_ratios(W: Tensor, rank: int, iters: Sequence[int], opt: InitOptions) -> dict[str, Tensor]:
-    """Reduction ratios (%) of every method for a batch ``W (L, out, in)`` (float32): ``{method: (L,)}``."""
+def weighted_method_names(iters: Sequence[int]) -> list[str]:
+    """Columns of the activation-weighted table: those of :func:`method_names`, EoRA, QPiSSA+EoRA-T."""
+    return method_names(iters) + ["EoRA"] + [f"QPiSSA+EoRA-{t}" for t in iters]
+
+
+def weighted_error(M: Tensor, cov: Tensor) -> Tensor:
+    """``||M L||_F = sqrt(tr(M C M^T))`` per matrix of ``M (L, out, in)`` with ``C = cov (L, in, in)``, in float64."""
+    M = M.double()
+    return torch.einsum("loi,lij,loj->l", M, cov.double(), M).clamp_min(0).sqrt()
+
+
+def batch_ratios(W: Tensor, rank: int, iters: Sequence[int], opt: InitOptions,
+                 cov: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Reduction ratios (%) of every method for a batch ``W (L, out, in)`` (float32): ``{method: (L,)}``,
+    and with the inputs' ``cov (L, in, in)`` the activation-weighted ones (else ``{}``)."""
     qlora_error = nuclear_norm(W - nf4(W))
     out = {"QLoRA": torch.zeros(W.shape[0], dtype=torch.float64)}
+    weighted: dict[str, Tensor] = {}
+    if cov is not None:
+        wopt = dataclasses.replace(opt, stats=Stats(cov=cov))
+        Q0 = nf4(W)
+        base = weighted_error(W - Q0, cov)
+        ratio = lambda Q, A, B: (1 - weighted_error(W - Q - B @ A, cov) / base) * 100
+        weighted["QLoRA"] = torch.zeros(W.shape[0], dtype=torch.float64)
+        weighted["EoRA"] = ratio(Q0, *eora_fit(W - Q0, rank, wopt))
     for label, steps in (("LoftQ", loftq_iterates(W, rank, opt)), ("QPiSSA", qpissa_iterates(W, *pissa_init(W, rank, opt), opt))):
         for t in range(1, max(iters) + 1):
             Q, A, B = next(steps)
             if t in iters:
                 out[f"{label}-{t}"] = reduction_ratio(W, Q, A, B, qlora_error)
-    return out
+                if cov is not None:
+                    weighted[f"{label}-{t}"] = ratio(Q, A, B)
+                    if label == "QPiSSA":
+                        weighted[f"QPiSSA+EoRA-{t}"] = ratio(Q, *eora_fit(W - Q, rank, wopt))
+    return out, weighted
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,8 @@ class LayerRatios:
     name: str
     shape: tuple[int, int]
     ratios: dict[str, float]
+    weighted: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Activation-weighted reduction ratios (with calibration statistics)."""
 
     @property
     def type(self) -> str:
@@ -111,8 +145,10 @@ def layer_ratios(
     niter: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    covariances: dict[str, Tensor] | None = None,
 ) -> list[LayerRatios]:
-    """The ratios of every layer ``{name: W (out, in)}``, equal shapes batched; in the input order."""
+    """The ratios of every layer ``{name: W (out, in)}``, equal shapes batched; in the input order.
+    ``covariances``: each layer's input ``X^T X / n`` (in, in) for the activation-weighted ratios."""
     for name, W in weights.items():
         if not 1 <= rank <= min(W.shape):
             raise PissaError(
@@ -128,22 +164,26 @@ def layer_ratios(
             chunk = names[i : i + CHUNK]
             W = torch.stack([weights[n].detach().float() for n in chunk])
             opt = InitOptions(seeds=[layer_seed(seed, n) for n in chunk], svd=svd, niter=niter)
-            ratios = batch_ratios(W, rank, iters, opt)
+            cov = None if covariances is None else torch.stack([covariances[n] for n in chunk]).to(W)
+            ratios, weighted = batch_ratios(W, rank, iters, opt, cov)
             for j, n in enumerate(chunk):
-                results[n] = LayerRatios(n, shape, {m: float(v[j]) for m, v in ratios.items()})  # type: ignore[arg-type]
+                results[n] = LayerRatios(n, shape, {m: float(v[j]) for m, v in ratios.items()},  # type: ignore[arg-type]
+                                         {m: float(v[j]) for m, v in weighted.items()})
             bar.update(len(chunk))
     bar.close()
     return [results[n] for n in weights]
 
 
-def summarize(rows: list[LayerRatios], methods: list[str]) -> list[tuple[str, str, int, dict[str, float]]]:
-    """``(type, shape, layers, {method: mean ratio})`` per projection type, then ``("average", "", n, ...)`` over all layers."""
+def summarize(rows: list[LayerRatios], methods: list[str],
+              weighted: bool = False) -> list[tuple[str, str, int, dict[str, float]]]:
+    """``(type, shape, layers, {method: mean ratio})`` per projection type, then ``("average", "", n, ...)`` over all layers
+    (of the activation-weighted ratios if ``weighted``)."""
     types: dict[str, list[LayerRatios]] = {}
     for row in rows:
         types.setdefault(row.type, []).append(row)
 
     def mean(group: list[LayerRatios]) -> dict[str, float]:
-        return {m: sum(r.ratios[m] for r in group) / len(group) for m in methods}
+        return {m: sum((r.weighted if weighted else r.ratios)[m] for r in group) / len(group) for m in methods}
 
     table = [(t, "x".join(map(str, g[0].shape)), len(g), mean(g)) for t, g in types.items()]
     return table + [("average", "", len(rows), mean(rows))]
@@ -203,19 +243,31 @@ def quant_error(args: QuantErrorConfig) -> int:
     iters = sorted(set(args.iters))
     methods = method_names(iters)
     weights = model_weights(args.model, args.kind, args.sample, resolve_device(args.device))
+    covariances: dict[str, Tensor] | None = None
+    if args.calibration is not None:
+        calibration = open_calibration(args.calibration)
+        for n, W in weights.items():
+            calibration.check(n, W)
+        covariances = {n: calibration.stats([n], ["covariance"]).cov[0] for n in weights}  # type: ignore[index]
     start = time.perf_counter()
-    rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True)
+    rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True, covariances=covariances)
     seconds = time.perf_counter() - start
     summary = summarize(rows, methods)
     title = f"{args.model}, rank {args.rank}: NF4 error reduction (nuclear norm)"
     table = markdown_table(summary, methods)
     text = f"# {title}\n\n{len(rows)} layers, svd={args.svd}, {seconds:.0f} s\n\n{table}"
+    wmethods = weighted_method_names(iters) if covariances is not None else []
+    if wmethods:
+        text += (f"\n## Activation-weighted error reduction (%), 1 - ||(W - Q - BA) X^T||_F / ||(W - nf4(W)) X^T||_F\n\n"
+                 f"Calibration statistics {args.calibration} ({calibration.info['tokens']} tokens).\n\n"
+                 + markdown_table(summarize(rows, wmethods, weighted=True), wmethods))
     print(text)
     buf = _io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["layer", "type", "shape", *methods])
+    writer.writerow(["layer", "type", "shape", *methods, *(f"weighted {m}" for m in wmethods)])
     for r in rows:
-        writer.writerow([r.name, r.type, "x".join(map(str, r.shape)), *(f"{r.ratios[m]:.4f}" for m in methods)])
+        writer.writerow([r.name, r.type, "x".join(map(str, r.shape)), *(f"{r.ratios[m]:.4f}" for m in methods),
+                         *(f"{r.weighted[m]:.4f}" for m in wmethods)])
     fig = bar_chart(summary, methods, title)
     with atomic_dir(args.out) as tmp:
         (Path(tmp) / "quant_error.md").write_text(text)

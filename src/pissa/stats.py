@@ -14,7 +14,8 @@ target tokens with respect to the layer's weight in ``(out, in)`` layout:
 The file is a safetensors file: tensors ``{input}.cov``, ``{input}.mean``, ``{layer}.grad``
 (float32) and one JSON metadata entry (:data:`META_KEY`) with the format, each layer's input key,
 shape and weight digest, the model's fingerprint, the data's digest and the token counts. It is
-read lazily (:class:`Calibration`), one layer's tensors at a time.
+read lazily (:class:`Calibration`), one layer's tensors at a time; the per-batch record the
+init functions take is :class:`pissa.decompose.Stats`.
 """
 
 from __future__ import annotations
@@ -25,58 +26,20 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .decompose import Need, Stats, calibration_hint, explained_variance
 from .errors import PissaError
 from .fingerprint import model_fingerprint, weight_digest
 
 FORMAT = "pissa-calibration"
 VERSION = 1
 META_KEY = "pissa"
-
-Need = Literal["weight", "covariance", "gradient"]
-"""What an init reads: the weight, the activation statistics (cov, mean), the loss gradient."""
-
-HOW_TO = ("run `pissa calibrate --model MODEL --data DATA --out stats.safetensors{grad}` and pass "
-          "calibration='stats.safetensors' (--calibration stats.safetensors)")
-
-
-def how_to_calibrate(gradient: bool = False) -> str:
-    """The one sentence that says how to make the statistics a method needs."""
-    return HOW_TO.format(grad=" --gradients" if gradient else "")
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Statistics of a batch of L equal-shape layers, the third argument of a data-aware init.
-
-    ``cov (L, in, in)``: ``X^T X / n``; ``mean (L, in)``; ``grad (L, out, in)``: the mean loss
-    gradient w.r.t. W. Any of them may be None when the method does not read it.
-    """
-
-    cov: Tensor | None = None
-    mean: Tensor | None = None
-    grad: Tensor | None = None
-
-    def to(self, dtype: torch.dtype, device: torch.device | None = None) -> Stats:
-        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-        return Stats(conv(self.cov), conv(self.mean), conv(self.grad))
-
-    def batched(self) -> Stats:
-        """One layer's statistics (``cov (in, in)``...) as a batch of one."""
-        add = lambda t: None if t is None else t.unsqueeze(0)
-        return Stats(add(self.cov), add(self.mean), add(self.grad))
-
-
-def centred(cov: Tensor, mean: Tensor | None) -> Tensor:
-    """The covariance of the activations about their mean, ``cov - mean mean^T`` (batched)."""
-    return cov if mean is None else cov - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-
 
 def layer_digest(W: Tensor) -> str:
     """Digest of a layer's dense ``(out, in)`` weight as float32: the same whatever dtype a model
@@ -128,9 +91,9 @@ class Calibration:
         """PissaError unless the statistics of layer ``name`` were computed on this weight ``W (out, in)``."""
         entry = self._layer(name)
         if list(W.shape) != entry["shape"] or layer_digest(W) != entry["digest"]:
+            hint = calibration_hint("gradient" if self.has_gradients else "covariance")
             raise PissaError(f"calibration statistics {self.path or ''} were computed on another model (layer {name!r} "
-                             f"differs, fingerprint {self.fingerprint}); " + how_to_calibrate(self.has_gradients)
-                             + " with this model")
+                             f"differs, fingerprint {self.fingerprint}); {hint} with this model")
 
     def layer_stats(self, name: str, needs: Sequence[Need]) -> Stats:
         """Layer ``name``'s statistics (float32, on the CPU): cov and mean if ``needs`` covariance, grad if gradient."""
@@ -140,7 +103,7 @@ class Calibration:
             cov, mean = self._get(f"{entry['input']}.cov"), self._get(f"{entry['input']}.mean")
         if "gradient" in needs:
             if not self.has_gradients:
-                raise PissaError(f"{self.path or 'these statistics'} hold no gradients; " + how_to_calibrate(True))
+                raise PissaError(f"{self.path or 'these statistics'} hold no gradients; " + calibration_hint("gradient"))
             grad = self._get(f"{name}.grad")
         return Stats(cov, mean, grad)
 
@@ -149,6 +112,18 @@ class Calibration:
         parts = [self.layer_stats(n, needs) for n in names]
         stack = lambda ts: None if ts[0] is None else torch.stack(ts)
         return Stats(stack([p.cov for p in parts]), stack([p.mean for p in parts]), stack([p.grad for p in parts]))
+
+    def explained_variance(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """Each layer's explained-variance ratios, descending (:func:`pissa.decompose.explained_variance`),
+        computed once per distinct input."""
+        by_input: dict[str, Tensor] = {}
+        out = {}
+        for n in names:
+            key = self._layer(n)["input"]
+            if key not in by_input:
+                by_input[key] = explained_variance(self._get(f"{key}.cov"), self._get(f"{key}.mean"))
+            out[n] = by_input[key]
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the statistics to ``path`` (a safetensors file, replaced atomically)."""
@@ -185,15 +160,15 @@ def open_calibration(path: str | os.PathLike) -> Calibration:
     """The statistics file at ``path``, validated (tensors are read on demand)."""
     path = Path(path)
     if not path.is_file():
-        raise PissaError(f"calibration statistics {path} do not exist; " + how_to_calibrate())
+        raise PissaError(f"calibration statistics {path} do not exist; " + calibration_hint())
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[META_KEY])
     except Exception:  # not safetensors, or no pissa metadata
-        raise PissaError(f"{path} is not a statistics file written by pissa calibrate; " + how_to_calibrate()) from None
+        raise PissaError(f"{path} is not a statistics file written by pissa calibrate; " + calibration_hint()) from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise PissaError(f"{path} has format {meta.get('format')!r} v{meta.get('version')}; this pissa reads "
-                         f"{FORMAT} v{VERSION}: " + how_to_calibrate())
+                         f"{FORMAT} v{VERSION}: " + calibration_hint())
     layers = meta.pop("layers")
     for k in ("format", "version"):
         meta.pop(k)

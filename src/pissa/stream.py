@@ -86,7 +86,7 @@ from .io import (
     layer_entry,
     read_adapter_doc,
 )
-from .model import _matches, adapted_layers, attach, find_targets
+from .model import _matches, adapted_layers, attach, find_targets, layer_ranks, statistics_for
 from .modules import is_adaptable, is_conv1d
 from .nf4 import check_quantizable
 
@@ -462,8 +462,9 @@ def resolve_targets(ckpt: Checkpoint, targets: str | list[str]) -> list[Target]:
     return chosen
 
 
-def _check_targets(ckpt: Checkpoint, targets: list[Target], rank: int) -> None:
+def _check_targets(ckpt: Checkpoint, targets: list[Target], ranks: dict[str, int]) -> None:
     for t in targets:
+        rank = ranks[t.name]
         e = ckpt.entries[t.key]
         if e.dtype not in DECOMPOSABLE or len(e.shape) != 2:
             raise PissaError(
@@ -632,7 +633,12 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
         raise PissaError(f"{out} already exists; choose a new --out or remove it")
     ckpt = open_checkpoint(model_dir)
     targets = resolve_targets(ckpt, cfg.targets)
-    _check_targets(ckpt, targets, cfg.rank)
+    calibration, _ = statistics_for(cfg)  # per-layer ranks fixed here, from every target (EVA's allocation)
+    cfg, ranks = layer_ranks(cfg, [t.name for t in targets], calibration)
+    targets = [t for t in targets if ranks[t.name] > 0]
+    if not targets:
+        raise PissaError("every target has rank 0 (rank_pattern); nothing to decompose")
+    _check_targets(ckpt, targets, ranks)
     if cfg.quantize is not None:
         check_quantizable(cfg.quantize)
     work = out.parent / f".{out.name}.tmp-init"
@@ -681,7 +687,7 @@ class _Adapter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.doc = read_adapter_doc(self.path)
-        self.scaling = AdapterConfig.from_dict(self.doc["config"]).scaling
+        self.config = AdapterConfig.from_dict(self.doc["config"])
         self.layers: dict[str, dict[str, Any]] = self.doc["layers"]
         tensors = self.path / TENSORS_FILE
         self.entries = _shard_entries(tensors, f"{tensors} cannot be read ({{}}); re-save the adapter")
@@ -795,7 +801,8 @@ def _merge_layer(adapter: _Adapter, name: str, stored: Tensor, conv1d: bool) -> 
     as the trained model held it, and the result is stored back in the checkpoint's dtype."""
     meta = adapter.layers[name]
     made_on = getattr(torch, meta.get("base_dtype", "float32"))
-    merged = _merged_weight(stored.to(made_on), conv1d, adapter.factors(name), adapter.scaling, meta["base_digest"],
+    scaling = adapter.config.scaling_for(adapter.entries[f"{name}.A0"].shape[0])  # alpha / the layer's rank
+    merged = _merged_weight(stored.to(made_on), conv1d, adapter.factors(name), scaling, meta["base_digest"],
                             meta["residual_digest"])
     if merged is None:
         raise adapter.wrong_base(name)
