@@ -55,7 +55,8 @@ def trained_adapter(tmp_path, monkeypatch, request):
     model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(method=request.param, rank=4, targets=["q_proj", "v_proj"]))
     train_steps(model, [TOKENS], lm_loss, steps=5, lr=5e-2)
     pissa.save_adapter(model, tmp_path / "adapter")
-    monkeypatch.setattr(hub, "load_model", lambda name, kind="causal-lm", num_labels=None: (copy.deepcopy(base), None))
+    monkeypatch.setattr(hub, "load_model", lambda name, kind="causal-lm", num_labels=None, dtype=None:
+                        (copy.deepcopy(base), None))
     return tmp_path / "adapter", model, base
 
 
@@ -83,6 +84,8 @@ def test_spectrum_command_writes_table_csv_and_plot(tmp_path, trained_adapter) -
     assert len(lines) == 2 * 32  # two q_proj layers, 32 singular values each
     name, _, before, _ = lines[0].split(",")
     assert float(before) == pytest.approx(torch.linalg.matrix_norm(base.get_submodule(name).weight.double(), ord=2).item())
+    header = (out / "spectrum.md").read_text().splitlines()[2]
+    assert "α before" in header and "α FARMS before" in header and "α FARMS after" in header
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,14 @@ W', those whose largest ``|cos(u'_j, u_i)|`` over *all* min(out, in) left singul
 ``u_i`` of W is below a threshold (k = 10, threshold 0.5 by default). They are new high-ranking
 directions that the base weight does not have. SVDs run in float64 (exact LAPACK).
 
+Heavy-tail exponents (heavy-tailed self-regularization, Martin & Mahoney; WeightWatcher's alpha):
+the power-law exponent alpha of the tail of a weight's empirical spectral density (ESD, the
+eigenvalues ``sigma_i^2`` of ``W^T W``), fitted by :func:`hill_alpha`. The plain alpha depends on
+the matrix's aspect ratio (a random 576 x 1536 and a 576 x 576 matrix have different ESDs); FARMS
+(Hu et al., ICML 2025, arXiv 2506.06280: fixed-aspect-ratio matrix subsampling) fits the average
+ESD of square submatrices instead (:func:`farms_eigenvalues`), which removes that bias.
+``pissa analyze spectrum`` reports both, before and after fine-tuning.
+
 ``pissa analyze spectrum`` and ``pissa analyze intruders`` write a markdown table, a CSV and a
 PNG plot into ``--out`` (replaced atomically).
 """
@@ -46,6 +54,53 @@ def max_cosines(W_base: Tensor, W_tuned: Tensor, k: int = 10) -> Tensor:
 def intruder_count(W_base: Tensor, W_tuned: Tensor, k: int = 10, threshold: float = 0.5) -> int:
     """Number of intruder dimensions: top-k singular vectors of W_tuned with max |cos| < threshold to all of W_base's."""
     return int((max_cosines(W_base, W_tuned, k) < threshold).sum())
+
+
+MIN_TAIL = 10
+"""Fewest eigenvalues a power-law tail fit may use."""
+MAX_CANDIDATES = 256
+"""At most this many evenly spaced xmin candidates are tried (bounds the fit at O(256 N))."""
+
+
+def hill_alpha(eigenvalues: Tensor) -> float:
+    """The power-law exponent of the tail of an ESD: for each candidate ``xmin = lam_i`` (ascending, at
+    least :data:`MIN_TAIL` values from ``i`` on) the maximum-likelihood (Hill) estimate
+    ``alpha_i = 1 + n_i / sum_{j >= i} log(lam_j / lam_i)``, keeping the one whose fitted CDF
+    ``1 - (lam / xmin)^(1 - alpha)`` is closest to the empirical tail's in Kolmogorov-Smirnov
+    distance (Clauset, Shalizi & Newman, 2009; WeightWatcher's and FARMS's fit), among at most
+    :data:`MAX_CANDIDATES` evenly spaced candidates. Zero eigenvalues are left out; NaN with fewer than
+    :data:`MIN_TAIL` positive ones."""
+    lam = eigenvalues.double().flatten()
+    lam = lam[lam > lam.max() * 1e-12].sort().values
+    N = lam.numel()
+    if N < MIN_TAIL:
+        return float("nan")
+    logs = lam.log()
+    i = torch.linspace(0, N - MIN_TAIL, min(MAX_CANDIDATES, N - MIN_TAIL + 1)).round().long().unique()
+    n = (N - i).double()
+    tail_sums = logs.flip(0).cumsum(0).flip(0)[i]  # sum_{j >= i} log lam_j
+    alpha = 1 + n / (tail_sums - n * logs[i]).clamp_min(1e-300)
+    j = torch.arange(N)
+    ratio = (logs[None, :] - logs[i, None]).exp()  # lam_j / lam_i, (candidates, N)
+    fitted = 1 - ratio.pow(1 - alpha[:, None])
+    empirical = (j[None, :] - i[:, None]).double() / n[:, None]
+    ks = ((fitted - empirical).abs() * (j[None, :] >= i[:, None])).amax(1)
+    return float(alpha[ks.argmin()])
+
+
+FARMS_WINDOWS = 10
+"""FARMS: square submatrices per dimension (evenly spaced, overlapping when needed)."""
+
+
+def farms_eigenvalues(W: Tensor, windows: int = FARMS_WINDOWS) -> Tensor:
+    """FARMS's averaged ESD of ``W (out, in)``: the squared singular values of up to ``windows`` square
+    ``d x d`` submatrices (``d = min(out, in)``) evenly spaced along the long side, concatenated
+    (aspect ratio 1 for every matrix; a square W is its own single window)."""
+    d, D = min(W.shape), max(W.shape)
+    M = W if W.shape[0] == d else W.T  # (d, D)
+    count = min(windows, D - d + 1)
+    starts = sorted({round(k * (D - d) / max(1, count - 1)) for k in range(count)})
+    return torch.cat([torch.linalg.svdvals(M[:, s : s + d].double()).square() for s in starts])
 
 
 @dataclass(frozen=True)
@@ -134,10 +189,15 @@ def spectrum(args: SpectrumConfig) -> int:
         spectra[lw.name] = (before, after)
         r = lw.rank
         rel = (lw.update.norm() / lw.base.norm()).item()
-        rows.append([lw.name, before[0].item(), after[0].item(), before[r - 1].item(), after[r - 1].item(), rel])
+        alphas = [hill_alpha(before.square()), hill_alpha(after.square()),
+                  hill_alpha(farms_eigenvalues(lw.base)), hill_alpha(farms_eigenvalues(lw.tuned))]
+        rows.append([lw.name, before[0].item(), after[0].item(), before[r - 1].item(), after[r - 1].item(), rel, *alphas])
         csv_rows += [[lw.name, i + 1, b, a] for i, (b, a) in enumerate(zip(before.tolist(), after.tolist()))]
-    header = ["layer", "σ1 before", "σ1 after", "σr before", "σr after", "‖ΔW‖/‖W‖"]
-    md = f"Singular values of W (before) and W + ΔW (after); r = {layers[0].rank}.\n\n" + _table(header, rows)
+    header = ["layer", "σ1 before", "σ1 after", "σr before", "σr after", "‖ΔW‖/‖W‖",
+              "α before", "α after", "α FARMS before", "α FARMS after"]
+    md = (f"Singular values of W (before) and W + ΔW (after); r = {layers[0].rank}. α: power-law exponent of the "
+          "spectral density's tail (eigenvalues σ², Hill estimate, xmin by minimum KS distance); α FARMS: the same "
+          "fit on the average spectrum of square submatrices, free of the aspect ratio's bias.\n\n" + _table(header, rows))
     step = max(1, len(layers) // args.plot_layers)
     shown = [lw.name for lw in layers][::step][: args.plot_layers]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False)
