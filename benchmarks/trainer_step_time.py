@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,6 +52,8 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
         from trl import SFTConfig, SFTTrainer
 
+        scratch_dir = tempfile.TemporaryDirectory(prefix="trainer_step_time-")  # removed at exit
+        scratch = scratch_dir.name  # the trainers' output_dir (they save nothing)
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore")
         model, tok = load_model(args.model)
@@ -93,7 +96,7 @@ def main() -> None:
 
         def trainer_steps(sft: bool, **overrides) -> list[float]:
             timer = Timer()
-            common = dict(output_dir=str(res.path.parent / ".trainer_step_time-out"), max_steps=args.steps,
+            common = dict(output_dir=scratch, max_steps=args.steps,
                           per_device_train_batch_size=args.batch_size, learning_rate=1e-5, save_strategy="no",
                           report_to=[], disable_tqdm=True, use_cpu=True, logging_steps=1)
             if sft:
