@@ -20,7 +20,7 @@ quantization-error analysis), so the quantized comparison is QPiSSA vs QLoRA.
     .venv/bin/python benchmarks/instruct.py --steps 2 --val-size 4 --test-size 4 --methods pissa,lora   # quick
 
 Jobs run in ``--workers`` fresh processes (one torch thread each by default); finished jobs are kept
-in ``--work`` and reused.
+in ``--work`` and reused when they ran with the same sizes.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def job(args: dict[str, Any], kind: str, name: str, lr: float | None, seed: int,
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result: dict[str, Any] = {"kind": kind, "method": name, "lr": lr, "seed": seed}
+    result: dict[str, Any] = {"kind": kind, "method": name, "lr": lr, "seed": seed, "options": args}
     if kind == "train":
         cfg = _config(args, name, lr, seed, val=True)
         session = prepare(cfg)
@@ -136,7 +136,7 @@ def main() -> None:
         def submit(kind: str, name: str, lr: float | None, seed: int) -> cf.Future:
             folder = work / (f"{name}-lr{lr:g}-seed{seed}" if lr is not None else "untrained")
             done = folder / f"{kind}.json"
-            if done.is_file():
+            if done.is_file() and json.loads(done.read_text()).get("options") == shared:  # same sizes: reuse
                 f: cf.Future = cf.Future()
                 f.set_result(json.loads(done.read_text()))
                 return f

@@ -2,9 +2,9 @@
 
 A held-out example's context (the first ``n_prompt`` tokens of its :class:`~pissa.objective.Encoded`:
 the prompt, or a conversation up to the generation prompt of its last assistant turn) is
-decoded greedily with the KV cache (``model.generate(do_sample=False)``), batched with left
-padding, for at most ``max_new_tokens`` tokens or until an end token. The answer is extracted
-from the decoded text and compared with the one extracted from the reference completion:
+decoded greedily with the KV cache, batched with left padding, for at most ``max_new_tokens``
+tokens or until an end token (the tokens of ``model.generate(do_sample=False)``). The answer is
+extracted from the decoded text and compared with the one extracted from the reference completion:
 
 1. the number after the last ``####`` (GSM8K's answer line);
 2. else the number after the last "the answer is" (any case, an optional colon or ``$``;
@@ -15,6 +15,16 @@ Numbers are normalized (thousands commas dropped, ``3.50`` -> ``3.5``, ``7.0`` -
 reference with no number at all is compared as whitespace-normalized text instead.
 Accuracy is the fraction of exact matches; the loss is the teacher-forced mean NLL of the
 target tokens, as the likelihood evaluation computes it.
+
+Cost (:func:`evaluate_generation`): the decoder's matmuls, nothing else. So each batch runs one
+forward over ``[pad | context | reference completion | pad]`` that yields both the loss and the
+contexts' KV cache (:func:`score_and_generate`: the contexts are run once, not once for the loss
+and again for generation); decoding is a plain loop over ``DynamicCache`` in which rows that
+ended leave the batch; and in float32 the adapted layers are swapped for merged copies while it
+runs (:func:`merged_for_inference`: one matmul per layer instead of three). None of it changes
+the greedy tokens beyond float32 rounding (tested against ``generate`` and the separate loss pass).
+There is no token budget derived from the references: every row decodes until its end token or
+``max_new_tokens``.
 
 ``eval="auto"`` picks generation for causal-LM data without labels whose scored references all
 end in an explicit final answer (rule 1 or 2), e.g. the embedded ``arithmetic`` task; other
