@@ -230,9 +230,17 @@ def corda_kpm_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]
 
 
 def _corda_factors(U: Tensor, S: Tensor, Vh: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """``(A, B) = (sqrt(S) Vh C^{-1}, U sqrt(S))`` for triplets of ``W C`` (C symmetric positive definite)."""
+    """``(A, B) = (sqrt(S) Vh C^{-1}, U sqrt(S))`` for triplets of ``W C`` (C symmetric positive definite;
+    a PissaError when it is not, e.g. undamped statistics of too few tokens)."""
     root = S.sqrt()
-    right = torch.linalg.solve(C, Vh.mT).mT  # Vh C^{-1} = (C^{-1} Vh^T)^T
+    # Vh C^{-1} = (C^{-1} Vh^T)^T by Cholesky (C is SPD once damped; batched LU solves hit an MKL pivot error on
+    # SmolLM2's 30 stacked q_proj covariances, torch 2.13 CPU)
+    try:
+        factor = torch.linalg.cholesky(C)
+    except torch.linalg.LinAlgError:
+        raise PissaError("the activation covariance is singular (too few calibration tokens for the layer's width?); "
+                         "raise --damping or calibrate on more --samples") from None
+    right = torch.cholesky_solve(Vh.mT, factor).mT
     return root.unsqueeze(-1) * right, U * root.unsqueeze(-2)
 
 
