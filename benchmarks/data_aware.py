@@ -35,6 +35,8 @@ from _results import Results, add_results_options
 
 VARIANTS = ("pissa-eva", "peft-eva", "pissa-corda", "peft-corda", "pissa-lora-ga", "peft-lora-ga")
 SAMPLES = {"eva": 256, "corda": 32, "lora-ga": 32}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""PEFT's CorDA and LoRA-GA preprocessing do not resolve "all-linear": SmolLM2's 210 projections by name."""
 
 
 def _rss_mb() -> float:
@@ -74,7 +76,7 @@ def child(variant: str, rank: int, threads: int) -> dict:
             from peft import initialize_lora_eva_weights
             from peft.tuners.lora.eva import get_eva_state_dict
 
-            config = LoraConfig(r=rank, target_modules="all-linear", init_lora_weights="eva", eva_config=EvaConfig())
+            config = LoraConfig(r=rank, target_modules=PROJECTIONS, init_lora_weights="eva", eva_config=EvaConfig())
             loader = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches]
             state = get_eva_state_dict(model, loader, config, show_progress_bar=False)
             out["calibrate_s"] = time.perf_counter() - start
@@ -85,7 +87,7 @@ def child(variant: str, rank: int, threads: int) -> dict:
             from peft.tuners.lora.config import CordaConfig
             from peft.tuners.lora.corda import preprocess_corda
 
-            config = LoraConfig(r=rank, target_modules="all-linear", init_lora_weights="corda",
+            config = LoraConfig(r=rank, target_modules=PROJECTIONS, init_lora_weights="corda",
                                 corda_config=CordaConfig(corda_method="ipm"))
 
             @torch.no_grad()
@@ -102,7 +104,7 @@ def child(variant: str, rank: int, threads: int) -> dict:
             from peft.tuners.lora.config import LoraGAConfig
             from peft.tuners.lora.loraga import preprocess_loraga
 
-            config = LoraConfig(r=rank, target_modules="all-linear", init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+            config = LoraConfig(r=rank, target_modules=PROJECTIONS, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
 
             def step() -> None:
                 for b in batches:

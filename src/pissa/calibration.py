@@ -220,13 +220,13 @@ def calibrate(
     distributed.sum_tensors([*(sums.cov[k] for k in keys), *(sums.mean[k] for k in keys), *grads, totals])
     counts = dict(zip(keys, totals.tolist()))
     tensors: dict[str, Tensor] = {}
-    for k in keys:
-        tensors[f"{k}.cov"] = (sums.cov[k] / counts[k]).cpu()
-        tensors[f"{k}.mean"] = (sums.mean[k] / counts[k]).cpu()
+    for k in keys:  # the sums become the statistics in place: no second copy of them
+        tensors[f"{k}.cov"] = sums.cov.pop(k).div_(counts[k]).cpu()
+        tensors[f"{k}.mean"] = sums.mean.pop(k).div_(counts[k]).cpu()
     if gradients:
         total = max(1.0, float(totals[-1]))
         for n in names:
-            tensors[f"{n}.grad"] = (sums.grad[n] / total).cpu()
+            tensors[f"{n}.grad"] = sums.grad.pop(n).div_(total).cpu()
     for n in names:
         layers[n]["input"] = sums.input_of[n]
     info = {"fingerprint": fingerprint, "data_digest": digest, "batches": len(batch_list),

@@ -250,20 +250,27 @@ def eva_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
 
     The rows of ``A (r, in)`` are the orthonormal eigenvectors of the centred covariance
     ``X^T X / n - mean mean^T`` with the r largest eigenvalues (what PEFT's incremental PCA
-    converges to, computed exactly); ``B = 0`` so the residual is W. Per-layer ranks come from
-    :func:`eva_ranks` (``AdapterConfig.eva_rho``).
+    converges to), from ``opt.top_svd`` of that symmetric positive semi-definite matrix (its top
+    singular vectors are those eigenvectors; block Krylov by default, ``svd="exact"`` for LAPACK);
+    ``B = 0`` so the residual is W. Per-layer ranks come from :func:`eva_ranks` (``AdapterConfig.eva_rho``).
     """
     cov = centred(opt.covariance(), opt.stats.mean if opt.stats is not None else None)
-    vectors = torch.linalg.eigh(cov).eigenvectors  # ascending eigenvalues
-    A = vectors[..., -r:].flip(-1).mT.contiguous()
-    return A, torch.zeros(W.shape[0], W.shape[1], r, dtype=W.dtype, device=W.device)
+    U, _, _ = opt.top_svd(cov, r)
+    return U.mT.contiguous(), torch.zeros(W.shape[0], W.shape[1], r, dtype=W.dtype, device=W.device)
 
 
-def explained_variance(cov: Tensor, mean: Tensor | None) -> Tensor:
-    """The fractions of the inputs' variance along each principal direction, descending: the
-    eigenvalues of the centred covariance divided by their sum (``(..., in)``)."""
-    values = torch.linalg.eigvalsh(centred(cov.double(), None if mean is None else mean.double())).flip(-1).clamp_min(0)
-    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+def explained_variance(cov: Tensor, mean: Tensor | None, k: int | None = None) -> Tensor:
+    """The fractions of the inputs' variance along the ``k`` (default: all) leading principal directions,
+    descending: the eigenvalues of the centred covariance divided by their sum, its trace (``(..., k)``,
+    float64). A few leading ones come from a block Krylov SVD, all of them from LAPACK."""
+    C = centred(cov.double(), None if mean is None else mean.double())
+    total = C.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(torch.finfo(C.dtype).tiny)
+    if k is None or 2 * k >= C.shape[-1]:
+        values = torch.linalg.eigvalsh(C).flip(-1)[..., :k]
+    else:
+        batch = C.reshape(-1, *C.shape[-2:])
+        values = truncated_svd(batch, k, seeds=[0] * len(batch))[1].reshape(*C.shape[:-2], k)
+    return values.clamp_min(0) / total
 
 
 def eva_ranks(ratios: dict[str, Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:

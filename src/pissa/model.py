@@ -196,7 +196,8 @@ def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration |
     ranks = {n: cfg.layer_rank(n) for n in names}
     if not get_method(cfg.method).allocates_ranks or calibration is None or cfg.eva_rho == 1:
         return cfg, ranks
-    ranks = eva_ranks(calibration.explained_variance(names), ranks, cfg.eva_rho)
+    offered = max(int(round(cfg.eva_rho * r)) for r in ranks.values())
+    ranks = eva_ranks(calibration.explained_variance(names, offered), ranks, cfg.eva_rho)
     pattern = {**(cfg.rank_pattern or {}), **{n: r for n, r in ranks.items() if r != cfg.rank or cfg.rank_pattern}}
     return dataclasses.replace(cfg, rank_pattern=pattern or None, eva_rho=1.0), ranks
 
@@ -230,7 +231,8 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
     fields (``svd``, ``niter``, ``block``, ``seed``, ``quant_iters``, ``alpha``...). A core is
     folded into B. Factors are float32 (float64 for a float64 weight); the residual has weight's dtype.
     ``stats``: the layer's calibration statistics for data-aware methods (``cov (in, in)``, ``mean (in,)``,
-    ``grad (out, in)``). For LoRA-SB, whose base is not offset, ``weight ≈ residual + B @ A - update``.
+    ``grad (out, in)``). LoRA-SB does not offset the base: its residual is the weight itself and
+    ``residual + B @ A`` is where its model starts, one approximated update away from the weight.
     """
     check_weight(weight, rank)
     cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]

@@ -113,15 +113,15 @@ class Calibration:
         stack = lambda ts: None if ts[0] is None else torch.stack(ts)
         return Stats(stack([p.cov for p in parts]), stack([p.mean for p in parts]), stack([p.grad for p in parts]))
 
-    def explained_variance(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """Each layer's explained-variance ratios, descending (:func:`pissa.decompose.explained_variance`),
+    def explained_variance(self, names: Sequence[str], k: int | None = None) -> dict[str, Tensor]:
+        """Each layer's ``k`` leading explained-variance ratios, descending (:func:`pissa.decompose.explained_variance`),
         computed once per distinct input."""
         by_input: dict[str, Tensor] = {}
         out = {}
         for n in names:
             key = self._layer(n)["input"]
             if key not in by_input:
-                by_input[key] = explained_variance(self._get(f"{key}.cov"), self._get(f"{key}.mean"))
+                by_input[key] = explained_variance(self._get(f"{key}.cov"), self._get(f"{key}.mean"), k)
             out[n] = by_input[key]
         return out
 
