@@ -169,3 +169,18 @@ def test_merged_returns_a_new_layer_and_leaves_the_adapted_one_unchanged(quantiz
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert model.get_submodule(name) is layer
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-xs"])
+def test_a_zero_initial_product_keeps_the_base_weight_itself(method: str) -> None:
+    """LoRA (B0 = 0) and LoRA-XS (core0 = 0) leave W - 0 = W: the layer keeps the base tensor (no
+    copy, so no second copy of the weights in memory), and its residual digest is the base's."""
+    model = tiny_llama()
+    before = {n: m.weight for n, m in model.named_modules() if n.endswith("q_proj")}
+    pissa.attach(model, pissa.AdapterConfig(method=method, rank=4))
+    for name, layer in pissa.adapted_layers(model):
+        if name in before:
+            assert layer.residual.weight.data_ptr() == before[name].data_ptr()
+        assert layer.residual_digest == layer.base_digest
+    other = pissa.attach(tiny_llama(), pissa.AdapterConfig(method="pissa", rank=4))
+    assert all(layer.residual_digest != layer.base_digest for _, layer in pissa.adapted_layers(other))

@@ -273,10 +273,12 @@ def _make_layer(
     (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
     """
     A, B, core = init.residual_factors()
-    residual = W if is_residual else residual_of(W, A, B, cfg.scaling_for(init.A.shape[-2]), core)
+    # B0 = 0 (LoRA) or core0 = 0 (LoRA-XS): W - 0 is W bit for bit, so W is kept, not copied
+    unchanged = is_residual or not bool(B.any()) or (core is not None and not bool(core.any()))
+    residual = W if unchanged else residual_of(W, A, B, cfg.scaling_for(init.A.shape[-2]), core)
     if cfg.quantize is not None:
         module = quantize_residual(module, residual, cfg.quantize)
-    elif not is_residual:
+    elif not unchanged:
         set_dense_weight(module, residual)
     layer = _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
     layer.base_dtype = W.dtype
