@@ -98,7 +98,6 @@ def test_corda_matches_peft(setup, tmp_path) -> None:
     """PEFT's CorDA divides each sequence's inputs by their largest entry before summing X^T X; pissa weighs
     every token the same. pissa's CorDA fed PEFT's normalized covariance gives PEFT's subspaces (>= 0.99);
     with its own covariance the last direction of some layers differs (measured: up_proj 0.98)."""
-    pytest.importorskip("attr", reason="PEFT 0.21's CorDA imports the undeclared package attrs")
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda

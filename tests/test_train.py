@@ -492,3 +492,15 @@ def test_pack_trains_the_same_run_with_fewer_rows(tiny: Path, tmp_path: Path, ca
     assert [x for _, x in ma["train_loss"]] == pytest.approx([x for _, x in mb["train_loss"]], rel=1e-5)
     assert finetune(tiny, tmp_path / "cls", "--model", str(tiny / "bert"), "--pack") == 2
     assert "--pack joins examples of a causal LM" in capsys.readouterr().err and not (tmp_path / "cls").exists()
+
+
+def test_the_start_check_reports_a_method_that_starts_elsewhere_by_design(capsys) -> None:
+    """LoRA-SB (exact_start=False) and a 4-bit residual report their distance; exact methods stop."""
+    from pissa.config import AdapterConfig, RunConfig
+
+    for adapter in (AdapterConfig(method="lora-sb", calibration="stats.safetensors"), AdapterConfig(quantize="nf4")):
+        check = train_mod.start_check(RunConfig(adapter=adapter), 2.0, 1.5)
+        assert check["relative_change"] == pytest.approx(0.25)
+        assert "starts off the base by design" in capsys.readouterr().out
+    with pytest.raises(pissa.PissaError, match="inexact init"):
+        train_mod.start_check(RunConfig(), 2.0, 1.5)

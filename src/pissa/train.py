@@ -274,16 +274,18 @@ def batch_loss(model: nn.Module, batch: Batch, kind: Kind, dtype: torch.dtype) -
 
 def start_check(cfg: RunConfig, base: float, adapted: float) -> dict[str, float]:
     """Compare the first batch's loss before and after attach; a PissaError when a method that promises
-    an exact start (every one without ``quantize``) moved it by more than the dtype allows. A 4-bit
-    residual starts elsewhere by design: its measured distance is reported instead."""
+    an exact start (:attr:`~pissa.decompose.Method.exact_start`, without ``quantize``) moved it by more
+    than the dtype allows. A 4-bit residual or a method that starts elsewhere by design (LoRA-SB)
+    reports its measured distance instead."""
     gap = abs(adapted - base) / max(abs(base), 1e-8)
     tolerance = START_TOLERANCE[cfg.dtype]
-    if cfg.adapter.quantize is None and not gap <= tolerance:
+    exact = cfg.adapter.quantize is None and METHODS[cfg.method].exact_start
+    if exact and not gap <= tolerance:
         raise PissaError(f"inexact init: attaching {cfg.method} moved the first batch's loss from {base:.4f} to {adapted:.4f} "
                          f"(relative {gap:.2e} > {tolerance:g} allowed in {cfg.dtype}); the adapted model must start where "
                          "the base is: report this with the model and options")
     if distributed.is_main():
-        note = "" if cfg.adapter.quantize is None else f" ({cfg.adapter.quantize} residual: starts off the base by design)"
+        note = "" if exact else " (starts off the base by design)"
         print(f"{cfg.method}: start check: first batch loss {base:.4f} (base) -> {adapted:.4f} (adapted), "
               f"relative change {gap:.1e}{note}", flush=True)
     return {"base_loss": base, "adapted_loss": adapted, "relative_change": gap}
