@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct on ``--data arithmetic`` (chat word problems, ``#### N`` answers), scored by
 exact match of greedily generated answers (``pissa.generation``). A small-scale check sized for a
-shared 2-core CPU; the sizes are options and the results file states them.
+small CPU; the sizes are options and the results file states them.
 
 1. Sweep: every method at each of its ``--lrs-*`` rates, seed 0, ``--steps`` steps, trained on the
    training split minus a validation split of ``--val-size`` problems carved from it
@@ -161,7 +161,7 @@ def main() -> None:
             base = wait({"untrained": untrained})["untrained"]
 
         meta = next(iter(sweep.values()))
-        res.add("**A small-scale check**, sized for a shared 2-core CPU, not a reproduction of the paper's "
+        res.add("**A small-scale check**, sized for a small CPU, not a reproduction of the paper's "
                 "7B-model tables: SmolLM2-135M-Instruct, every linear projection adapted at rank "
                 f"{args.rank} (full: every weight), {args.steps} steps of batch {args.batch_size} (max length "
                 f"{args.max_length}), AdamW, {args.warmup} warm-up steps then cosine to 0, float32, "
@@ -201,8 +201,8 @@ def main() -> None:
                    "test answer loss (mean)", "train time per run (s)"], rows)
         res.add("sd: sample standard deviation over the seeds; with "
                 f"{args.test_size} test problems one problem is {1 / args.test_size:.3f} of accuracy. Train time: "
-                "the training steps only, on a CPU shared with other jobs (two of these jobs at once, plus "
-                "other engineers' work), so it compares little.")
+                "the training steps only, with two of these runs at once (the machine's load is in the header), "
+                "so it compares little.")
         eval_s = [t["eval_seconds"] for t in tested.values()] + [base["eval_seconds"]]
         res.add(f"Generation evaluation of {args.test_size} problems (teacher-forced loss and greedy decoding in "
                 f"one pass, merged weights): {min(eval_s):.0f}-{max(eval_s):.0f} s per run, "

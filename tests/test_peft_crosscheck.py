@@ -63,8 +63,10 @@ def _peft_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def test_eva_matches_peft(setup, tmp_path) -> None:
     """PEFT's EVA at rho = 1 keeps r components of its incremental PCA after every batch, which leaves its
-    r-th direction off (cosine 0.80 / 0.32 on two of these layers) while the first r - 1 agree; the same
-    incremental PCA keeping 2r components (PEFT's default rho = 2) agrees with pissa's exact top r."""
+    last directions off (smallest principal cosine 0.80 / 0.32 / 0.88 on three of these layers); the same
+    incremental PCA keeping 2r components (PEFT's default rho = 2) agrees with pissa's exact top r (>= 0.99).
+    Single directions are ill-conditioned where eigenvalues are close, so the test compares the variance each
+    subspace captures: pissa's is the optimum, PEFT's rho = 1 within 2% of it (measured >= 0.9868), 2r within 0.1%."""
     from peft import EvaConfig, LoraConfig
     from peft.tuners.lora.eva import get_eva_state_dict
     from peft.utils.incremental_pca import IncrementalPCA
@@ -90,8 +92,21 @@ def test_eva_matches_peft(setup, tmp_path) -> None:
         for x in inputs[n]:
             ipca.partial_fit(x)
         wide = principal_cosines(ours[n][0], ipca.components_[:RANK])
-        print(f"eva {n}: cosines {cos.min():.5f} (r-1 first: {cos[:-1].min():.5f}); incremental PCA of 2r: {wide.min():.5f}")
-        assert cos[:-1].min() >= 0.99 and wide.min() >= 0.99, (n, cos, wide)
+        # single directions are ill-conditioned where neighbouring eigenvalues are close (the cosines move with the
+        # thread count's summation order); the variance a subspace captures is not: ours is the exact optimum
+        centred = torch.cat(inputs[n]) - torch.cat(inputs[n]).mean(0)
+        cov = centred.T.double() @ centred.double()
+        ours_var, peft_var, wide_var = (captured(m, cov) for m in (ours[n][0], state[n], ipca.components_[:RANK]))
+        print(f"eva {n}: cosines {cos.min():.5f} (r-1 first: {cos[:-1].min():.5f}); incremental PCA of 2r: {wide.min():.5f}; "
+              f"captured variance PEFT / ours {peft_var / ours_var:.5f}, 2r / ours {wide_var / ours_var:.5f}")
+        assert peft_var <= ours_var * (1 + 1e-6) and wide_var <= ours_var * (1 + 1e-6), n
+        assert peft_var >= 0.98 * ours_var and wide_var >= 0.999 * ours_var, (n, peft_var / ours_var, wide_var / ours_var)
+
+
+def captured(rows: torch.Tensor, cov: torch.Tensor) -> float:
+    """Variance ``tr(Q C Q^T)`` captured by the span of ``rows (r, d)`` (orthonormalized) under covariance ``C (d, d)``."""
+    q = torch.linalg.qr(rows.double().T).Q
+    return float(torch.trace(q.T @ cov @ q))
 
 
 def test_corda_matches_peft(setup, tmp_path) -> None:
