@@ -132,15 +132,7 @@ def test_free_text_data_trains_with_token_accuracy(tiny: Path, tmp_path: Path) -
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     assert finetune(tiny, tmp_path / "whole", "--save-every", "0") == 0
-    real_step, calls = train_mod.train_step, [0]
-
-    def crashing_step(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 7:
-            raise RuntimeError("killed")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    real_step = crash_at_step(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="killed"):
         finetune(tiny, tmp_path / "split", "--save-every", "4")
     assert json.loads((tmp_path / "split.partial/checkpoint/state.json").read_text())["progress"]["step"] == 4
@@ -170,6 +162,20 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(tiny: Path, tmp_path: 
     assert finetune(tiny, tmp_path / "split", "--resume") == 0
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
     assert finetune(tiny, tmp_path / "split", "--resume") == 2  # finished: nothing to resume
+
+
+def crash_at_step(monkeypatch, step: int):
+    """Make the ``step``-th call of train_step raise RuntimeError("killed"); returns the real train_step."""
+    real_step, calls = train_mod.train_step, [0]
+
+    def crashing_step(*a, **kw):
+        calls[0] += 1
+        if calls[0] == step:
+            raise RuntimeError("killed")
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    return real_step
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -387,15 +393,7 @@ def test_full_fine_tuning_trains_every_weight_saves_the_model_and_resumes_exactl
 
     args = ("--method", "full", "--lr", "1e-3")
     assert finetune(tiny, tmp_path / "whole", *args, "--save-every", "0") == 0
-    real_step, calls = train_mod.train_step, [0]
-
-    def crashing_step(*a, **kw):
-        calls[0] += 1
-        if calls[0] == 7:
-            raise RuntimeError("killed")
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    real_step = crash_at_step(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="killed"):
         finetune(tiny, tmp_path / "split", *args, "--save-every", "4")
     assert (tmp_path / "split.partial" / "checkpoint" / train_mod.WEIGHTS).is_file()
