@@ -127,6 +127,9 @@ def main() -> None:
                 .split(",")] for n in names}
     shared = {k: getattr(args, k) for k in ("rank", "steps", "batch_size", "warmup", "max_length", "max_new_tokens",
                                             "val_size", "test_size", "threads")}
+    import torch
+
+    torch.set_num_threads(args.threads)  # what each job uses, so the results header's "torch threads" is true
     title = "Instruction tuning on the embedded arithmetic task (SmolLM2-135M-Instruct): PiSSA, LoRA, full, QPiSSA, QLoRA"
     with Results.from_args(args, title) as res, tempfile.TemporaryDirectory(prefix="instruct-") as tmp:
         work = Path(args.work or tmp)
