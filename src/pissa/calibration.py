@@ -242,20 +242,25 @@ def calibrate(
     return result
 
 
-def calibration_batches(tokenizer: Any, data: str, kind: Kind, samples: int, batch_size: int,
-                        max_length: int) -> list[Batch]:
-    """The first ``samples`` examples of ``data``'s training split, tokenized as fine-tuning does, in batches."""
-    full = data_mod.load_dataset(data, test_size=0)
-    train, _ = data_mod.split(full.train, test_size=data_mod.held_out_size(len(full.train)), seed=0, name=data)
-    if samples > len(train):
-        raise PissaError(f"--samples {samples} exceeds the {len(train)} training examples of {data}")
-    items = encode_all(tokenizer, train[:samples], full.labels, kind, max_length)
+def calibration_batches(tokenizer: Any, data: str | data_mod.Dataset, kind: Kind, samples: int, batch_size: int,
+                        max_length: int, *, val_size: int = 0) -> list[Batch]:
+    """The first ``samples`` examples of ``data``'s training split, tokenized as fine-tuning does, in batches
+    (each ``input_ids (B, T)``, B <= ``batch_size``, T <= ``max_length``).
+
+    ``data``: a dataset name, split as ``pissa finetune --val-size val_size`` splits it
+    (:func:`pissa.data.load_data`), or a :class:`~pissa.data.Dataset` already split so.
+    """
+    dataset = data_mod.load_data(data, val_size) if isinstance(data, str) else data
+    if samples > len(dataset.train):
+        raise PissaError(f"--samples {samples} exceeds the {len(dataset.train)} training examples of {dataset.name}; "
+                         "pass fewer")
+    items = encode_all(tokenizer, dataset.train[:samples], dataset.labels, kind, max_length)
     pad = int(tokenizer.pad_token_id)
     return [collate(items[i : i + batch_size], pad, kind) for i in range(0, len(items), batch_size)]
 
 
 def command_calibrate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``pissa calibrate --model M --data D --samples N --out STATS [--gradients]``."""
+    """``pissa calibrate --model M --data D --samples N --out STATS [--gradients] [--val-size V]``."""
     options.add_options(parser, CalibrateConfig)
 
     def run(args: argparse.Namespace) -> int:
@@ -270,7 +275,8 @@ def command_calibrate(parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
             raise PissaError(f"--out {cfg.out} is a folder; pass a file name such as {Path(cfg.out) / 'stats.safetensors'}")
         model, tokenizer = hub.load_model(cfg.model, kind=kind, dtype=torch_dtype(cfg.dtype))
         nn.Module.to(model, device)
-        batches = calibration_batches(tokenizer, cfg.data, kind, cfg.samples, cfg.batch_size, cfg.max_length)
+        batches = calibration_batches(tokenizer, cfg.data, kind, cfg.samples, cfg.batch_size, cfg.max_length,
+                                      val_size=cfg.val_size)
         start = time.perf_counter()
         before = Path(cfg.out).stat().st_mtime_ns if Path(cfg.out).is_file() else None
         stats = calibrate(model, batches, targets=cfg.targets, gradients=cfg.gradients, kind=kind, out=cfg.out,

@@ -58,7 +58,8 @@ class AdapterConfig:
     its exact name, else of the first key that matches it, else --rank; rank 0 leaves the layer unadapted."""
     calibration: str | None = None
     """Statistics file written by pissa calibrate, read by the data-aware methods (corda, corda-kpm, eva,
-    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize nf4)."""
+    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize nf4); pissa compare without it calibrates
+    on its own training split into OUT/calibration.safetensors."""
     damping: float = 0.01
     """Data-aware methods: the activation covariance C gets damping * mean(diag C) added to its diagonal
     before it is inverted or factored (CorDA, EoRA)."""
@@ -323,6 +324,10 @@ class InitConfig:
     """Show a progress bar."""
 
 
+CALIBRATION_SAMPLES = 256
+"""Training examples a calibration pass reads by default (pissa calibrate --samples; pissa compare's own pass)."""
+
+
 @dataclass
 class CalibrateConfig:
     """``pissa calibrate``: per-layer activation statistics (and loss gradients) of a model over data."""
@@ -335,8 +340,11 @@ class CalibrateConfig:
     """Embedded dataset or a data file (the formats of pissa finetune); its training split is used."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
-    samples: int = 256
+    samples: int = CALIBRATION_SAMPLES
     """Training examples passed through the model (the first ones of the training split)."""
+    val_size: int = 0
+    """As pissa finetune --val-size: the validation examples are carved out of the training split first,
+    so the statistics read exactly the examples that run trains on."""
     batch_size: int = 8
     """Examples per forward pass (padding is left out of the statistics)."""
     max_length: int = 64
@@ -353,10 +361,10 @@ class CalibrateConfig:
     """CPU threads (default: the cores available to this process)."""
 
     def __post_init__(self) -> None:
-        for name in ("samples", "batch_size", "max_length", "threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        for name in ("samples", "batch_size", "max_length", "threads", "val_size"):
+            value, low = getattr(self, name), 0 if name == "val_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise PissaError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [self.targets]
 

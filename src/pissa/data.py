@@ -164,11 +164,38 @@ def split(
 
 MAX_HELD_OUT = 1000
 """Most examples of a dataset held out as its test split."""
+VAL_SEED = 1
+"""Seed of the validation carve's hash (the test split's is 0): a different, independent order."""
 
 
-def held_out_size(n: int) -> int:
-    """How many of a dataset's ``n`` examples form its test split: a fifth, at least 1, at most :data:`MAX_HELD_OUT`."""
-    return max(1, min(MAX_HELD_OUT, n // 5))
+def load_data(name: str, val_size: int = 0, eval_data: str | None = None) -> Dataset:
+    """``name`` split as every command trains on it: ``train`` is what fine-tuning (and calibration) reads,
+    ``test`` what it scores. The one place of the split rule.
+
+    The test split is a fifth of the examples, at least 1, at most :data:`MAX_HELD_OUT` (seed-0 hash order).
+    ``val_size > 0``: the training split loses about ``val_size`` more examples (chosen by a hash
+    of the prompt with :data:`VAL_SEED`, so repeated prompts never straddle the cut) and the
+    returned ``test`` is that validation split; the real test split is not returned at all.
+    ``eval_data``: every example of ``name`` trains and ``test`` is the whole of ``eval_data``
+    (in its seed-0 hash order), which must be labelled alike (its labels among ``name``'s).
+    """
+    full = load_dataset(name, test_size=0)
+    if eval_data is not None:
+        held = load_dataset(eval_data, test_size=0)
+        if (held.labels is None) != (full.labels is None):
+            raise PissaError(f"--eval-data '{eval_data}' and --data '{name}' must both be labelled (text,label) or both "
+                             "not; pass held-out data of the training data's format")
+        unknown = sorted(set(held.labels or ()) - set(full.labels or ()))
+        if unknown:
+            missing = ",".join(label.strip() for label in unknown)
+            raise PissaError(f"--eval-data '{eval_data}' has labels the training data lacks ({missing}); "
+                             "the model can only be scored on labels it trains on")
+        return Dataset(name=name, train=full.train, test=held.train, labels=full.labels)
+    test_size = max(1, min(MAX_HELD_OUT, len(full.train) // 5))
+    train, test = split(full.train, test_size=test_size, seed=0, name=name)
+    if val_size:
+        train, test = split(train, test_size=val_size, seed=VAL_SEED, name=name)
+    return Dataset(name=name, train=train, test=test, labels=full.labels)
 
 
 def label_counts(examples: Iterable[Example]) -> dict[str, int]:

@@ -182,7 +182,8 @@ def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, 
     if cfg.calibration is None:
         if needs:
             what = "the loss gradient" if "gradient" in needs else "activation statistics"
-            raise PissaError(f"method {cfg.method!r} reads {what}: " + calibration_hint(needs[0]))
+            raise PissaError(f"method {cfg.method!r} reads {what}: " + calibration_hint(needs[0])
+                             + "; pissa compare makes them from its own training split by itself")
         return None, ()
     if cfg.quantize is not None and method.qpissa and "covariance" not in needs:
         needs += ("covariance",)

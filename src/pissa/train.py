@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import distributed, generation, hub, io, options
-from .config import CompareConfig, Launch, RunConfig
+from .calibration import calibrate, calibration_batches
+from .config import CALIBRATION_SAMPLES, CompareConfig, Launch, RunConfig
+from .data import load_data
 from .decompose import METHODS
 from .devices import autocast, enable_gradient_checkpointing, grad_scaler, resolve_device, torch_dtype
 from .errors import PissaError
@@ -51,8 +53,6 @@ from .objective import Batch, Encoded, Kind, collate, collate_packed, encode_all
 from .report import plot_losses, write_report
 
 CHECKPOINT = "checkpoint"
-MAX_TEST = 1000
-"""The held-out test split holds min(1000, 20% of the examples); --eval-size of them are scored."""
 
 
 # --- data order and learning rate: pure functions of (seed, step) -----------------------------
@@ -166,38 +166,6 @@ class Session:
             assert e.label is not None  # labelled data: every item indexes a label
             tokens += len(self.label_ids[e.label])
         return tokens, len(items)
-
-
-VAL_SEED = 1
-"""Seed of the validation carve's hash (the test split's is 0): a different, independent order."""
-
-
-def load_data(name: str, val_size: int = 0, eval_data: str | None = None) -> data_mod.Dataset:
-    """The dataset with a held-out test split of min(1000, 20%) examples (at least 1).
-
-    ``val_size > 0``: the training split loses about ``val_size`` more examples (chosen by a hash
-    of the prompt with :data:`VAL_SEED`, so repeated prompts never straddle the cut) and the
-    returned ``test`` is that validation split; the real test split is not returned at all.
-    ``eval_data``: every example of ``name`` trains and ``test`` is the whole of ``eval_data``
-    (in its seed-0 hash order), which must be labelled alike (its labels among ``name``'s).
-    """
-    full = data_mod.load_dataset(name, test_size=0)
-    if eval_data is not None:
-        held = data_mod.load_dataset(eval_data, test_size=0)
-        if (held.labels is None) != (full.labels is None):
-            raise PissaError(f"--eval-data '{eval_data}' and --data '{name}' must both be labelled (text,label) or both "
-                             "not; pass held-out data of the training data's format")
-        unknown = sorted(set(held.labels or ()) - set(full.labels or ()))
-        if unknown:
-            missing = ",".join(label.strip() for label in unknown)
-            raise PissaError(f"--eval-data '{eval_data}' has labels the training data lacks ({missing}); "
-                             "the model can only be scored on labels it trains on")
-        return data_mod.Dataset(name=name, train=full.train, test=held.train, labels=full.labels)
-    test_size = max(1, min(MAX_TEST, len(full.train) // 5))
-    train, test = data_mod.split(full.train, test_size=test_size, seed=0, name=name)
-    if val_size:
-        train, test = data_mod.split(train, test_size=val_size, seed=VAL_SEED, name=name)
-    return data_mod.Dataset(name=name, train=train, test=test, labels=full.labels)
 
 
 def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = False) -> Session:
@@ -757,6 +725,47 @@ def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     return run_cmd
 
 
+CALIBRATION_FILE = "calibration.safetensors"
+"""The statistics ``pissa compare`` makes for its data-aware methods when no --calibration is given."""
+
+
+def reads_statistics(method: str) -> bool:
+    """Whether ``method``'s init reads calibration statistics (covariance or gradient)."""
+    return any(n != "weight" for n in METHODS[method].needs)
+
+
+def with_calibration(cfg: RunConfig, path: Path) -> RunConfig:
+    """``cfg`` with the statistics file ``path``."""
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, calibration=str(path)))
+
+
+def keep_file(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src`` (a hard link, else a copy), its modification time kept."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def own_calibration(cfg: RunConfig, methods: Sequence[str], path: Path) -> tuple[bool, int]:
+    """Calibrate ``cfg``'s model on the first :data:`~pissa.config.CALIBRATION_SAMPLES` examples of the very
+    training split its runs train on (after the --val-size carve-out) into ``path``, with gradients when one
+    of ``methods`` reads them; a file of this model and data already there is reused.
+    Returns (whether it was reused, the examples read)."""
+    gradients = any("gradient" in METHODS[m].needs for m in methods)
+    torch.set_num_threads(cfg.threads)
+    kind = hub.resolve_kind(cfg.model, cfg.kind)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
+    model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
+    nn.Module.to(model, resolve_device(cfg.device))
+    samples = min(CALIBRATION_SAMPLES, len(dataset.train))
+    batches = calibration_batches(tokenizer, dataset, kind, samples, cfg.batch_size, cfg.max_length)
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    calibrate(model, batches, targets=cfg.adapter.targets, gradients=gradients, kind=kind, out=path, progress=True)
+    return before is not None and path.stat().st_mtime_ns == before, samples
+
+
 def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa compare --methods pissa,lora``: each method on the same data order and seed;
     OUT/<method>/ per method plus OUT/report.md and OUT/loss.png with every curve."""
@@ -776,13 +785,26 @@ def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                 work.mkdir(parents=True, exist_ok=True)
                 write_config(work / CONFIG_FILE, cfg)
             assert isinstance(cfg, CompareConfig)
+            aware = [m for m in cfg.methods if reads_statistics(m)] if cfg.adapter.calibration is None else []
+            if aware:
+                if distributed.is_main() and not (work / CALIBRATION_FILE).exists() and (out / CALIBRATION_FILE).is_file():
+                    keep_file(out / CALIBRATION_FILE, work / CALIBRATION_FILE)  # reused below if model and data still match
+                distributed.barrier()
+                reused, samples = own_calibration(cfg, aware, work / CALIBRATION_FILE)
+                if distributed.is_main():
+                    print(f"{'reused' if reused else 'calibrated'} {out / CALIBRATION_FILE} ({samples} training examples) "
+                          f"for {', '.join(aware)}", flush=True)
             results = {}
             for one in cfg.runs():
                 sub = work / one.method
                 if (sub / "metrics.json").is_file():
                     results[one.method] = json.loads((sub / "metrics.json").read_text())
                     continue
+                if one.method in aware:
+                    one = with_calibration(one, work / CALIBRATION_FILE)
                 results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(), sharded=launch.fsdp)
+                if one.method in aware and distributed.is_main():  # its config names the file where it will stay
+                    write_config(sub / CONFIG_FILE, with_calibration(one, out / CALIBRATION_FILE))
             plot_losses({m: r["train_loss"] for m, r in results.items()}, work / "loss.png",
                         title=f"{cfg.model} on {cfg.data}, rank {cfg.adapter.rank}")
             io.atomic_write_text(work / "report.md", write_report(results))
