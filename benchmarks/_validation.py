@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pissa.config import RunConfig
-from pissa.train import VAL_SEED, run
+from pissa.data import VAL_SEED
+from pissa.train import run
 
 __all__ = ["VAL_SEED", "run_cached"]
 

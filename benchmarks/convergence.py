@@ -1,4 +1,4 @@
-"""Convergence: PiSSA vs LoRA on the embedded task, each at the learning rate chosen on validation data.
+"""Convergence: PiSSA vs LoRA (vs any registered method) on the embedded task, each at the learning rate chosen on validation data.
 
 1. Sweep (``--lrs``): every method x learning rate for ``--sweep-steps`` steps (same data order,
    seed, batch and cosine schedule), trained on the training data minus ``--val-size`` reviews
@@ -9,10 +9,17 @@
    other); loss at steps 10 and 50 and at the end, test loss and accuracy before and after on
    ``--eval-size`` held-out test reviews, and a plot of the loss curves.
 
+Data-aware methods (``Method.needs`` covariance or gradient) get their statistics as ``pissa compare``
+makes them (:func:`pissa.train.own_calibration`): one pass over the first 256 examples of the very
+training split the runs train on (so the sweep's calibration never sees its validation reviews),
+with gradients when one of the methods reads them.
+
     .venv/bin/python benchmarks/convergence.py                                       # sweep + final
     .venv/bin/python benchmarks/convergence.py --lrs 5e-5,2e-4 --sweep-steps 30 --skip-final --name convergence_sweep
     .venv/bin/python benchmarks/convergence.py --sweep-steps 2 --steps 2 --lrs 5e-5,2e-4 --val-size 4 --eval-size 4  # quick
     .venv/bin/python benchmarks/convergence.py --skip-sweep                          # final only, default rates
+    .venv/bin/python benchmarks/convergence.py --methods pissa,lora,corda,eva,lora-ga,lora-sb,loldu \
+        --lrs 5e-5,2e-4,5e-4 --sweep-steps 20 --val-size 100 --steps 30 --name convergence_data_aware
 
 Writes ``bench_out/NAME.md`` and ``NAME.png`` (``--update-results``: ``benchmarks/results/``).
 """
@@ -20,6 +27,7 @@ Writes ``bench_out/NAME.md`` and ``NAME.png`` (``--update-results``: ``benchmark
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -29,6 +37,7 @@ from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
 from pissa.config import AdapterConfig, RunConfig
 from pissa.report import plot_losses, write_report
+from pissa.train import own_calibration, reads_statistics, with_calibration
 
 SWEEP_WINDOW = 10
 
@@ -54,19 +63,35 @@ def main() -> None:
     methods = args.methods.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
 
-    def config(method: str, lr: float | None, steps: int) -> RunConfig:
-        return RunConfig(adapter=AdapterConfig(method=method, rank=args.rank), lr=lr, steps=steps, batch_size=args.batch_size,
-                         eval_size=args.eval_size, threads=args.threads, save_every=0)
-
+    aware = [m for m in methods if reads_statistics(m)]
     title = "Convergence on the embedded task (SmolLM2-135M-Instruct, Rotten Tomatoes)"
     with Results.from_args(args, title) as res, tempfile.TemporaryDirectory(prefix="convergence-") as tmp:
         work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+
+        def config(method: str, lr: float | None, steps: int, val_size: int = 0) -> RunConfig:
+            cfg = RunConfig(adapter=AdapterConfig(method=method, rank=args.rank), lr=lr, steps=steps,
+                            batch_size=args.batch_size, eval_size=args.eval_size, threads=args.threads, save_every=0)
+            if method not in aware:
+                return cfg
+            path = work / f"calibration-val{val_size}.safetensors"  # reused when model and data match
+            if path not in calibrated:
+                own_calibration(dataclasses.replace(cfg, val_size=val_size), aware, path)
+                calibrated.add(path)
+            return with_calibration(cfg, path)
+
+        calibrated: set[Path] = set()
+        if aware:
+            res.add(f"Data-aware methods ({', '.join(aware)}) read statistics of the first 256 examples of the training "
+                    "split their runs train on (pissa.train.own_calibration, as `pissa compare` makes them), "
+                    "gradients included.")
+
         best: dict[str, float | None] = {m: None for m in methods}
         if not args.skip_sweep:
             sweep: dict[str, dict[float, dict]] = {}
             for method in methods:
                 for lr in lrs:
-                    m = run_cached(config(method, lr, args.sweep_steps), work / f"sweep-{method}-lr{lr:g}",
+                    m = run_cached(config(method, lr, args.sweep_steps, args.val_size), work / f"sweep-{method}-lr{lr:g}",
                                    val_size=args.val_size)
                     sweep.setdefault(method, {})[lr] = m
                     print(f"sweep {method} lr={lr:g}: validation loss {m['eval_after']['loss']:.4f}", file=sys.stderr, flush=True)
