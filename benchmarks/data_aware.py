@@ -10,8 +10,8 @@ split, 64 tokens at most), rank 16, every projection (210 layers):
                    (same batches, rho 2, tau 0.99: it cycles them until converged) + initialize_lora_eva_weights
     pissa corda  = calibrate + attach(method="corda")                        vs  PEFT preprocess_corda (one
                    sequence per forward: its hook cannot take batches) + get_peft_model
-    pissa lora-ga = calibrate --gradients + attach(method="lora-ga")         vs  PEFT preprocess_loraga (the same
-                   batches, forward + backward) + get_peft_model
+    pissa lora-ga = calibrate(gradients=True, covariance=False) + attach(method="lora-ga")  vs  PEFT
+                   preprocess_loraga (the same batches, forward + backward) + get_peft_model
 
 Then ``pissa analyze quant-error``'s plain (nuclear) and activation-weighted (Frobenius, ``X^T X / n`` of 64
 reviews) reductions at rank 16 and 64 on both embedded models (``--sample`` layers per projection type).
@@ -63,7 +63,8 @@ def child(variant: str, rank: int, threads: int) -> dict:
     if tool == "pissa":
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "stats.safetensors"
-            pissa.calibrate(model, batches, gradients=method == "lora-ga", out=path)
+            grad = method == "lora-ga"  # LoRA-GA reads the gradients alone, as PEFT collects them
+            pissa.calibrate(model, batches, gradients=grad, covariance=not grad, out=path)
             out["calibrate_s"] = time.perf_counter() - start
             mid = time.perf_counter()
             pissa.attach(model, pissa.AdapterConfig(method=method, rank=rank, calibration=str(path)))
@@ -191,7 +192,8 @@ def main() -> None:
         res.add(f"SmolLM2-135M-Instruct, rank {args.rank}, all 210 projections, Rotten Tomatoes reviews (max 64 tokens), "
                 f"torch threads {args.threads}; each variant in a fresh child process. 'calibration': pissa.calibrate or "
                 "PEFT's preprocessing (data passes); 'init': attach / get_peft_model (+ EVA's weight loading); "
-                "'added MB': peak RSS minus the RSS after loading the model.")
+                "'added MB': peak RSS minus the RSS after loading the model. pissa-lora-ga collects the gradients alone "
+                "(calibrate(covariance=False)), as PEFT does.")
         res.table(["variant", "samples", "calibration (s)", "init (s)", "total (s)", "peak RSS (MB)", "added (MB)"], rows)
         ratios = []
         for method in ("eva", "corda", "lora-ga"):

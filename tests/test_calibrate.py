@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from pissa.calibration import as_batch
+from pissa.calibration import add_gram, as_batch, by_length, gram_matrix, gram_strips
 from pissa.cli import main
 from pissa.errors import PissaError
 from pissa.model import find_targets
@@ -85,6 +85,36 @@ def test_gradients_equal_autograd_of_the_mean_loss() -> None:
         expected = ref.get_submodule(name).weight.grad / total
         torch.testing.assert_close(stats.layer_stats(name, ["gradient"]).grad, expected, rtol=1e-4, atol=1e-7)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no weight gradient made, flags restored
+
+
+def test_gram_strips_hold_the_upper_triangle_of_x_t_x() -> None:
+    X = torch.randn(40, 300, dtype=torch.float64)  # 3 strips of at most 128 rows
+    strips = gram_strips(300, X)
+    add_gram(strips, X[:25])
+    add_gram(strips, X[25:])
+    assert sum(s.numel() for s in strips) < 0.7 * 300**2
+    torch.testing.assert_close(gram_matrix(strips), X.T @ X)
+
+
+def test_rows_regrouped_by_length_keep_their_tokens() -> None:
+    batches = [as_batch(b) for b in _batches(n=3)]
+    grouped = by_length(batches)
+    assert [len(b.input_ids) for b in grouped] == [3, 3, 3] and [b.input_ids.shape[1] for b in grouped] == [4, 7, 10]
+    rows = lambda bs: sorted(tuple(ids[m.bool()].tolist()) for b in bs for ids, m in zip(b.input_ids, b.attention_mask))
+    assert rows(grouped) == rows(batches)
+
+
+def test_gradients_without_covariance(tmp_path) -> None:
+    model, batches = tiny_llama(), _batches(n=2)
+    both = pissa.calibrate(model, batches, gradients=True)
+    path = tmp_path / "grad.safetensors"
+    only = pissa.calibrate(model, batches, gradients=True, covariance=False, out=path)
+    assert not any(k.endswith(".cov") for k in load_file(path)) and not open_calibration(path).has_covariance
+    name = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(only.layer_stats(name, ["gradient"]).grad, both.layer_stats(name, ["gradient"]).grad)
+    with pytest.raises(PissaError, match="gradients only"):
+        only.layer_stats(name, ["covariance"])
+    assert pissa.calibrate(model, batches, gradients=True, out=path).has_covariance  # recomputed with covariances
 
 
 def test_file_is_reused_when_model_and_data_match(tmp_path) -> None:

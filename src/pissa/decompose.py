@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .errors import PissaError
 from .factors import Factors, as_factors
-from .svd import BLOCK, Batch, SVDMethod, compute_dtype, seeded, stack, truncated_svd
+from .svd import BLOCK, Batch, SVDMethod, compute_dtype, krylov_svd, seeded, stack, truncated_svd
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -57,15 +57,19 @@ class Stats:
     cov: Tensor | None = None
     mean: Tensor | None = None
     grad: Tensor | None = None
+    components: Tensor | None = None
+    """``(L, k, in)``: the k leading principal directions of the inputs (rows: eigenvectors of the centred
+    covariance, descending), when the reader of the statistics already computed them
+    (:meth:`pissa.stats.Calibration.explained_variance`, once per distinct input); EVA then reuses them."""
 
     def to(self, dtype: torch.dtype, device: torch.device | None = None) -> Stats:
         conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
-        return Stats(conv(self.cov), conv(self.mean), conv(self.grad))
+        return Stats(*(conv(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def batched(self) -> Stats:
         """One layer's statistics (``cov (in, in)``...) as a batch of one."""
         add = lambda t: None if t is None else t.unsqueeze(0)
-        return Stats(add(self.cov), add(self.mean), add(self.grad))
+        return Stats(*(add(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
 
 def centred(cov: Tensor, mean: Tensor | None) -> Tensor:
@@ -75,8 +79,18 @@ def centred(cov: Tensor, mean: Tensor | None) -> Tensor:
 
 def damped(cov: Tensor, damping: float) -> Tensor:
     """``C + damping * mean(diag C) * I`` (batched): the damped covariance CorDA and EoRA factor or invert."""
-    scale = damping * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(cov.dtype).tiny)
-    return cov + scale[..., None, None] * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    out = cov.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(damping_scale(cov, damping).unsqueeze(-1))
+    return out
+
+
+def damping_scale(cov: Tensor, damping: float) -> Tensor:
+    """``damping * mean(diag C)`` per matrix ``(L,)``: what :func:`damped` adds to the diagonal."""
+    return damping * cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(cov.dtype).tiny)
+
+
+CHUNK64_BYTES = 64 * 2**20
+"""Float64 bytes of the batch :meth:`InitOptions.top_svd64` decomposes at once (its Rayleigh-Ritz copy)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,20 @@ class InitOptions:
     def top_svd(self, W: Batch, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-r triplets ``U (L, out, r), S (L, r), Vh (L, r, in)`` of the batch W with these options."""
         return truncated_svd(W, r, method=self.svd, steps=self.niter, block=self.block, seeds=self.seeds)
+
+    def top_svd64(self, M: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`top_svd` of a statistics-derived ``M (L, m, n)`` (a covariance, a gradient, ``W C``): for a
+        Krylov SVD, float32 passes with the basis and the projected problems in float64
+        (:func:`pissa.svd.krylov_svd` ``work``); the triplets in M's dtype. Such matrices have steep spectra
+        (the top r hold over 99% of the energy), which bf16 passes blur and for which the float32 Krylov SVD
+        falls back to a full LAPACK SVD (:data:`pissa.svd.LOW_PRECISION_TAIL`); this resolves them at a
+        tenth of that cost or less. :data:`CHUNK64_BYTES` of the batch at a time."""
+        if self.svd != "krylov" or M.dtype == torch.float64:
+            return self.top_svd(M, r)
+        per = max(1, CHUNK64_BYTES // (8 * M[0].numel()))
+        parts = [krylov_svd(M[i : i + per], r, steps=self.niter, block=self.block, seeds=self.seeds[i : i + per],
+                            work=torch.float64) for i in range(0, len(M), per)]
+        return tuple(torch.cat([p[j] for p in parts]).to(M.dtype) for j in range(3))  # type: ignore[return-value]
 
     def covariance(self) -> Tensor:
         """``stats.cov (L, in, in)``, or a PissaError that says how to make it."""
@@ -210,13 +238,25 @@ def corda_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     With ``C`` the damped covariance (:func:`damped` of ``X^T X / n``) and the SVD ``W C = U S V^T``,
     ``W = U S (V^T C^{-1})`` exactly; ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T C^{-1}`` (the r
     largest components, which carry the task's context; the residual keeps the rest). C = I gives
-    PiSSA. The SVD is ``opt.top_svd`` (block Krylov by default); ``V_r^T C^{-1}`` is a solve with C.
-    PEFT's CorDA also divides each calibration sequence by its largest entry before summing
-    ``X^T X``; here every token weighs the same.
+    PiSSA. Since ``U_r^T W C = S_r V_r^T``, ``A = S_r^{-1/2} U_r^T W``: no solve with C, and
+    ``B A = U_r U_r^T W``, W projected on the top-r left singular vectors of ``W C``. The SVD is
+    :meth:`InitOptions.top_svd64` (block Krylov in float64 by default). PEFT's CorDA also divides
+    each calibration sequence by its largest entry before summing ``X^T X``; here every token weighs the same.
     """
-    C = damped(opt.covariance(), opt.damping)
-    U, S, Vh = opt.top_svd(W @ C, r)
-    return _corda_factors(U, S, Vh, C)
+    cov = opt.covariance()
+    WC = (W @ cov).add_(W * damping_scale(cov, opt.damping)[..., None, None])  # C = cov + scale I, not formed
+    U, S, _ = opt.top_svd64(WC, r)
+    return _projected_factors(W, U, S)
+
+
+def _projected_factors(W: Tensor, U: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A, B) = (S^{-1/2} U^T W, U S^{1/2})`` for the left singular vectors ``U (L, out, r)`` and values
+    ``S (L, r)`` of ``W C`` (a PissaError when some are 0: the covariance is singular)."""
+    if not bool((S > 0).all()):
+        raise PissaError("the activation covariance is singular (too few calibration tokens for the layer's width?); "
+                         "raise --damping or calibrate on more --samples")
+    root = S.sqrt()
+    return (U.mT @ W) / root.unsqueeze(-1), U * root.unsqueeze(-2)
 
 
 def corda_kpm_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
@@ -253,24 +293,41 @@ def eva_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     converges to), from ``opt.top_svd`` of that symmetric positive semi-definite matrix (its top
     singular vectors are those eigenvectors; block Krylov by default, ``svd="exact"`` for LAPACK);
     ``B = 0`` so the residual is W. Per-layer ranks come from :func:`eva_ranks` (``AdapterConfig.eva_rho``).
+    The directions are ``opt.stats.components`` when given with at least r rows (Krylov SVDs only: computed
+    once per input with the explained variance, :func:`principal_directions`), else
+    :meth:`InitOptions.top_svd64` of the centred covariance.
     """
+    zeros = torch.zeros(W.shape[0], W.shape[1], r, dtype=W.dtype, device=W.device)
+    known = opt.stats.components if opt.stats is not None else None
+    if known is not None and known.shape[-2] >= r and opt.svd == "krylov":
+        return known[..., :r, :].contiguous(), zeros
     cov = centred(opt.covariance(), opt.stats.mean if opt.stats is not None else None)
-    U, _, _ = opt.top_svd(cov, r)
-    return U.mT.contiguous(), torch.zeros(W.shape[0], W.shape[1], r, dtype=W.dtype, device=W.device)
+    U, _, _ = opt.top_svd64(cov, r)
+    return U.mT.contiguous(), zeros
 
 
 def explained_variance(cov: Tensor, mean: Tensor | None, k: int | None = None) -> Tensor:
     """The fractions of the inputs' variance along the ``k`` (default: all) leading principal directions,
     descending: the eigenvalues of the centred covariance divided by their sum, its trace (``(..., k)``,
     float64). A few leading ones come from a block Krylov SVD, all of them from LAPACK."""
+    return principal_directions(cov, mean, k)[0]
+
+
+def principal_directions(cov: Tensor, mean: Tensor | None, k: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`explained_variance` ``(..., k)`` and the directions ``(..., k, in)`` (rows: the eigenvectors of the
+    centred covariance, descending, float64): EVA's A. For a few, from a block Krylov SVD of that symmetric
+    positive semi-definite matrix (float32 passes, float64 basis, :func:`pissa.svd.krylov_svd`), from
+    LAPACK's ``eigh`` for more than half."""
     C = centred(cov.double(), None if mean is None else mean.double())
     total = C.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(torch.finfo(C.dtype).tiny)
     if k is None or 2 * k >= C.shape[-1]:
-        values = torch.linalg.eigvalsh(C).flip(-1)[..., :k]
+        values, vectors = torch.linalg.eigh(C)
+        values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k].mT
     else:
-        batch = C.reshape(-1, *C.shape[-2:])
-        values = truncated_svd(batch, k, seeds=[0] * len(batch))[1].reshape(*C.shape[:-2], k)
-    return values.clamp_min(0) / total
+        batch = C.reshape(-1, *C.shape[-2:]).float()
+        U, values, _ = krylov_svd(batch, k, seeds=[0] * len(batch), work=torch.float64)
+        values, vectors = values.reshape(*C.shape[:-2], k), U.mT.reshape(*C.shape[:-2], k, C.shape[-1])
+    return values.clamp_min(0) / total, vectors
 
 
 def eva_ranks(ratios: dict[str, Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:
@@ -336,7 +393,7 @@ def lora_ga_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     if 2 * r > min(G.shape[-2:]):
         raise PissaError(f"lora-ga takes 2r = {2 * r} gradient directions, more than the {min(G.shape[-2:])} of a "
                          f"{tuple(G.shape[-2:])} layer; use rank <= {min(G.shape[-2:]) // 2}")
-    U, _, Vh = opt.top_svd(G, 2 * r)
+    U, _, Vh = opt.top_svd64(G, 2 * r)
     zeta = W.shape[-2] ** 0.25 / LORA_GA_GAMMA**0.5
     return zeta * Vh[..., :r, :], zeta * U[..., r : 2 * r]
 

@@ -167,7 +167,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     for batch, factors in distributed.shared_map(batches, factorize, costs):
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
-            _set_module(model, n, _make_layer(modules[n], weights[n], init, cfg, weight_digest(native_weight(modules[n]))))
+            module, W = modules.pop(n), weights.pop(n)  # the replaced weight is freed here, not when attach returns
+            _set_module(model, n, _make_layer(module, W, init, cfg, weight_digest(native_weight(module))))
+            del module, W
             bar.update(1)
     bar.close()
     return _freeze_base(model, cfg)

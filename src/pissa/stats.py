@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .decompose import Need, Stats, calibration_hint, explained_variance
+from .decompose import Need, Stats, calibration_hint, principal_directions
 from .errors import PissaError
 from .fingerprint import model_fingerprint, weight_digest
 
@@ -59,6 +59,8 @@ class Calibration:
     info: dict[str, Any]
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
     path: Path | None = None
+    components: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    """Principal directions ``(k, in)`` per input key, kept by :meth:`explained_variance` for EVA's init."""
 
     @property
     def fingerprint(self) -> str:
@@ -71,6 +73,10 @@ class Calibration:
     @property
     def has_gradients(self) -> bool:
         return bool(self.info.get("gradients"))
+
+    @property
+    def has_covariance(self) -> bool:
+        return bool(self.info.get("covariance", True))
 
     def _get(self, key: str) -> Tensor:
         if key in self.tensors:
@@ -98,30 +104,36 @@ class Calibration:
     def layer_stats(self, name: str, needs: Sequence[Need]) -> Stats:
         """Layer ``name``'s statistics (float32, on the CPU): cov and mean if ``needs`` covariance, grad if gradient."""
         entry = self._layer(name)
-        cov = mean = grad = None
+        cov = mean = grad = components = None
         if "covariance" in needs:
+            if not self.has_covariance:
+                raise PissaError(f"{self.path or 'these statistics'} hold gradients only; " + calibration_hint())
             cov, mean = self._get(f"{entry['input']}.cov"), self._get(f"{entry['input']}.mean")
+            components = self.components.get(entry["input"])
         if "gradient" in needs:
             if not self.has_gradients:
                 raise PissaError(f"{self.path or 'these statistics'} hold no gradients; " + calibration_hint("gradient"))
             grad = self._get(f"{name}.grad")
-        return Stats(cov, mean, grad)
+        return Stats(cov, mean, grad, components)
 
     def stats(self, names: Sequence[str], needs: Sequence[Need]) -> Stats:
         """The statistics of equal-shape layers ``names`` stacked: ``cov (L, in, in)``, ``grad (L, out, in)``."""
         parts = [self.layer_stats(n, needs) for n in names]
-        stack = lambda ts: None if ts[0] is None else torch.stack(ts)
-        return Stats(stack([p.cov for p in parts]), stack([p.mean for p in parts]), stack([p.grad for p in parts]))
+        stack = lambda ts: None if any(t is None for t in ts) or len({t.shape for t in ts}) > 1 else torch.stack(ts)
+        return Stats(*(stack([getattr(p, f) for p in parts]) for f in ("cov", "mean", "grad", "components")))
 
     def explained_variance(self, names: Sequence[str], k: int | None = None) -> dict[str, Tensor]:
         """Each layer's ``k`` leading explained-variance ratios, descending (:func:`pissa.decompose.explained_variance`),
-        computed once per distinct input."""
+        computed once per distinct input; the directions are kept (:attr:`components`) for :meth:`layer_stats`."""
+        if not self.has_covariance:
+            raise PissaError(f"{self.path or 'these statistics'} hold gradients only; " + calibration_hint())
         by_input: dict[str, Tensor] = {}
         out = {}
         for n in names:
             key = self._layer(n)["input"]
             if key not in by_input:
-                by_input[key] = explained_variance(self._get(f"{key}.cov"), self._get(f"{key}.mean"), k)
+                by_input[key], vectors = principal_directions(self._get(f"{key}.cov"), self._get(f"{key}.mean"), k)
+                self.components[key] = vectors.float()
             out[n] = by_input[key]
         return out
 
@@ -131,12 +143,11 @@ class Calibration:
         if path.is_dir():
             raise PissaError(f"{path} is a folder; pass a file name for the statistics, e.g. {path / 'stats.safetensors'}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: self._get(k).contiguous() for k in self.keys()}
         meta = {"format": FORMAT, "version": VERSION, "layers": self.layers, **self.info}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+            write_safetensors(tmp, self.keys(), self._get, {META_KEY: json.dumps(meta)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -147,8 +158,32 @@ class Calibration:
     def keys(self) -> list[str]:
         """Every tensor name of the statistics."""
         inputs = sorted({e["input"] for e in self.layers.values()})
-        keys = [f"{k}.{part}" for k in inputs for part in ("cov", "mean")]
+        keys = [f"{k}.{part}" for k in inputs for part in ("cov", "mean")] if self.has_covariance else []
         return keys + ([f"{n}.grad" for n in self.layers] if self.has_gradients else [])
+
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: str | os.PathLike, keys: Sequence[str], get: Callable[[str], Tensor],
+                      metadata: dict[str, str]) -> None:
+    """A safetensors file of the tensors ``get(k)`` for ``keys``, written one tensor at a time (``save_file``
+    first copies every tensor into bytes: a second copy of all the statistics). The layout: the header's
+    length (u64, little-endian), the JSON header (each tensor's dtype, shape and byte range; ``__metadata__``),
+    padded with spaces to 8 bytes, then the tensors' bytes in order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    at = 0
+    for k in keys:
+        t = get(k)
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for k in keys:
+            f.write(get(k).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def fingerprint_of(layers: Mapping[str, Mapping[str, Any]]) -> str:
