@@ -1,4 +1,4 @@
-"""Convergence: PiSSA vs LoRA (vs any registered method) on the embedded task, each at the learning rate chosen on validation data.
+"""Convergence: PiSSA vs LoRA (or any registered methods) on the embedded task, each at the lr chosen on validation data.
 
 1. Sweep (``--lrs``): every method x learning rate for ``--sweep-steps`` steps (same data order,
    seed, batch and cosine schedule), trained on the training data minus ``--val-size`` reviews
