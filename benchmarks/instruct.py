@@ -92,7 +92,7 @@ def job(args: dict[str, Any], kind: str, name: str, lr: float | None, seed: int,
         with torch.no_grad():
             result["test"] = generation.evaluate_generation(
                 session.model, session.tokenizer, session.test, session.references, pad_id=session.pad_id,
-                max_new_tokens=cfg.max_new_tokens, batch_size=16)
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
         result.update(eval_seconds=time.perf_counter() - eval_started, test_examples=len(session.test))
     result["seconds"] = time.perf_counter() - started
     (out / f"{kind}.json").write_text(json.dumps(result, indent=1))

@@ -3,6 +3,7 @@ resume equality (after a crash and after Ctrl-C), compare, seq-cls head, scoring
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import finetune, sentiment_rows
+from pissa import AdapterConfig
 from pissa import train as train_mod
 from pissa.cli import main
 from pissa.data import Example
@@ -412,9 +414,13 @@ def test_full_fine_tuning_trains_every_weight_saves_the_model_and_resumes_exactl
         pissa.attach(AutoModelForCausalLM.from_pretrained(tiny / "llama"), pissa.AdapterConfig(method="full"))
 
 
-def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Path) -> None:
+def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    """The three start at the base model, so it is evaluated once before training (then once per method after)."""
     from pissa.cli import main
 
+    calls: list[str] = []
+    evaluate = train_mod.Session.evaluate
+    monkeypatch.setattr(train_mod.Session, "evaluate", lambda self: calls.append(self.cfg.method) or evaluate(self))
     out = tmp_path / "cmp"
     assert main(["compare", "--methods", "pissa,lora,full", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
                  "--rank", "4", "--steps", "3", "--batch-size", "4", "--eval-size", "8", "--threads", "1",
@@ -422,6 +428,17 @@ def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Pat
     report = (out / "report.md").read_text()
     assert all(f"| {m} |" in report for m in ("pissa", "lora", "full"))
     assert (out / "full" / "model" / "config.json").is_file() and (out / "pissa" / "adapter").is_dir()
+    assert calls == ["pissa", "pissa", "lora", "full"]
+    before = [json.loads((out / m / "metrics.json").read_text())["eval_before"] for m in ("pissa", "lora", "full")]
+    assert before[0] == before[1] == before[2]
+
+
+def test_only_float32_exact_starts_share_the_base_evaluation() -> None:
+    cfg = RunConfig(adapter=AdapterConfig(method="pissa", rank=4))
+    assert train_mod.starts_at_base(cfg)
+    assert not train_mod.starts_at_base(dataclasses.replace(cfg, dtype="bfloat16"))
+    assert not train_mod.starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(method="lora-sb", rank=4)))
+    assert not train_mod.starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(rank=4, quantize="nf4")))
 
 
 def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_path: Path, capsys) -> None:

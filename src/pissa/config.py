@@ -202,6 +202,10 @@ class RunConfig:
     which then trains in full."""
     max_new_tokens: int = 80
     """Most tokens generated per example by --eval generate (the embedded arithmetic answers take at most 64)."""
+    eval_batch_size: int = _resume_safe(default=64)
+    """Held-out examples per evaluation batch. Decoding a few rows at a time reads every weight per token
+    for little work: 200 generated answers took 206 s at 64 rows against 317 s at 16 on one CPU thread
+    (benchmarks/results/generation_eval.md); lower it when evaluation runs out of memory."""
     warmup: int = 10
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -225,7 +229,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
         for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size",
-                     "max_new_tokens"):
+                     "max_new_tokens", "eval_batch_size"):
             value = getattr(self, name)
             low = 0 if name in ("steps", "warmup", "save_every", "val_size") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

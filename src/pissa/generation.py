@@ -294,7 +294,7 @@ def _float32_layer(layer: PissaLinear) -> bool:
 
 @torch.no_grad()
 def evaluate_generation(model: nn.Module, tokenizer, items: Sequence[Encoded], references: Sequence[str], *,
-                        pad_id: int, max_new_tokens: int, batch_size: int = 16) -> dict[str, float]:
+                        pad_id: int, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
     """``{"loss": teacher-forced mean target NLL, "accuracy": exact-match fraction}`` on ``items`` (eval mode).
 
     ``references[i]`` is the reference completion of ``items[i]``; the model continues

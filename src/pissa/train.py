@@ -141,10 +141,10 @@ class Session:
             elif self.eval_kind == "generate":
                 result = generation.evaluate_generation(
                     self.model, self.tokenizer, items, references, pad_id=self.pad_id,
-                    max_new_tokens=self.cfg.max_new_tokens, batch_size=2 * self.cfg.batch_size)
+                    max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.eval_batch_size)
             else:
                 result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                                  batch_size=2 * self.cfg.batch_size)
+                                  batch_size=self.cfg.eval_batch_size)
         if self.sharded:
             return result
         loss_w, acc_w = self.metric_weights(items)
@@ -521,12 +521,15 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
     return progress
 
 
-def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, sharded: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, sharded: bool = False,
+        base_eval: dict[str, float] | None = None) -> dict[str, Any]:
     """One fine-tuning run in ``workdir`` (created here, after validation); returns the metrics.
 
     Writes ``workdir/{config.yaml, metrics.json, loss.png, adapter/}``; ``checkpoint/`` exists
     while the run is unfinished. ``resume``: continue from ``workdir/checkpoint``. ``sharded``:
-    FSDP2 over the torchrun processes (``--fsdp``).
+    FSDP2 over the torchrun processes (``--fsdp``). ``base_eval``: the evaluation of a model that
+    starts where this one does (:func:`starts_at_base`), reported as ``eval_before`` instead of
+    evaluating again (``pissa compare`` evaluates the base once).
     """
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
@@ -543,8 +546,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     progress._mark = started  # loading and attaching count towards ``seconds`` too
     try:
         if progress.eval_before is None:
-            progress.eval_before = session.evaluate()
-            print(f"{cfg.method}: before training: {_fmt(progress.eval_before)}", flush=True)
+            shared = base_eval is not None and starts_at_base(cfg)
+            progress.eval_before = dict(base_eval) if shared and base_eval is not None else session.evaluate()
+            print(f"{cfg.method}: before training: {_fmt(progress.eval_before)}"
+                  + (" (the base model's, evaluated once for the comparison)" if shared else ""), flush=True)
         train(session, workdir, progress, optimizer, scaler, show=show)
         eval_after = session.evaluate()
     except Abort:
@@ -766,6 +771,14 @@ def own_calibration(cfg: RunConfig, methods: Sequence[str], path: Path) -> tuple
     return before is not None and path.stat().st_mtime_ns == before, samples
 
 
+def starts_at_base(cfg: RunConfig) -> bool:
+    """Whether the run's model before training computes what the float32 base computes (to float32
+    rounding, which the start check bounds by 1e-4): full fine-tuning, or an exact-start method
+    (:attr:`~pissa.decompose.Method.exact_start`) on a float32 base without ``quantize``."""
+    exact = not METHODS[cfg.method].adapter or (METHODS[cfg.method].exact_start and cfg.adapter.quantize is None)
+    return exact and cfg.dtype == "float32"
+
+
 def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa compare --methods pissa,lora``: each method on the same data order and seed;
     OUT/<method>/ per method plus OUT/report.md and OUT/loss.png with every curve."""
@@ -795,16 +808,20 @@ def command_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                     print(f"{'reused' if reused else 'calibrated'} {out / CALIBRATION_FILE} ({samples} training examples) "
                           f"for {', '.join(aware)}", flush=True)
             results = {}
+            base_eval = None  # the base model's evaluation, from the first run that starts at it
             for one in cfg.runs():
                 sub = work / one.method
                 if (sub / "metrics.json").is_file():
                     results[one.method] = json.loads((sub / "metrics.json").read_text())
-                    continue
-                if one.method in aware:
-                    one = with_calibration(one, work / CALIBRATION_FILE)
-                results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(), sharded=launch.fsdp)
-                if one.method in aware and distributed.is_main():  # its config names the file where it will stay
-                    write_config(sub / CONFIG_FILE, with_calibration(one, out / CALIBRATION_FILE))
+                else:
+                    if one.method in aware:
+                        one = with_calibration(one, work / CALIBRATION_FILE)
+                    results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(),
+                                              sharded=launch.fsdp, base_eval=base_eval)
+                    if one.method in aware and distributed.is_main():  # its config names the file where it will stay
+                        write_config(sub / CONFIG_FILE, with_calibration(one, out / CALIBRATION_FILE))
+                if base_eval is None and starts_at_base(one):
+                    base_eval = results[one.method]["eval_before"]
             plot_losses({m: r["train_loss"] for m, r in results.items()}, work / "loss.png",
                         title=f"{cfg.model} on {cfg.data}, rank {cfg.adapter.rank}")
             io.atomic_write_text(work / "report.md", write_report(results))
