@@ -489,13 +489,16 @@ METHODS: dict[str, Method] = {
         Method("svfit", svfit_init, svd_only=True, export_rank="r"),
         Method("lora-xs", lora_xs_init, svd_only=True, export_rank="r"),
         Method("sorsa", sorsa_init, svd_only=True),
-        Method("corda", corda_init, needs=("weight", "covariance")),
+        # data-aware defaults: benchmarks/results/convergence_data_aware.md, validation loss after 20 steps at
+        # 1e-4 / 5e-4 (a two-point grid: a choice at 5e-4 is its top, not bracketed)
+        Method("corda", corda_init, needs=("weight", "covariance"), default_lr=1e-4),  # 0.387 / 0.599
         Method("corda-kpm", corda_kpm_init, needs=("weight", "covariance")),
-        Method("eva", eva_init, needs=("covariance",), export_rank="r", allocates_ranks=True),
+        Method("eva", eva_init, needs=("covariance",), export_rank="r", allocates_ranks=True, default_lr=5e-4),  # 0.436 / 0.392
         Method("eora", eora_init, needs=("weight", "covariance"), compensates=True),
-        Method("lora-ga", lora_ga_init, needs=("gradient",)),
-        Method("lora-sb", lora_sb_init, needs=("gradient",), export_rank="r", exact_start=False),
-        Method("loldu", loldu_init, export_rank="r"),
+        Method("lora-ga", lora_ga_init, needs=("gradient",), default_lr=1e-4),  # 0.439 / 0.476
+        Method("lora-sb", lora_sb_init, needs=("gradient",), export_rank="r", exact_start=False,
+               default_lr=5e-4),  # 2.026 / 0.607
+        Method("loldu", loldu_init, export_rank="r", default_lr=5e-4),  # 3.572 / 1.174: wants more
         # benchmarks/results/convergence_full.md: validation loss 0.514 / 0.515 / 0.404 / 0.746 at 1e-5 / 3e-5 / 1e-4 / 3e-4
         Method("full", full_init, adapter=False, default_lr=1e-4),
     )
