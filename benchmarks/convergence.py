@@ -35,7 +35,7 @@ from pathlib import Path
 
 from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
-from pissa.config import AdapterConfig, RunConfig
+from pissa.config import CALIBRATION_SAMPLES, AdapterConfig, RunConfig
 from pissa.report import plot_losses, write_report
 from pissa.train import own_calibration, reads_statistics, with_calibration
 
@@ -82,7 +82,8 @@ def main() -> None:
 
         calibrated: set[Path] = set()
         if aware:
-            res.add(f"Data-aware methods ({', '.join(aware)}) read statistics of the first 256 examples of the training "
+            res.add(f"Data-aware methods ({', '.join(aware)}) read statistics of the first {CALIBRATION_SAMPLES} examples of "
+                    "the training "
                     "split their runs train on (pissa.train.own_calibration, as `pissa compare` makes them), "
                     "gradients included.")
 

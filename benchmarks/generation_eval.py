@@ -31,48 +31,35 @@ import torch.nn.functional as F
 
 from _results import Results, add_results_options
 from pissa import AdapterConfig, attach, hub
-from pissa.generation import answers_match, end_tokens, evaluate_generation
-from pissa.objective import Encoded, encode_all
-from pissa.train import load_data
+from pissa.data import load_data
+from pissa.generation import _left_padded, answers_match, end_tokens, evaluate_generation
+from pissa.objective import Encoded, collate, encode_all
 
 
 def anchor(model, tokenizer, items: Sequence[Encoded], references: Sequence[str], *, pad_id: int,
-           max_new_tokens: int, batch_size: int) -> tuple[dict[str, float], list[str]]:
-    """Loss pass + ``model.generate`` per batch (batches by prompt length): ``({"loss", "accuracy"}, texts)``."""
+           max_new_tokens: int, batch_size: int) -> dict[str, float]:
+    """Loss pass + ``model.generate`` per batch (batches by prompt length): ``{"loss", "accuracy"}``."""
     order = sorted(range(len(items)), key=lambda i: (items[i].n_prompt, len(items[i].ids)))
     texts: list[str] = [""] * len(items)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(items[i].ids) for i in chunk)
-            ids = torch.full((len(chunk), width), pad_id)
-            attention = torch.zeros(len(chunk), width, dtype=torch.long)
-            target = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for r, i in enumerate(chunk):
-                e = items[i]
-                ids[r, : len(e.ids)] = torch.tensor(e.ids)
-                attention[r, : len(e.ids)] = 1
-                target[r, e.n_prompt : len(e.ids)] = True
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-            mask = target[:, 1:]
-            total += F.cross_entropy(logits[mask].float(), ids[:, 1:][mask], reduction="sum").item()
+            batch = collate([items[i] for i in chunk], pad_id, "causal-lm")  # right-padded prompt + answer
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            mask = batch.target_mask[:, 1:]
+            total += F.cross_entropy(logits[mask].float(), batch.input_ids[:, 1:][mask], reduction="sum").item()
             count += int(mask.sum())
             del logits
-            prompt_width = max(items[i].n_prompt for i in chunk)
-            prompts = torch.full((len(chunk), prompt_width), pad_id)
-            prompt_attention = torch.zeros(len(chunk), prompt_width, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                n = items[i].n_prompt
-                prompts[r, prompt_width - n :] = torch.tensor(items[i].ids[:n])
-                prompt_attention[r, prompt_width - n :] = 1
-            new = model.generate(input_ids=prompts, attention_mask=prompt_attention, do_sample=False,
+            width = max(items[i].n_prompt for i in chunk)
+            prompts, attention = _left_padded([items[i].ids[: items[i].n_prompt] for i in chunk], pad_id, width)
+            new = model.generate(input_ids=prompts, attention_mask=attention, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                 eos_token_id=end_tokens(tokenizer, model))[:, prompt_width:]
+                                 eos_token_id=end_tokens(tokenizer, model))[:, width:]
             for r, i in enumerate(chunk):
                 texts[i] = tokenizer.decode(new[r], skip_special_tokens=True)
     accuracy = sum(answers_match(t, ref) for t, ref in zip(texts, references)) / len(items)
-    return {"loss": total / count, "accuracy": accuracy}, texts
+    return {"loss": total / count, "accuracy": accuracy}
 
 
 def main() -> None:
@@ -106,13 +93,12 @@ def main() -> None:
         variants = [("anchor", args.anchor_batch)] + [("pissa", b) for b in sizes]
         times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
         metrics: dict[tuple[str, int], dict[str, float]] = {}
-        anchor_texts: list[str] = []
         for round_ in range(args.rounds):
             for variant in variants if round_ % 2 == 0 else variants[::-1]:
                 start = time.perf_counter()
                 if variant[0] == "anchor":
-                    metrics[variant], anchor_texts = anchor(model, tokenizer, items, references, pad_id=pad,
-                                                            max_new_tokens=args.max_new_tokens, batch_size=variant[1])
+                    metrics[variant] = anchor(model, tokenizer, items, references, pad_id=pad,
+                                              max_new_tokens=args.max_new_tokens, batch_size=variant[1])
                 else:
                     metrics[variant] = evaluate_generation(model, tokenizer, items, references, pad_id=pad,
                                                            max_new_tokens=args.max_new_tokens, batch_size=variant[1])

@@ -15,6 +15,7 @@ import torch
 import pissa
 from conftest import TOKENS, decaying, lm_loss, logits, relative_error, tiny_llama, train_steps
 from pissa.decompose import (
+    ADAPTERS,
     METHODS,
     InitOptions,
     Stats,
@@ -27,9 +28,10 @@ from pissa.decompose import (
 )
 from pissa.qpissa import refine
 from pissa.stats import open_calibration
+from pissa.train import reads_statistics
 from test_calibrate import _batches
 
-DATA_AWARE = sorted(m for m, rec in METHODS.items() if rec.adapter and rec.needs != ("weight",))
+DATA_AWARE = sorted(m for m in ADAPTERS if reads_statistics(m))
 
 
 def _init(W: torch.Tensor, r: int, method: str, stats: Stats | None = None, **kw):
@@ -182,20 +184,27 @@ def stats_file(tmp_path_factory) -> str:
     return str(path)
 
 
+def attach_train_reload(base: torch.nn.Module, cfg: pissa.AdapterConfig, folder) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Attach ``cfg`` to a copy of ``base`` (checking where it starts), train 3 steps, save and load the
+    adapter onto another copy (checking the logits); returns (trained model, reloaded model)."""
+    before = logits(base)
+    model = pissa.attach(copy.deepcopy(base), cfg)
+    start = relative_error(logits(model), before)
+    assert start <= 1e-5 if METHODS[cfg.method].exact_start else start > 1e-7
+    train_steps(model, [TOKENS], lm_loss, steps=3, lr=1e-2)
+    pissa.save_adapter(model, folder)
+    loaded = pissa.load_adapter(copy.deepcopy(base), folder)
+    assert relative_error(logits(loaded), logits(model)) <= 1e-6
+    return model, loaded
+
+
 @pytest.mark.parametrize("method", DATA_AWARE)
 def test_attach_save_load_export_with_statistics(tmp_path, stats_file, method) -> None:
     from peft import PeftModel
 
     base = tiny_llama()
-    before = logits(base)
     cfg = pissa.AdapterConfig(method=method, rank=4, alpha=8.0, calibration=stats_file)
-    model = pissa.attach(copy.deepcopy(base), cfg)
-    start = relative_error(logits(model), before)
-    assert start <= 1e-5 if METHODS[method].exact_start else start > 1e-7
-    train_steps(model, [TOKENS], lm_loss, steps=3, lr=1e-2)
-    pissa.save_adapter(model, tmp_path / "a")
-    loaded = pissa.load_adapter(copy.deepcopy(base), tmp_path / "a")
-    assert relative_error(logits(loaded), logits(model)) <= 1e-6
+    model, loaded = attach_train_reload(base, cfg, tmp_path / "a")
     pissa.export_peft(model, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     assert relative_error(logits(peft_model), logits(model)) <= 1e-5

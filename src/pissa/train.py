@@ -546,10 +546,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     progress._mark = started  # loading and attaching count towards ``seconds`` too
     try:
         if progress.eval_before is None:
-            shared = base_eval is not None and starts_at_base(cfg)
-            progress.eval_before = dict(base_eval) if shared and base_eval is not None else session.evaluate()
+            shared = base_eval if base_eval is not None and starts_at_base(cfg) else None
+            progress.eval_before = dict(shared) if shared is not None else session.evaluate()
             print(f"{cfg.method}: before training: {_fmt(progress.eval_before)}"
-                  + (" (the base model's, evaluated once for the comparison)" if shared else ""), flush=True)
+                  + (" (the base model's, evaluated once for the comparison)" if shared is not None else ""), flush=True)
         train(session, workdir, progress, optimizer, scaler, show=show)
         eval_after = session.evaluate()
     except Abort:
