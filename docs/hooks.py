@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE = ["benchmarks/results", "CHANGELOG.md"]
 """Paths relative to the repository root (folders: every file in them) that become part of the site."""
 
-OPTIONS = re.compile(r"<!--\s*options:\s*([\w][\w -]*?)\s*-->")
-COMMANDS = re.compile(r"<!--\s*commands\s*-->")
+OPTIONS = re.compile(r"^<!--\s*options:\s*(\w[\w -]*?)\s*-->[ \t]*$", re.M)  # alone on its line
+COMMANDS = re.compile(r"^<!--\s*commands\s*-->[ \t]*$", re.M)
 DEFAULT = re.compile(r"\s*\((default: (?P<default>.*)|(?P<required>required))\)$")
 
 
