@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import posixpath
 import re
 from functools import cache
 from pathlib import Path
@@ -92,9 +93,11 @@ def options_table(words: list[str]) -> str:
     return "\n".join(["| option | default | help |", "|---|---|---|", *rows])
 
 
-def commands_table() -> str:
-    """Every ``pissa`` command, linked to its page, with its one-line help."""
-    rows = [f"| [`pissa {name}`]({name}.md) | {_text(text)} |" for name, text in _help_table(_parser())]
+def commands_table(page_uri: str = "commands/index.md") -> str:
+    """Every ``pissa`` command, linked to its page ``commands/NAME.md`` (relative to ``page_uri``), with its help."""
+    here = posixpath.dirname(page_uri) or "."
+    rows = [f"| [`pissa {name}`]({posixpath.relpath(f'commands/{name}.md', here)}) | {_text(text)} |"
+            for name, text in _help_table(_parser())]
     return "\n".join(["| command | what it does |", "|---|---|", *rows])
 
 
@@ -110,4 +113,4 @@ def on_files(files: Files, config) -> Files:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = OPTIONS.sub(lambda m: options_table(m.group(1).split()), markdown)
-    return COMMANDS.sub(lambda m: commands_table(), markdown)
+    return COMMANDS.sub(lambda m: commands_table(page.file.src_uri), markdown)
