@@ -5,6 +5,7 @@
   are the config dataclasses' field docstrings (the same text as ``--help``), so the table never
   drifts from the code. A command with sub-commands (``analyze``) gets a table of those.
 - ``<!-- commands -->`` becomes the table of every ``pissa`` command with its one-line help.
+- Sphinx roles in rendered docstrings (``:func:`~pissa.x.f```) become plain code (``f``).
 - Every file in ``benchmarks/results/`` and the repository's ``CHANGELOG.md`` join the site
   (``benchmarks/results/NAME`` and ``CHANGELOG.md``), so pages link to them without copies in docs/.
 """
@@ -27,6 +28,8 @@ OUTSIDE = ["benchmarks/results", "CHANGELOG.md"]
 
 OPTIONS = re.compile(r"^<!--\s*options:\s*(\w[\w -]*?)\s*-->[ \t]*$", re.M)  # alone on its line
 COMMANDS = re.compile(r"^<!--\s*commands\s*-->[ \t]*$", re.M)
+ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):<code>(~?)([^<]*)</code>")
+"""A Sphinx role left in a rendered docstring (mkdocstrings keeps ``:func:`x``` as text before the code)."""
 DEFAULT = re.compile(r"\s*\((default: (?P<default>.*)|(?P<required>required))\)$")
 
 
@@ -114,3 +117,7 @@ def on_files(files: Files, config) -> Files:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = OPTIONS.sub(lambda m: options_table(m.group(1).split()), markdown)
     return COMMANDS.sub(lambda m: commands_table(page.file.src_uri), markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)

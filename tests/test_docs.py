@@ -131,3 +131,12 @@ def test_the_docs_site_builds_strict(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "commands" / "finetune" / "index.html").is_file()
+
+
+def test_the_readme_stays_an_overview() -> None:
+    """At most 12 KB, the two set-up commands near the top; the details live in docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 12 * 1024, f"README.md is {len(text.encode())} bytes; move details into docs/"
+    top = text.splitlines()[:15]
+    for command in ("bash scripts/setup.sh && .venv/bin/pissa finetune", "bash scripts/setup.sh && .venv/bin/python -m pytest -q"):
+        assert any(line.startswith(command) for line in top), f"README.md's first lines lack {command!r}"
