@@ -138,5 +138,6 @@ def test_the_readme_stays_an_overview() -> None:
     text = (ROOT / "README.md").read_text()
     assert len(text.encode()) <= 12 * 1024, f"README.md is {len(text.encode())} bytes; move details into docs/"
     top = text.splitlines()[:15]
-    for command in ("bash scripts/setup.sh && .venv/bin/pissa finetune", "bash scripts/setup.sh && .venv/bin/python -m pytest -q"):
+    setup = "bash scripts/setup.sh && "
+    for command in (setup + ".venv/bin/pissa finetune", setup + ".venv/bin/python -m pytest -q"):
         assert any(line.startswith(command) for line in top), f"README.md's first lines lack {command!r}"
