@@ -1,5 +1,5 @@
 """The PEFT equivalent of ``pissa finetune``, for the memory benchmarks: same options, model, data,
-batches, training loop (``pissa.train.train``) and evaluations; only the adapter is PEFT's LoRA,
+batches, training loop (``pissa.training.run.train``) and evaluations; only the adapter is PEFT's LoRA,
 set up as a PEFT user does (``get_peft_model``; with ``--gradient-checkpointing``,
 Hugging Face's checkpointing plus ``enable_input_require_grads``, :func:`_common.peft_checkpointing`).
 
@@ -21,18 +21,20 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from _common import PEFT_INIT, PEFT_LORA, PEFT_PISSA, peft_checkpointing
-from pissa import generation, hub, options
-from pissa import train as T
-from pissa.config import RunConfig
-from pissa.devices import grad_scaler, resolve_device, torch_dtype
-from pissa.objective import encode_all
-from pissa.report import plot_losses
+from pissa import options
+from pissa.data.encoding import encode_all
+from pissa.inference import decoding as generation
+from pissa.runtime import hub
+from pissa.runtime.devices import grad_scaler, resolve_device, torch_dtype
+from pissa.training import run as T
+from pissa.training.config import RunConfig
+from pissa.training.report import plot_losses
 
 INIT = {"lora": PEFT_INIT[PEFT_LORA], "pissa": PEFT_INIT[PEFT_PISSA]}
 
 
 def peft_session(cfg: RunConfig) -> T.Session:
-    """:func:`pissa.train.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
+    """:func:`pissa.training.run.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
     if cfg.method not in INIT:
         raise SystemExit(f"--method must be lora or pissa, got {cfg.method}")
     torch.set_num_threads(cfg.threads)

@@ -48,9 +48,9 @@ def child(variant: str, rank: int, threads: int) -> dict:
     import torch
 
     import pissa
-    from pissa.calibration import calibration_batches
-    from pissa.hub import load_model
-    from pissa.objective import loss_sum
+    from pissa.calibration.collect import calibration_batches
+    from pissa.data.encoding import loss_sum
+    from pissa.runtime.hub import load_model
 
     torch.set_num_threads(threads)
     tool, method = variant.split("-", 1)
@@ -127,10 +127,17 @@ def quant_tables(models: list[str], ranks: list[int], sample: int, threads: int)
     import torch
 
     import pissa
-    from pissa import hub
-    from pissa.calibration import calibration_batches
-    from pissa.quant_error import layer_ratios, markdown_table, method_names, model_weights, summarize, weighted_method_names
-    from pissa.stats import open_calibration
+    from pissa.analysis.quant_error import (
+        layer_ratios,
+        markdown_table,
+        method_names,
+        model_weights,
+        summarize,
+        weighted_method_names,
+    )
+    from pissa.calibration.collect import calibration_batches
+    from pissa.files.statistics import open_calibration
+    from pissa.runtime import hub
 
     torch.set_num_threads(threads)
     iters = [1, 5]

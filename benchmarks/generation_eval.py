@@ -7,7 +7,7 @@ embedded ``arithmetic`` test split, greedy decoding for at most ``--max-new-toke
 - ``anchor``: what a user writes with transformers: a teacher-forced loss pass over each batch
   (right-padded prompt + reference answer, loss on the answer tokens), then
   ``model.generate(do_sample=False)`` on the left-padded prompts, adapted layers unmerged.
-- ``pissa``: :func:`pissa.generation.evaluate_generation` (one forward gives the loss and the prompts'
+- ``pissa``: :func:`pissa.inference.decoding.evaluate_generation` (one forward gives the loss and the prompts'
   KV cache, finished rows leave the batch, float32 adapted layers merged while it runs), at each
   of ``--batch-sizes``.
 
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from _results import Results, add_results_options
-from pissa import AdapterConfig, attach, hub
-from pissa.data import load_data
-from pissa.generation import _left_padded, answers_match, end_tokens, evaluate_generation
-from pissa.objective import Encoded, collate, encode_all
+from pissa import AdapterConfig, attach
+from pissa.data.datasets import load_data
+from pissa.data.encoding import Encoded, collate, encode_all
+from pissa.inference.decoding import _left_padded, answers_match, end_tokens, evaluate_generation
+from pissa.runtime import hub
 
 
 def anchor(model, tokenizer, items: Sequence[Encoded], references: Sequence[str], *, pad_id: int,

@@ -63,9 +63,9 @@ from _common import (
     whole_run,
 )
 from _results import PAIRED_HEADER, Results, add_results_options, paired_row
-from pissa.devices import resolve_device
-from pissa.hub import load_model
-from pissa.model import find_targets
+from pissa.adapter.attach import find_targets
+from pissa.runtime.devices import resolve_device
+from pissa.runtime.hub import load_model
 
 QPISSA = "qpissa (ours, nf4)"
 ATTACH = "pissa.attach"

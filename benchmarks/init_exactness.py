@@ -19,8 +19,8 @@ import torch
 
 import pissa
 from _results import Results, add_results_options
-from pissa.data import load_dataset
-from pissa.hub import load_model
+from pissa.data.datasets import load_dataset
+from pissa.runtime.hub import load_model
 
 
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

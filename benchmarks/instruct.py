@@ -13,7 +13,7 @@ small CPU; the sizes are options and the results file states them.
    the first ``--test-size`` problems of the test split. The untrained model is scored on the same
    problems.
 
-LoftQ: pissa has no LoftQ training init (``pissa.qpissa.loftq_iterates`` only serves the
+LoftQ: pissa has no LoftQ training init (``pissa.methods.qpissa.loftq_iterates`` only serves the
 quantization-error analysis), so the quantized comparison is QPiSSA vs QLoRA.
 
     .venv/bin/python benchmarks/instruct.py --update-results
@@ -48,7 +48,7 @@ METHODS: dict[str, tuple[str, Literal["nf4"] | None]] = {  # name: (pissa method
 
 
 def _config(args: dict[str, Any], name: str, lr: float | None, seed: int, val: bool):
-    from pissa.config import AdapterConfig, RunConfig
+    from pissa.training.config import AdapterConfig, RunConfig
 
     method, quantize = METHODS.get(name, ("full", None))
     return RunConfig(adapter=AdapterConfig(method=method, rank=args["rank"], quantize=quantize, seed=seed),
@@ -64,9 +64,10 @@ def job(args: dict[str, Any], kind: str, name: str, lr: float | None, seed: int,
     import torch
     from safetensors.torch import save_file
 
-    from pissa import generation, io
-    from pissa.objective import evaluate
-    from pissa.train import WEIGHTS, Progress, make_optimizer, prepare, train
+    from pissa.data.encoding import evaluate
+    from pissa.files import adapter_dir as io
+    from pissa.inference import decoding as generation
+    from pissa.training.run import WEIGHTS, Progress, make_optimizer, prepare, train
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def main() -> None:
                 "prompt, seed 1); every run, final ones included, trains on that same reduced split. Test: the "
                 f"first {args.test_size} problems of the held-out test split, scored by greedy generation "
                 f"(at most {args.max_new_tokens} new tokens, exact match of the `#### N` / last-number answer). "
-                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.qpissa.loftq_iterates` only "
+                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.methods.qpissa.loftq_iterates` only "
                 "serves `pissa analyze quant-error`), so the 4-bit comparison is QPiSSA (5 iterations) vs QLoRA.")
         res.heading("Learning-rate sweep (validation)")
         res.add(f"Seed 0, {args.steps} steps; score: teacher-forced loss of the {meta['val_examples']} validation "
@@ -210,7 +211,7 @@ def main() -> None:
         res.add(f"Generation evaluation of {args.test_size} problems (teacher-forced loss and greedy decoding in "
                 f"one pass, merged weights): {min(eval_s):.0f}-{max(eval_s):.0f} s per run, "
                 f"{base['eval_seconds']:.0f} s for the untrained model (it runs to the token cap more often).")
-        from pissa.report import plot_losses
+        from pissa.training.report import plot_losses
 
         plot = res.artifact(f"{args.name}.png")
         plot_losses({f"{n} (lr {best[n]:g})": trained[(n, 0)]["train_loss"] for n in names}, plot,

@@ -20,8 +20,8 @@ import argparse
 import time
 
 from _results import Results, add_results_options
-from pissa.nf4 import require_bnb
-from pissa.quant_error import layer_ratios, markdown_table, method_names, model_weights, summarize
+from pissa.analysis.quant_error import layer_ratios, markdown_table, method_names, model_weights, summarize
+from pissa.methods.nf4 import require_bnb
 
 
 def main() -> None:

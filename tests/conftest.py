@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pissa.cli import main
-from pissa.decompose import ADAPTERS, METHODS
+from pissa.methods.registry import ADAPTERS, METHODS
 
 WEIGHT_ONLY = sorted(m for m in ADAPTERS if METHODS[m].needs == ("weight",))
 """The adapter methods that read the weight alone (data-aware ones are tested with statistics in test_data_aware.py)."""

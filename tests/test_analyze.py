@@ -9,8 +9,9 @@ import torch
 
 import pissa
 from conftest import TOKENS, lm_loss, tiny_llama, train_steps
-from pissa import cli, hub
-from pissa.intruders import intruder_count, max_cosines
+from pissa import cli
+from pissa.analysis.spectra import intruder_count, max_cosines
+from pissa.runtime import hub
 
 
 def random_weight(m: int = 96, n: int = 80, seed: int = 0) -> torch.Tensor:

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from pissa.calibration import add_gram, as_batch, by_length, gram_matrix, gram_strips
+from pissa.adapter.attach import find_targets
+from pissa.calibration.collect import add_gram, as_batch, by_length, gram_matrix, gram_strips
 from pissa.cli import main
 from pissa.errors import PissaError
-from pissa.model import find_targets
-from pissa.stats import open_calibration
+from pissa.files.statistics import open_calibration
 from test_distributed import one_thread as one_thread  # the fixture, for usefixtures below
 from test_distributed import torchrun
 
@@ -140,7 +140,7 @@ def test_calibration_split_over_two_processes_equals_one(tmp_path) -> None:
         """
         import sys, torch
         import pissa
-        from pissa import distributed
+        from pissa.runtime import distributed
         from conftest import tiny_llama
         from test_calibrate import _batches
         assert distributed.init_from_env()

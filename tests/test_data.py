@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pissa.data import REVIEW_TEMPLATE, Dataset, Example, Message, label_counts, load_dataset, split
+from pissa.data.datasets import REVIEW_TEMPLATE, Dataset, Example, Message, label_counts, load_dataset, split
 from pissa.errors import PissaError
 
 

@@ -14,7 +14,9 @@ import torch
 
 import pissa
 from conftest import TOKENS, decaying, lm_loss, logits, relative_error, tiny_llama, train_steps
-from pissa.decompose import (
+from pissa.files.statistics import open_calibration
+from pissa.methods.qpissa import refine
+from pissa.methods.registry import (
     ADAPTERS,
     METHODS,
     InitOptions,
@@ -26,9 +28,7 @@ from pissa.decompose import (
     loldu_init,
     lora_ga_init,
 )
-from pissa.qpissa import refine
-from pissa.stats import open_calibration
-from pissa.train import reads_statistics
+from pissa.training.run import reads_statistics
 from test_calibrate import _batches
 
 DATA_AWARE = sorted(m for m in ADAPTERS if reads_statistics(m))
@@ -125,7 +125,7 @@ def test_qpissa_weighted_last_step_never_exceeds_the_plain_one(seed) -> None:
     start = init_structured(W, 8, "pissa", plain_opt)
     plain, weighted = refine(W, start, "pissa", 3, plain_opt), refine(W, start, "pissa", 3, weighted_opt)
     torch.testing.assert_close(weighted.Ar, plain.Ar)  # the same quantized residual Q_T; only the last step differs
-    from pissa.nf4 import nf4
+    from pissa.methods.nf4 import nf4
 
     Q = nf4(W - plain.Br @ plain.Ar)
     assert _weighted_error((W - Q - weighted.B @ weighted.A)[0], C[0]) <= _weighted_error((W - Q - plain.B @ plain.A)[0], C[0])
@@ -256,8 +256,9 @@ def test_eva_redistributes_ranks_into_a_saved_pattern(tmp_path, stats_file) -> N
 
 def test_quant_error_with_calibration_adds_the_weighted_table(tmp_path, stats_file, monkeypatch, capsys) -> None:
     pytest.importorskip("bitsandbytes")
-    from pissa import cli, quant_error
-    from pissa.model import find_targets
+    from pissa import cli
+    from pissa.adapter.attach import find_targets
+    from pissa.analysis import quant_error
 
     model = tiny_llama()
     names = [n for n in find_targets(model, "all-linear") if n.endswith(("q_proj", "down_proj"))]

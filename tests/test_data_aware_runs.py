@@ -13,13 +13,13 @@ import torch
 
 import pissa
 from conftest import logits, relative_error, tiny_gpt2
-from pissa import train as train_mod
-from pissa.calibration import as_batch, calibration_batches
+from pissa.adapter.base_layers import dense_weight
+from pissa.calibration.collect import as_batch, calibration_batches
 from pissa.cli import main
-from pissa.data import load_data
-from pissa.decompose import ADAPTERS
-from pissa.modules import dense_weight
-from pissa.objective import encode_all
+from pissa.data.datasets import load_data
+from pissa.data.encoding import encode_all
+from pissa.methods.registry import ADAPTERS
+from pissa.training import run as train_mod
 from test_calibrate import _batches
 from test_data_aware import attach_train_reload
 
@@ -44,7 +44,7 @@ def test_gpt2_conv1d_gradient_is_dl_dw_in_out_in_layout(gpt2_stats) -> None:
         target = b.target_mask[:, 1:]
         torch.nn.functional.cross_entropy(out[target], b.input_ids[:, 1:][target], reduction="sum").backward()
         total += int(target.sum())
-    stats = pissa.stats.open_calibration(gpt2_stats)
+    stats = pissa.files.statistics.open_calibration(gpt2_stats)
     for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
         expected = ref.get_submodule(name).weight.grad.T / total  # Conv1D stores (in, out)
         torch.testing.assert_close(stats.layer_stats(name, ["gradient"]).grad, expected, rtol=1e-4, atol=1e-7)
@@ -110,7 +110,7 @@ def test_cli_calibrate_val_size_is_an_option(tiny: Path, tmp_path: Path, capsys)
             "--batch-size", "4", "--threads", "1"]
     assert main([*args, "--val-size", "20", "--out", str(tmp_path / "v.safetensors")]) == 0
     assert main([*args, "--out", str(tmp_path / "t.safetensors")]) == 0
-    v, t = (pissa.stats.open_calibration(tmp_path / f) for f in ("v.safetensors", "t.safetensors"))
+    v, t = (pissa.files.statistics.open_calibration(tmp_path / f) for f in ("v.safetensors", "t.safetensors"))
     assert v.data_digest != t.data_digest  # other examples: the validation carve-out comes first
     assert main([*args, "--val-size", "-1", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--val-size must be an integer >= 0" in capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_compare_calibrates_on_its_training_split_once_and_reuses_it(tiny: Path,
     assert "reused" in capsys.readouterr().out
     stats = out / "calibration.safetensors"
     assert stats.stat().st_mtime_ns == stamp
-    calibration = pissa.stats.open_calibration(stats)
+    calibration = pissa.files.statistics.open_calibration(stats)
     assert calibration.has_gradients and calibration.info["examples"] == len(load_data(str(tiny / "data.jsonl"), 20).train)
     report = (out / "report.md").read_text()
     for method in ["pissa", *AWARE]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import pissa
 from conftest import WEIGHT_ONLY, decaying
-from pissa.svd import truncated_svd
+from pissa.methods.svd import truncated_svd
 
 
 def optimal_residual(W: torch.Tensor, r: int) -> float:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from pissa import distributed, stream
+from pissa.checkpoints import init as stream
+from pissa.runtime import distributed
 
 CFG = dict(rank=4, alpha=8.0, seed=3)
 
@@ -70,7 +71,7 @@ def test_exit_teardown_skips_the_barrier_when_an_exception_ends_the_program(monk
 TEARDOWN = """
 import atexit, os, sys
 import torch.distributed as dist
-from pissa import distributed
+from pissa.runtime import distributed
 
 def check():  # registered first, so it runs after init_from_env's teardown (atexit is last-in, first-out)
     threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
@@ -98,7 +99,7 @@ def test_attach_under_torchrun_gives_every_rank_the_single_process_factors(tmp_p
         import sys
         from safetensors.torch import save_file
         import pissa
-        from pissa import distributed
+        from pissa.runtime import distributed
         from conftest import tiny_llama
         assert distributed.init_from_env()
         rank, size = distributed.world()
@@ -122,7 +123,8 @@ def test_stream_init_under_torchrun_equals_single_process(tmp_path, one_thread) 
         """
         import sys
         import pissa
-        from pissa import distributed, stream
+        from pissa.runtime import distributed
+        from pissa.checkpoints import init as stream
         assert distributed.init_from_env()
         stream.init_checkpoint(sys.argv[1], sys.argv[2], pissa.AdapterConfig(rank=4, alpha=8.0, seed=3), progress=False)
         """,
@@ -144,7 +146,8 @@ FINETUNE = ["--rank", "4", "--lr", "1e-2", "--steps", "4", "--batch-size", "4", 
 SPY = """
 import sys
 from safetensors.torch import save_file
-from pissa import distributed, train
+from pissa.runtime import distributed
+from pissa.training import run as train
 from pissa.cli import main
 models = []
 real = train.train
@@ -205,7 +208,7 @@ import sys, torch
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 import pissa
-from pissa import distributed
+from pissa.runtime import distributed
 from conftest import tiny_llama
 from test_distributed import fsdp_steps
 assert distributed.init_from_env()
@@ -247,7 +250,7 @@ def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_t
 
 INTERRUPT = """
 import signal, sys
-from pissa import train
+from pissa.training import run as train
 from pissa.cli import main
 real, calls = train.train_step, []
 def step_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives during step 2 on every rank
@@ -348,7 +351,7 @@ import sys, torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 import pissa
-from pissa import distributed
+from pissa.runtime import distributed
 from test_distributed import IDS
 assert distributed.init_from_env()
 out = sys.argv[1]

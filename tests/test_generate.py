@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import pissa
-from pissa import chat
+from pissa.adapter.attach import adapted_layers
 from pissa.cli import main
-from pissa.config import GenerateConfig
-from pissa.hub import load_model
-from pissa.model import adapted_layers
+from pissa.inference import chat
+from pissa.runtime.hub import load_model
+from pissa.training.config import GenerateConfig
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")

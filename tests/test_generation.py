@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import finetune, tokenizer_for
-from pissa import generation
 from pissa.cli import main
-from pissa.data import Example, Message
+from pissa.data.datasets import Example, Message
+from pissa.data.encoding import collate, encode_all, evaluate
+from pissa.data.tasks import arithmetic_rows
 from pissa.errors import PissaError
-from pissa.generation import answers_match, choose_eval, evaluate_generation, extract_answer, generate
-from pissa.objective import collate, encode_all, evaluate
-from pissa.tasks import arithmetic_rows
+from pissa.inference import decoding as generation
+from pissa.inference.decoding import answers_match, choose_eval, evaluate_generation, extract_answer, generate
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -233,17 +233,17 @@ def test_generation_runs_on_a_merged_copy_of_the_adapted_layers(tok) -> None:
     model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
     pissa.attach(model, pissa.AdapterConfig(method="pissa", rank=4))
     with torch.no_grad():
-        for _, layer in pissa.model.adapted_layers(model):
+        for _, layer in pissa.adapter.attach.adapted_layers(model):
             layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))  # a trained-looking update
-    layers = dict(pissa.model.adapted_layers(model))
+    layers = dict(pissa.adapter.attach.adapted_layers(model))
     prompts = [list(e.ids[: e.n_prompt]) for e in encode_all(tok, [chat(("user", r["messages"][0]["content"]),
                ("assistant", r["messages"][1]["content"])) for r in ROWS[:4]], None, "causal-lm", 256)]
     adapted = generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8, batch_size=4)
     with generation.merged_for_inference(model) as merged:
-        assert merged and not list(pissa.model.adapted_layers(model))
+        assert merged and not list(pissa.adapter.attach.adapted_layers(model))
         assert generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8,
                         batch_size=4) == adapted
-    assert dict(pissa.model.adapted_layers(model)) == layers  # the very same layer objects again
+    assert dict(pissa.adapter.attach.adapted_layers(model)) == layers  # the very same layer objects again
     half = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).to(torch.bfloat16)
     pissa.attach(half, pissa.AdapterConfig(method="pissa", rank=4))
     with generation.merged_for_inference(half) as merged:

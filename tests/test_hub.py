@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from pissa import hub
 from pissa.errors import PissaError
-from pissa.hub import EMBEDDED_MODELS, MARKER, cache_dir, load_model, resolve_model
+from pissa.runtime import hub
+from pissa.runtime.hub import EMBEDDED_MODELS, MARKER, cache_dir, load_model, resolve_model
 
 
 def _error(func: Any, *args: Any, **kwargs: Any) -> str:

@@ -1,4 +1,4 @@
-"""A pissa-attached model in transformers' Trainer and TRL's SFTTrainer (pissa.integrations):
+"""A pissa-attached model in transformers' Trainer and TRL's SFTTrainer (pissa.integrations.trainer):
 checkpoints and ``save_model`` hold the adapter and no model weights, they load with
 ``pissa.load_adapter``, resuming from a checkpoint ends with the uninterrupted run's adapter,
 ``load_best_model_at_end`` works, merge gives the model its own ``save_pretrained`` back."""
@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 import pissa
 from conftest import logits, mlp, tiny_llama
-from pissa.integrations import ADAPTER_DIR, INDEX_FILE
+from pissa.integrations.trainer import ADAPTER_DIR, INDEX_FILE
 
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")
 """What a checkpoint of the whole model holds, and an adapter checkpoint must not."""
@@ -176,7 +176,7 @@ def test_sft_trainer_on_prompt_completion_rows_writes_adapter_checkpoints(tiny: 
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from pissa.hub import load_model
+    from pissa.runtime.hub import load_model
 
     model, tok = load_model(str(tiny / "llama"))
     pissa.attach(model, pissa.AdapterConfig(rank=4))
@@ -198,14 +198,14 @@ def test_sft_trainer_on_prompt_completion_rows_writes_adapter_checkpoints(tiny: 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[nn.Module, object]:
     """The embedded SmolLM2-135M-Instruct and its tokenizer, never adapted (tests adapt deep copies)."""
-    from pissa.hub import load_model
+    from pissa.runtime.hub import load_model
 
     return load_model("smollm2")
 
 
 def chat_rows(n: int) -> list[dict]:
     """Conversational prompt-completion rows from the embedded arithmetic task (TRL learns the completion only)."""
-    from pissa.tasks import arithmetic_rows
+    from pissa.data.tasks import arithmetic_rows
 
     return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in arithmetic_rows(n)]
 

@@ -15,7 +15,7 @@ import torch
 
 import pissa
 from conftest import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.decompose import InitOptions, init_structured
+from pissa.methods.registry import InitOptions, init_structured
 
 FAMILY = WEIGHT_ONLY
 TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",)}
@@ -186,7 +186,7 @@ def test_smollm2_outputs_unchanged_at_init(smollm2_q, method) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2_q():
-    from pissa.hub import load_model
+    from pissa.runtime.hub import load_model
 
     model, tok = load_model("smollm2")
     texts = ["The movie was a delight from start to finish.", "Dull, slow and far too long."]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import pissa
-from pissa.calibration import calibration_batches
-from pissa.objective import loss_sum
+from pissa.calibration.collect import calibration_batches
+from pissa.data.encoding import loss_sum
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def principal_cosines(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def setup():
-    from pissa.hub import load_model
+    from pissa.runtime.hub import load_model
 
     model, tok = load_model("smollm2")
     model.eval()
@@ -117,7 +117,7 @@ def test_corda_matches_peft(setup, tmp_path) -> None:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    from pissa.decompose import InitOptions, Stats, init_structured
+    from pissa.methods.registry import InitOptions, Stats, init_structured
 
     model, batches, stats = setup
     ours = _ours(model, stats, "corda", tmp_path)

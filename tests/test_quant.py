@@ -12,10 +12,11 @@ from torch import nn
 
 import pissa
 from conftest import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa import nf4 as nf4_mod
-from pissa import qpissa, quant_error
-from pissa.decompose import InitOptions, pissa_init
-from pissa.factors import residual_of
+from pissa.analysis import quant_error
+from pissa.methods import nf4 as nf4_mod
+from pissa.methods import qpissa
+from pissa.methods.factors import residual_of
+from pissa.methods.registry import InitOptions, pissa_init
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 NF4_LEVELS = torch.tensor([
@@ -243,7 +244,7 @@ def test_adapter_without_residual_factors_still_loads(tmp_path) -> None:
 
 
 def test_export_peft_warns_that_the_lora_applies_to_the_unquantized_base(tmp_path) -> None:
-    from pissa.io import peft_factors
+    from pissa.files.adapter_dir import peft_factors
 
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize="nf4"))
     train_steps(model, [TOKENS], lm_loss, steps=2)
@@ -281,7 +282,7 @@ def test_bad_quantization_input_is_refused(monkeypatch) -> None:
 
 
 def test_quant_error_table_per_projection_type() -> None:
-    from pissa.quant_error import layer_ratios, markdown_table, method_names, projection_type, summarize
+    from pissa.analysis.quant_error import layer_ratios, markdown_table, method_names, projection_type, summarize
 
     assert projection_type("model.layers.3.self_attn.q_proj") == "self_attn.q_proj"
     assert projection_type("bert.pooler.dense") == "bert.pooler.dense"
@@ -297,7 +298,8 @@ def test_quant_error_table_per_projection_type() -> None:
 
 
 def test_analyze_quant_error_command_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys) -> None:
-    from pissa import cli, quant_error
+    from pissa import cli
+    from pissa.analysis import quant_error
 
     weights = {f"model.layers.{i}.mlp.up_proj": spectral_matrix(32, 64, seed=i) for i in range(2)}
     monkeypatch.setattr(quant_error, "model_weights", lambda *a: weights)

@@ -9,14 +9,14 @@ import torch
 
 import pissa
 from conftest import relative_error
-from pissa.modules import dense_weight
+from pissa.adapter.base_layers import dense_weight
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pissa.hub import load_model
+    from pissa.runtime.hub import load_model
 
     model, tokenizer = load_model("smollm2")
     return model.eval(), tokenizer
@@ -26,7 +26,7 @@ def smollm2():
 def minilm():
     from transformers import AutoModel
 
-    from pissa.hub import resolve_model
+    from pissa.runtime.hub import resolve_model
 
     return AutoModel.from_pretrained(resolve_model("minilm"), local_files_only=True).eval()
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pissa.intruders import farms_eigenvalues, hill_alpha
+from pissa.analysis.spectra import farms_eigenvalues, hill_alpha
 
 
 def test_hill_alpha_recovers_a_pareto_exponent() -> None:

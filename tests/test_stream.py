@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import DEVICES, TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa import cli, stream
-from pissa import model as pmodel
-from pissa.model import find_targets
+from pissa import cli
+from pissa.adapter import attach as pmodel
+from pissa.adapter.attach import find_targets
+from pissa.checkpoints import init as stream
 
 CFG = pissa.AdapterConfig(rank=4, alpha=8.0, seed=3)
 
@@ -396,7 +397,7 @@ MEASURE = """
 import json, os, sys
 from pathlib import Path
 import pissa
-from pissa import stream
+from pissa.checkpoints import init as stream
 
 def status(key):
     for line in open("/proc/self/status"):

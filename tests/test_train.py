@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 import pissa
 from conftest import finetune, sentiment_rows
 from pissa import AdapterConfig
-from pissa import train as train_mod
 from pissa.cli import main
-from pissa.data import Example
-from pissa.objective import collate, encode, evaluate
-from pissa.train import RunConfig, lr_at, step_indices
+from pissa.data.datasets import Example
+from pissa.data.encoding import collate, encode, evaluate
+from pissa.training import run as train_mod
+from pissa.training.run import RunConfig, lr_at, step_indices
 
 METRIC_KEYS = {"method", "model", "data", "rank", "steps", "lr", "train_loss", "eval_before", "eval_after",
                "trainable_params", "seconds"}
@@ -342,7 +342,7 @@ def test_gradient_checkpointing_gradients_equal_plain_gradients() -> None:
         model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, dropout=0.0))
         model.train()
         if checkpointing:
-            from pissa.devices import enable_gradient_checkpointing
+            from pissa.runtime.devices import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
         lm_loss(model, TOKENS).backward()
@@ -453,7 +453,7 @@ def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_p
 
 def test_an_inexact_init_stops_before_training_with_one_line(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A residual that is not W - s B0 A0 (simulated: the residual left as W) moves the start; the run refuses."""
-    from pissa import model as model_mod
+    from pissa.adapter import attach as model_mod
 
     monkeypatch.setattr(model_mod, "residual_of", lambda W, *a, **kw: W)
     assert finetune(tiny, tmp_path / "bad", "--method", "pissa") == 2
@@ -478,7 +478,7 @@ def test_packed_rows_compute_the_unpacked_loss(tiny: Path) -> None:
     mask keeps examples apart, so the summed loss and the targets equal those of padded rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.objective import collate, collate_packed, encode_all, loss_sum, pack
+    from pissa.data.encoding import collate, collate_packed, encode_all, loss_sum, pack
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny / "llama"), AutoTokenizer.from_pretrained(tiny / "llama")
     data = train_mod.load_data(str(tiny / "free.jsonl"))
@@ -511,7 +511,7 @@ def test_pack_trains_the_same_run_with_fewer_rows(tiny: Path, tmp_path: Path, ca
 
 def test_the_start_check_reports_a_method_that_starts_elsewhere_by_design(capsys) -> None:
     """LoRA-SB (exact_start=False) and a 4-bit residual report their distance; exact methods stop."""
-    from pissa.config import AdapterConfig, RunConfig
+    from pissa.training.config import AdapterConfig, RunConfig
 
     for adapter in (AdapterConfig(method="lora-sb", calibration="stats.safetensors"), AdapterConfig(quantize="nf4")):
         check = train_mod.start_check(RunConfig(adapter=adapter), 2.0, 1.5)

@@ -6,16 +6,21 @@
     pissa.export_peft(model, "peft_lora/")    # a rank-2r PEFT LoRA of the same model
 """
 
-from . import integrations  # noqa: F401  (attached Hugging Face models save their adapter)
-from .calibration import calibrate
-from .config import AdapterConfig
-from .decompose import METHODS, Decomposition
-from .errors import PissaError
-from .io import export_peft, load_adapter, save_adapter
-from .layer import PissaLinear
-from .model import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
-from .sharded import load_sharded
-from .stream import merge_checkpoint, merge_state_dict
+import sys
+
+from pissa.adapter.attach import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
+from pissa.adapter.layer import PissaLinear
+from pissa.calibration.collect import calibrate
+from pissa.checkpoints.init import merge_checkpoint, merge_state_dict
+from pissa.checkpoints.sharded import load_sharded
+from pissa.errors import PissaError
+from pissa.files.adapter_dir import export_peft, load_adapter, save_adapter
+from pissa.integrations import trainer as integrations  # noqa: F401  (attached Hugging Face models save their adapter)
+from pissa.methods.registry import METHODS, Decomposition
+from pissa.runtime import hub
+from pissa.training.config import AdapterConfig
+
+sys.modules[__name__ + ".hub"] = hub  # `import pissa.hub` names pissa.runtime.hub, the embedded models
 
 __all__ = [
     "AdapterConfig",

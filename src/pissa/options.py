@@ -30,7 +30,7 @@ from functools import cache, reduce
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from .errors import PissaError
+from pissa.errors import PissaError
 
 C = TypeVar("C")
 

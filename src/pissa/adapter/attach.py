@@ -1,0 +1,358 @@
+"""attach / merge: put adapters into a model and take them out again.
+
+``attach`` finds the target layers, decomposes their weights (equal shapes batched together),
+and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
+``W - scaling * B0 @ A0``. Everything but the factors is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight, set_dense_weight
+from pissa.adapter.layer import PissaLinear
+from pissa.errors import PissaError
+from pissa.files.digests import weight_digest
+from pissa.files.statistics import Calibration, open_calibration
+from pissa.methods.factors import Factors, as_factors, orthonormality, residual_of
+from pissa.methods.nf4 import check_quantizable, nf4, quantize_residual
+from pissa.methods.qpissa import refine
+from pissa.methods.registry import (
+    ADAPTERS,
+    Decomposition,
+    InitOptions,
+    Need,
+    Stats,
+    calibration_hint,
+    check_weight,
+    eva_ranks,
+    get_method,
+    init_structured,
+    layer_seed,
+)
+from pissa.methods.svd import Batch, compute_dtype, stack
+from pissa.runtime import distributed
+from pissa.training.config import AdapterConfig
+
+HEAD_NAMES = ("lm_head", "score", "classifier")
+"""Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
+
+BATCH_BYTES = 1 << 29
+"""Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
+
+ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
+"""Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
+(False); :mod:`pissa.integrations` adds the one that makes a Hugging Face model's ``save_pretrained``
+write its adapter."""
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
+    """(name, layer) for every adapted layer, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, PissaLinear):
+            yield name, module
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Names of the output head and of any layer whose weight is the input embedding matrix."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    emb = get_in() if callable(get_in) else None
+    emb_weight = getattr(emb, "weight", None)
+    heads = set()
+    for name, module in model.named_modules():
+        tied = emb_weight is not None and getattr(module, "weight", None) is emb_weight
+        if module is out or tied or any(part in HEAD_NAMES for part in name.split(".")):
+            heads.add(name)
+    return heads
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A target pattern matches a module name as the whole name, a dotted suffix, or a full regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the Linear/Conv1D layers selected by ``targets`` (see AdapterConfig.targets)."""
+    layers = [name for name, m in model.named_modules() if name and is_adaptable(m)]
+    if targets == "all-linear":
+        heads = _head_names(model)
+        chosen = [n for n in layers if n not in heads]
+        if not chosen:
+            raise PissaError("the model has no Linear or Conv1D layer besides its output head; nothing to adapt")
+        return chosen
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    chosen = [n for n in layers if any(_matches(n, p) for p in patterns)]
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise PissaError(
+            f"targets {patterns} matched no Linear/Conv1D layer; available names end in: {', '.join(suffixes[:20])}"
+            + (f" (e.g. {layers[0]})" if layers else "")
+        )
+    return chosen
+
+
+def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int]) -> Iterator[list[str]]:
+    """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for n in names:
+        W = weights[n]
+        groups[(tuple(W.shape), ranks[n], W.dtype, W.device)].append(n)
+    for (shape, _, _, _), group in groups.items():
+        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+        for i in range(0, len(group), per):
+            yield group[i : i + per]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> nn.Module:
+    """Adapt ``model`` in place and return it; only the adapter factors remain trainable.
+
+    For each target layer with weight ``W (out, in)``: ``(A, B) = method(W)`` in float32
+    (float64 for float64 weights), stored as ``A0 = A / sqrt(s)``, ``B0 = B / sqrt(s)`` in
+    ``cfg.factor_dtype`` (``s = alpha / rank``) so that ``s * B0 @ A0 = B @ A``; the residual
+    ``W - s * B0 @ A0`` is cast back to W's dtype. At init the outputs equal the base's up to
+    the rounding of that cast (fp32: ~1e-7 relative; bf16: a few 1e-2 on SmolLM2). Methods with a core
+    (``B @ core @ A``) keep A and B as returned and store ``core0 = core / s`` instead
+    (:meth:`~pissa.decompose.Factors.scaled`); only the parts the method names train.
+    """
+    if any(True for _ in adapted_layers(model)):
+        raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
+    method = get_method(cfg.method)
+    if not method.adapter:
+        raise PissaError(f"method {cfg.method!r} trains every weight and makes no adapter; attach one of: {', '.join(ADAPTERS)}")
+    names = find_targets(model, cfg.targets)
+    modules = {n: model.get_submodule(n) for n in names}
+    weights = {n: dense_weight(m).detach() for n, m in modules.items()}
+    calibration, needs = statistics_for(cfg)
+    if calibration is not None:
+        for n in names:
+            calibration.check(n, weights[n])
+    cfg, ranks = layer_ranks(cfg, names, calibration)
+    names = [n for n in names if ranks[n] > 0]
+    if not names:
+        raise PissaError("every target layer has rank 0 (rank_pattern); nothing to adapt")
+    for n in sorted(names, key=lambda n: min(weights[n].shape)):  # a too-large rank names the smallest layer
+        check_weight(weights[n], ranks[n], f"layer {n!r}")
+    if cfg.quantize is not None:
+        check_quantizable(cfg.quantize)
+    batches = list(_batches(names, weights, ranks))
+    bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
+
+    def factorize(batch: list[str]) -> Factors:
+        stats = calibration.stats(batch, needs) if calibration is not None and needs else None
+        return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch],
+                               rank=ranks[batch[0]], stats=stats)
+
+    costs = [len(b) * weights[b[0]].numel() for b in batches]
+    # under torch.distributed each rank factorizes a share of the batches; all receive every result
+    for batch, factors in distributed.shared_map(batches, factorize, costs):
+        for i, n in enumerate(batch):
+            init = factors.layer(i).to(cfg.torch_factor_dtype)
+            module, W = modules.pop(n), weights.pop(n)  # the replaced weight is freed here, not when attach returns
+            _set_module(model, n, _make_layer(module, W, init, cfg, weight_digest(native_weight(module))))
+            del module, W
+            bar.update(1)
+    bar.close()
+    return _freeze_base(model, cfg)
+
+
+def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, ...]]:
+    """The calibration statistics ``cfg`` needs and what of them: the method's :attr:`~pissa.decompose.Method.needs`,
+    plus the covariance for QPiSSA's activation-weighted last step when ``cfg.calibration`` is given with
+    ``quantize``; ``(None, ())`` when nothing is read. A method that needs statistics without a file is a PissaError."""
+    method = get_method(cfg.method)
+    needs = tuple(n for n in method.needs if n != "weight")
+    if cfg.calibration is None:
+        if needs:
+            what = "the loss gradient" if "gradient" in needs else "activation statistics"
+            raise PissaError(f"method {cfg.method!r} reads {what}: " + calibration_hint(needs[0])
+                             + "; pissa compare makes them from its own training split by itself")
+        return None, ()
+    if cfg.quantize is not None and method.qpissa and "covariance" not in needs:
+        needs += ("covariance",)
+    return (open_calibration(cfg.calibration), needs) if needs else (None, ())
+
+
+def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration | None) -> tuple[AdapterConfig, dict[str, int]]:
+    """Each target layer's rank (:meth:`AdapterConfig.layer_rank`; 0: not adapted) and the config that
+    reproduces them. A method that allocates ranks from the statistics (EVA, :func:`~pissa.decompose.eva_ranks`)
+    redistributes them: the returned config then holds the resulting ``rank_pattern`` and ``eva_rho = 1``."""
+    ranks = {n: cfg.layer_rank(n) for n in names}
+    if not get_method(cfg.method).allocates_ranks or calibration is None or cfg.eva_rho == 1:
+        return cfg, ranks
+    offered = max(int(round(cfg.eva_rho * r)) for r in ranks.values())
+    ranks = eva_ranks(calibration.explained_variance(names, offered), ranks, cfg.eva_rho)
+    pattern = {**(cfg.rank_pattern or {}), **{n: r for n, r in ranks.items() if r != cfg.rank or cfg.rank_pattern}}
+    return dataclasses.replace(cfg, rank_pattern=pattern or None, eva_rho=1.0), ranks
+
+
+def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
+                    stats: Stats | None = None) -> Factors:
+    """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
+    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`),
+    in float32 (float64 for float64 weights). With ``cfg.quantize`` they are refined against the 4-bit
+    residual (QPiSSA, :func:`pissa.qpissa.refine`; its last step activation-weighted when ``stats`` has
+    a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
+    r = cfg.rank if rank is None else rank
+    opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,
+                      first_lr=cfg.first_lr)
+    if cfg.quantize is None:
+        return init_structured(W, r, cfg.method, opt).scaled(cfg.scaling_for(r))
+    stacked = stack(W, compute_dtype(W[0].dtype))
+    init = init_structured(stacked, r, cfg.method, opt)
+    if stats is not None:
+        opt = dataclasses.replace(opt, stats=stats.to(stacked.dtype, stacked.device))
+    return refine(stacked, init, cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling_for(r))
+
+
+def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, stats: Stats | None = None,
+              **options) -> Decomposition:
+    """Split ``weight (out, in)`` into trainable ``B (out, rank)``, ``A (rank, in)`` and a frozen residual.
+
+    ``weight ≈ residual + B @ A`` (equal up to the residual's rounding to weight's dtype; with
+    ``quantize="nf4"``, up to the 4-bit rounding of the residual, returned dequantized). The same
+    code path as :func:`attach` for one layer: ``options`` are any other :class:`AdapterConfig`
+    fields (``svd``, ``niter``, ``block``, ``seed``, ``quant_iters``, ``alpha``...). A core is
+    folded into B. Factors are float32 (float64 for a float64 weight); the residual has weight's dtype.
+    ``stats``: the layer's calibration statistics for data-aware methods (``cov (in, in)``, ``mean (in,)``,
+    ``grad (out, in)``). LoRA-SB does not offset the base: its residual is the weight itself and
+    ``residual + B @ A`` is where its model starts, one approximated update away from the weight.
+    """
+    check_weight(weight, rank)
+    cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]
+    if quantize is not None:
+        check_quantizable(quantize)
+    init = initial_factors(weight.unsqueeze(0), cfg, [cfg.seed], stats=None if stats is None else stats.batched()).layer(0)
+    A, B, core = init.residual_factors()
+    residual = residual_of(weight, A, B, cfg.scaling, core)
+    if quantize is not None:
+        residual = nf4(residual)
+    A, B = init.folded()
+    root = cfg.scaling**0.5  # report the update s * B0 A0 as one pair
+    return Decomposition(A=A * root, B=B * root, residual=residual)
+
+
+def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Make the adapter factors the only trainable parameters and record the config on the model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapted_layers(model):
+        for part in layer.train_parts:
+            layer.factor(part).requires_grad_(True)
+    model.pissa_config = cfg  # type: ignore[assignment]
+    for hook in ADAPT_HOOKS:
+        hook(model, True)
+    return model
+
+
+def _make_layer(
+    module: nn.Module, W: Tensor, init: Factors, cfg: AdapterConfig, digest: str, is_residual: bool = False,
+    residual_digest: str | None = None,
+) -> PissaLinear:
+    """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
+
+    ``init`` holds the initial factors (A0, B0, core0) and, for QPiSSA, the residual factors
+    (Ar, Br): the residual is ``W - s * Br @ Ar`` then, else ``W - s * B0 @ core0 @ A0``.
+    ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it
+    (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
+    """
+    A, B, core = init.residual_factors()
+    # B0 = 0 (LoRA) or core0 = 0 (LoRA-XS): W - 0 is W bit for bit, so W is kept, not copied
+    unchanged = is_residual or not bool(B.any()) or (core is not None and not bool(core.any()))
+    residual = W if unchanged else residual_of(W, A, B, cfg.scaling_for(init.A.shape[-2]), core)
+    if cfg.quantize is not None:
+        module = quantize_residual(module, residual, cfg.quantize)
+    elif not unchanged:
+        set_dense_weight(module, residual)
+    layer = _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
+    layer.base_dtype = W.dtype
+    return layer
+
+
+def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str, residual_digest: str | None = None) -> PissaLinear:
+    """The adapted layer with its digests: ``digest`` of the base weight; ``residual_digest`` of
+    the residual (computed here when not given; a 4-bit residual's is its dense source's)."""
+    layer = PissaLinear(
+        residual, init.A, init.B, cfg.scaling_for(init.A.shape[-2]), cfg.dropout, init.core, init.train, init.orthonormal,
+        init.Ar, init.Br,
+    )
+    layer.base_digest = digest
+    layer.residual_digest = residual_digest or getattr(residual, "source_digest", None) or weight_digest(native_weight(residual))
+    return layer
+
+
+def rebuild(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    factors: Mapping[str, Factors | tuple[Tensor, Tensor]],
+    digests: Mapping[str, str],
+    residual_ready: Mapping[str, str] | AbstractSet[str] = frozenset(),
+) -> nn.Module:
+    """Adapt ``model`` from known initial factors ``{name: Factors or (A0, B0)}`` (used by load_adapter).
+
+    Layers named in ``residual_ready`` already hold their residual and are wrapped as they are
+    (a mapping gives each one's residual digest, which is then not recomputed: the weight may be
+    on the meta device).
+    """
+    if any(True for _ in adapted_layers(model)):
+        raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
+    for n, init in factors.items():
+        module = model.get_submodule(n)
+        known = residual_ready.get(n) if isinstance(residual_ready, Mapping) else None
+        layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready, known)
+        _set_module(model, n, layer)
+    return _freeze_base(model, cfg)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer (``W_res + s * B @ A``) and return the plain model."""
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise PissaError("this model has no pissa adapters to merge; call pissa.attach or pissa.load_adapter first")
+    for name, layer in layers:
+        _set_module(model, name, layer.merged())
+    if hasattr(model, "pissa_config"):
+        del model.pissa_config
+    for hook in ADAPT_HOOKS:
+        hook(model, False)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters with requires_grad, per layer: PiSSA/LoRA/MiLoRA/OLoRA ``r (in + out)``,
+    SVFit ``r``, LoRA-XS ``r^2``, SORSA ``r (in + out) + r``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def regularization(model: nn.Module) -> Tensor:
+    """SORSA's orthonormality penalty: the sum over layers with orthonormal factors of
+    ``||B^T B - I||_F + ||A A^T - I||_F``: a 0-d tensor, differentiable when some layer has
+    orthonormal factors, a constant zero (``requires_grad=False``) otherwise.
+
+    Add ``weight * pissa.regularization(model)`` to the loss (``pissa finetune --reg-weight``).
+    """
+    layers = [layer for _, layer in adapted_layers(model)]
+    total = torch.zeros((), device=layers[0].lora_A.device if layers else None)
+    for layer in layers:
+        if layer.orthonormal:
+            total = total + orthonormality(layer.lora_A, layer.lora_B).float()
+    return total

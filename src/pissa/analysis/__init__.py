@@ -1,0 +1,3 @@
+"""Diagnostics that return tables: spectra, intruder dimensions, quantization error; one writer for md, csv and
+png.
+"""

@@ -1,0 +1,2 @@
+"""Activation and gradient statistics for the data-aware methods (pissa calibrate).
+"""

@@ -1,0 +1,3 @@
+"""Checkpoints on disk, shard by shard: pissa init (streamed decomposition), the streamed merge, sharded loading,
+architecture discovery.
+"""

@@ -1,0 +1,319 @@
+"""Evaluation by generation: greedy decoding, final-answer extraction, exact match.
+
+A held-out example's context (the first ``n_prompt`` tokens of its :class:`~pissa.objective.Encoded`:
+the prompt, or a conversation up to the generation prompt of its last assistant turn) is
+decoded greedily with the KV cache, batched with left padding, for at most ``max_new_tokens``
+tokens or until an end token (the tokens of ``model.generate(do_sample=False)``). The answer is
+extracted from the decoded text and compared with the one extracted from the reference completion:
+
+1. the number after the last ``####`` (GSM8K's answer line);
+2. else the number after the last "the answer is" (any case, an optional colon or ``$``;
+   MetaMathQA's "The answer is: 42");
+3. else the last number in the text.
+
+Numbers are normalized (thousands commas dropped, ``3.50`` -> ``3.5``, ``7.0`` -> ``7``). A
+reference with no number at all is compared as whitespace-normalized text instead.
+Accuracy is the fraction of exact matches; the loss is the teacher-forced mean NLL of the
+target tokens, as the likelihood evaluation computes it.
+
+Cost (:func:`evaluate_generation`): the decoder's matmuls, nothing else. So each batch runs one
+forward over ``[pad | context | reference completion | pad]`` that yields both the loss and the
+contexts' KV cache (:func:`score_and_generate`: the contexts are run once, not once for the loss
+and again for generation); decoding is a plain loop over ``DynamicCache`` in which rows that
+ended leave the batch; and in float32 the adapted layers are swapped for merged copies while it
+runs (:func:`merged_for_inference`: one matmul per layer instead of three). None of it changes
+the greedy tokens beyond float32 rounding (tested against ``generate`` and the separate loss pass).
+There is no token budget derived from the references: every row decodes until its end token or
+``max_new_tokens``.
+
+``eval="auto"`` picks generation for causal-LM data without labels whose scored references all
+end in an explicit final answer (rule 1 or 2), e.g. the embedded ``arithmetic`` task; other
+data (labelled, or free text without such answers) is scored by likelihood.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pissa.adapter.attach import _set_module, adapted_layers
+from pissa.adapter.base_layers import dense_weight
+from pissa.adapter.layer import PissaLinear
+from pissa.data.encoding import Encoded, Kind, _accepts_logits_to_keep
+from pissa.errors import PissaError
+from pissa.methods.nf4 import NF4Linear
+from pissa.runtime.devices import model_device
+
+EvalKind = Literal["generate", "likelihood"]
+
+_NUMBER = r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?"
+"""A number: optional minus (not after a word character, so 5-3 has no -3), thousands commas, decimals."""
+_MARKED = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
+_ANY = re.compile(_NUMBER)
+
+
+def _normalize(number: str) -> str:
+    """``"1,234.50"`` -> ``"1234.5"``; ``"-0"`` -> ``"0"``."""
+    try:
+        value = Decimal(number.replace(",", ""))
+    except InvalidOperation:
+        return number
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of ``text`` as a normalized number (rules in the module docstring), or None."""
+    for pattern in (_MARKED, _ANSWER_IS, _ANY):
+        found = pattern.findall(text)
+        if found:
+            return _normalize(found[-1])
+    return None
+
+
+def has_final_answer(text: str) -> bool:
+    """Whether ``text`` states its answer explicitly (``#### N`` or "the answer is N")."""
+    return bool(_MARKED.search(text) or _ANSWER_IS.search(text))
+
+
+def answers_match(generated: str, reference: str) -> bool:
+    """Exact match of the extracted answers; a reference without a number must match as whitespace-normalized text."""
+    expected = extract_answer(reference)
+    if expected is None:
+        return " ".join(generated.split()) == " ".join(reference.split())
+    return extract_answer(generated) == expected
+
+
+def choose_eval(setting: str, kind: Kind, labels: Sequence[str] | None, references: Sequence[str],
+                data: str) -> EvalKind:
+    """Resolve ``--eval`` (auto, generate, likelihood) for a run; ``references`` are the scored completions."""
+    if setting == "likelihood":
+        return "likelihood"
+    if setting == "generate":
+        if kind != "causal-lm" or labels is not None:
+            raise PissaError(f"--eval generate needs a causal LM and unlabelled data (messages or prompt,completion); "
+                             f"'{data}' is labelled or the model is a classifier: use --eval likelihood")
+        return "generate"
+    if setting != "auto":
+        raise PissaError(f"--eval must be auto, generate or likelihood, got {setting!r}")
+    checkable = bool(references) and all(has_final_answer(r) for r in references)
+    return "generate" if kind == "causal-lm" and labels is None and checkable else "likelihood"
+
+
+def end_tokens(tokenizer, model: nn.Module) -> list[int]:
+    """Token ids that end a generation: the tokenizer's eos and the model's generation-config eos ids."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [] if extra is None else [extra]
+    return sorted({int(i) for i in ids})
+
+
+def _check_generative(model: nn.Module, end_ids: Sequence[int]) -> None:
+    if not callable(getattr(model, "generate", None)):
+        raise PissaError("--eval generate needs a Hugging Face generative model (with .generate); use --eval likelihood")
+    if not end_ids:
+        raise PissaError("generation needs an end token, but the tokenizer has no eos token; set one or use --eval likelihood")
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
+    """``rows`` right-aligned in ``(len(rows), width)`` ids (``pad_id`` before them) and their 0/1 attention mask."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        attention[r, width - len(row) :] = 1
+    return ids, attention
+
+
+def _decode(model: nn.Module, cache: Any, logits: Tensor, attention: Tensor, rows: list[int], out: list[list[int]],
+            ends: Tensor, max_new_tokens: int) -> None:
+    """Greedy decoding of a prefilled batch: ``logits (B, V)`` of each row's last position, ``cache`` and
+    ``attention (B, T)`` (left-padded) cover the same T positions. Appends each step's token to
+    ``out[rows[b]]``; a row leaves the batch (its cache rows dropped) once it produced an end token."""
+    positions = attention.sum(-1, keepdim=True) - 1  # each row's last position (counted from its first real token)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        ended = torch.isin(token, ends)
+        for r, t in zip(rows, token.tolist()):
+            out[r].append(t)
+        if step == max_new_tokens - 1 or bool(ended.all()):
+            return
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows = [rows[k] for k in keep.tolist()]
+            token, attention, positions = token[keep], attention[keep], positions[keep]
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def _cut(out: list[list[int]], end_ids: Sequence[int]) -> list[list[int]]:
+    ends = {int(t) for t in end_ids}
+    return [new[: next((k for k, t in enumerate(new) if t in ends), len(new))] for new in out]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int, end_ids: Sequence[int],
+             max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Greedy continuations of token-id ``prompts``, each cut before its first end token.
+
+    Prompts are batched by length (``batch_size`` a batch) and left-padded with ``pad_id``; each
+    batch runs once over its prompts (positions counted from each row's first real token, logits of
+    the last position only), then one token at a time with the KV cache (a ``DynamicCache``), taking
+    the argmax, for at most ``max_new_tokens`` tokens. A row that produced an end token leaves the
+    batch (its cache rows are dropped): the tokens are those of ``model.generate(do_sample=False)``,
+    without its per-token overhead and without computing rows that already ended. Returns one list
+    of new token ids per prompt, in the order of ``prompts``.
+    """
+    _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    ends = torch.tensor(sorted(set(end_ids)), device=device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, attention = _left_padded([prompts[i] for i in chunk], pad_id, max(len(prompts[i]) for i in chunk))
+        ids, attention = ids.to(device), attention.to(device)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True, **kwargs).logits[:, -1]
+        _decode(model, cache, logits, attention, list(chunk), out, ends, max_new_tokens)
+    return _cut(out, end_ids)
+
+
+@torch.no_grad()
+def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: int, end_ids: Sequence[int],
+                       max_new_tokens: int, batch_size: int) -> tuple[float, int, list[list[int]]]:
+    """The teacher-forced loss of ``items`` and greedy continuations of their contexts, from one forward
+    pass over each batch.
+
+    A batch lays its items out with their contexts (the first ``n_prompt`` tokens) right-aligned at
+    column ``W`` and their reference completions after it, right-padded: ``[pad | context | completion | pad]``.
+    One forward over the whole width gives the logits of every target token (the loss) and, at column
+    ``W - 1``, of the first generated token; the KV cache it fills is then cropped to the first ``W``
+    columns, which is exactly the cache of the contexts alone (causal attention: no context position
+    sees a completion token), and decoding continues from it (:func:`generate`'s loop). So the
+    contexts are run once instead of twice. Batches are formed by context length.
+
+    Returns ``(summed target NLL, number of targets, new tokens per item cut before the first end token)``.
+    """
+    _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    ends = torch.tensor(sorted(set(end_ids)), device=device)
+    order = sorted(range(len(items)), key=lambda i: (items[i].n_prompt, len(items[i].ids)))
+    out: list[list[int]] = [[] for _ in items]
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
+        W = max(e.n_prompt for e in chunk)
+        T = W + max(len(e.ids) - e.n_prompt for e in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(chunk), T, dtype=torch.long)
+        target = torch.zeros(len(chunk), T, dtype=torch.bool)
+        for r, e in enumerate(chunk):
+            at = W - e.n_prompt
+            ids[r, at : at + len(e.ids)] = torch.tensor(e.ids)
+            attention[r, at : at + len(e.ids)] = 1
+            if e.mask is not None:
+                target[r, at : at + len(e.ids)] = torch.tensor(e.mask)
+            else:
+                target[r, W : at + len(e.ids)] = True
+        predict = target[:, 1:]  # column t predicts token t + 1
+        needed = predict.any(0)
+        needed[W - 1] = True  # the context's last column predicts the first new token
+        keep = needed.nonzero().squeeze(1)
+        ids, attention = ids.to(device), attention.to(device)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        kwargs = {"logits_to_keep": keep.to(device)} if _accepts_logits_to_keep(model) else {}
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True, **kwargs).logits
+        if not kwargs:
+            logits = logits[:, keep.to(device)]
+        mask = predict[:, keep].to(device)
+        targets = ids[:, 1:][:, keep.to(device)][mask]
+        total += F.cross_entropy(logits[mask].float(), targets, reduction="sum").item()
+        count += int(mask.sum())
+        first = logits[:, int((keep == W - 1).nonzero())]
+        del logits
+        cache.crop(W - T)  # drop the completion columns (a negative count removes that many)
+        _decode(model, cache, first, attention[:, :W], order[start : start + len(chunk)], out, ends, max_new_tokens)
+    return total, count, _cut(out, end_ids)
+
+
+@contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[bool]:
+    """Within the block, each adapted layer of ``model`` is replaced by its merged copy (``W_res + s B A``,
+    :meth:`~pissa.layer.PissaLinear.merged`); the adapted layers are put back on exit. Yields whether it merged.
+
+    One matmul per layer instead of three: decoding a token costs the base model's time. Done only when
+    every adapted layer computes in float32 (a float32 residual, dense or 4-bit, float32 factors, no
+    autocast) and holds plain tensors (not FSDP shards): the merged weight then gives the same outputs
+    to float32 rounding (a half-precision base would round the merged weight to its dtype, which it
+    does not do unmerged). Costs one extra copy of the adapted weights while it lasts.
+    """
+    layers = list(adapted_layers(model))
+    if not layers or torch.is_autocast_enabled() or not all(_float32_layer(layer) for _, layer in layers):
+        yield False
+        return
+    with torch.no_grad():
+        merged = [(name, layer.merged()) for name, layer in layers]
+    try:
+        for name, new in merged:
+            _set_module(model, name, new)
+        yield True
+    finally:
+        for name, layer in layers:
+            _set_module(model, name, layer)
+
+
+def _float32_layer(layer: PissaLinear) -> bool:
+    tensors = [p for p in layer.parameters()] + [b for b in layer.buffers()]
+    if any(hasattr(t, "device_mesh") for t in tensors):
+        return False  # FSDP's DTensor shards
+    residual = layer.residual
+    dtype = residual.weight_dtype if isinstance(residual, NF4Linear) else dense_weight(residual).dtype
+    return dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
+
+
+@torch.no_grad()
+def evaluate_generation(model: nn.Module, tokenizer, items: Sequence[Encoded], references: Sequence[str], *,
+                        pad_id: int, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
+    """``{"loss": teacher-forced mean target NLL, "accuracy": exact-match fraction}`` on ``items`` (eval mode).
+
+    ``references[i]`` is the reference completion of ``items[i]``; the model continues
+    ``items[i].ids[:n_prompt]`` greedily (:func:`generate`) and the decoded text (special tokens
+    skipped) is matched with :func:`answers_match`.
+    """
+    if len(items) != len(references):
+        raise PissaError(f"{len(items)} examples but {len(references)} references; pass one reference per example")
+    if not items:
+        return {"loss": 0.0, "accuracy": 0.0}
+    was_training = model.training
+    model.eval()
+    try:
+        with merged_for_inference(model):
+            total, count, outputs = score_and_generate(model, items, pad_id=pad_id, end_ids=end_tokens(tokenizer, model),
+                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    loss = total / max(1, count)
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    correct = sum(answers_match(text, ref) for text, ref in zip(texts, references))
+    return {"loss": loss, "accuracy": correct / len(items)}

@@ -1,0 +1,2 @@
+"""Other libraries driving pissa models: transformers' Trainer and TRL.
+"""

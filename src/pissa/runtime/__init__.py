@@ -1,0 +1,2 @@
+"""Where work runs: devices and precision, torch.distributed, the embedded models.
+"""

@@ -1,0 +1,2 @@
+"""Fine-tuning runs: the session, the loop, checkpoints, a run's metrics, pissa compare, evaluation and reports.
+"""
