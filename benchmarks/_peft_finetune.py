@@ -1,5 +1,5 @@
 """The PEFT equivalent of ``pissa finetune``, for the memory benchmarks: same options, model, data,
-batches, training loop (``pissa.training.run.train``) and evaluations; only the adapter is PEFT's LoRA,
+batches, training loop (``pissa.train.train``) and evaluations; only the adapter is PEFT's LoRA,
 set up as a PEFT user does (``get_peft_model``; with ``--gradient-checkpointing``,
 Hugging Face's checkpointing plus ``enable_input_require_grads``, :func:`_common.peft_checkpointing`).
 
@@ -21,20 +21,23 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from _common import PEFT_INIT, PEFT_LORA, PEFT_PISSA, peft_checkpointing
-from pissa import options
+from pissa.cli import parser as cli_parser
+from pissa.data.datasets import load_data
 from pissa.data.encoding import encode_all
-from pissa.inference import decoding as generation
 from pissa.runtime import hub
 from pissa.runtime.devices import grad_scaler, resolve_device, torch_dtype
-from pissa.training import run as T
+from pissa.training.checkpoint import Progress
 from pissa.training.config import RunConfig
+from pissa.training.evaluation import choose_eval
+from pissa.training.loop import make_optimizer, train
 from pissa.training.report import plot_losses
+from pissa.training.session import Session
 
 INIT = {"lora": PEFT_INIT[PEFT_LORA], "pissa": PEFT_INIT[PEFT_PISSA]}
 
 
-def peft_session(cfg: RunConfig) -> T.Session:
-    """:func:`pissa.training.run.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
+def peft_session(cfg: RunConfig) -> Session:
+    """:func:`pissa.train.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
     if cfg.method not in INIT:
         raise SystemExit(f"--method must be lora or pissa, got {cfg.method}")
     torch.set_num_threads(cfg.threads)
@@ -42,14 +45,14 @@ def peft_session(cfg: RunConfig) -> T.Session:
     kind = hub.resolve_kind(cfg.model, cfg.kind)
     if kind != "causal-lm":
         raise SystemExit("causal LMs only")
-    dataset = T.load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
     torch.manual_seed(cfg.seed)
     model, tokenizer = hub.load_model(cfg.model, dtype=torch_dtype(cfg.dtype))
     nn.Module.to(model, device)
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     references = [e.completion for e in dataset.test[: cfg.eval_size]]
-    eval_kind = generation.choose_eval(cfg.eval, kind, dataset.labels, references, cfg.eval_data or cfg.data)
+    eval_kind = choose_eval(cfg.eval, kind, dataset.labels, references, cfg.eval_data or cfg.data)
     label_ids = None
     if dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
@@ -60,22 +63,22 @@ def peft_session(cfg: RunConfig) -> T.Session:
     if cfg.gradient_checkpointing:
         peft_checkpointing(peft_model)
     peft_model.train()
-    return T.Session(cfg, kind, peft_model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references)
+    return Session(cfg, kind, peft_model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    options.add_options(parser, RunConfig)
+    cli_parser.add_options(parser, RunConfig)
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args()
-    cfg, _ = options.resolve(RunConfig, args)
+    cfg, _ = cli_parser.resolve(RunConfig, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     session = peft_session(cfg)
-    optimizer = T.make_optimizer(session.model, cfg)
-    progress = T.Progress()
+    optimizer = make_optimizer(session.model, cfg)
+    progress = Progress()
     progress.eval_before = session.evaluate()
-    T.train(session, out, progress, optimizer, grad_scaler(session.device, session.dtype), show=False)
+    train(session, out, progress, optimizer, grad_scaler(session.device, session.dtype), show=False)
     eval_after = session.evaluate()
     session.model.save_pretrained(str(out / "adapter"))
     plot_losses({f"peft {cfg.method}": progress.train_loss}, out / "loss.png", title=f"{cfg.model} on {cfg.data}")

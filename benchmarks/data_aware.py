@@ -48,8 +48,8 @@ def child(variant: str, rank: int, threads: int) -> dict:
     import torch
 
     import pissa
-    from pissa.calibration.collect import calibration_batches
-    from pissa.data.encoding import loss_sum
+    from pissa.calibration.batches import calibration_batches
+    from pissa.data.loss import loss_sum
     from pissa.runtime.hub import load_model
 
     torch.set_num_threads(threads)
@@ -135,7 +135,7 @@ def quant_tables(models: list[str], ranks: list[int], sample: int, threads: int)
         summarize,
         weighted_method_names,
     )
-    from pissa.calibration.collect import calibration_batches
+    from pissa.calibration.batches import calibration_batches
     from pissa.files.statistics import open_calibration
     from pissa.runtime import hub
 

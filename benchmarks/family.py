@@ -30,8 +30,9 @@ from pathlib import Path
 
 from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
+from pissa.adapter.config import AdapterConfig
 from pissa.analysis.spectra import load_layers, max_cosines
-from pissa.training.config import AdapterConfig, RunConfig
+from pissa.training.config import RunConfig
 
 METHODS = "pissa,lora,milora,olora,svfit,lora-xs,sorsa"
 CORE_ONLY = {"svfit", "lora-xs"}

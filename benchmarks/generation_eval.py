@@ -7,7 +7,7 @@ embedded ``arithmetic`` test split, greedy decoding for at most ``--max-new-toke
 - ``anchor``: what a user writes with transformers: a teacher-forced loss pass over each batch
   (right-padded prompt + reference answer, loss on the answer tokens), then
   ``model.generate(do_sample=False)`` on the left-padded prompts, adapted layers unmerged.
-- ``pissa``: :func:`pissa.inference.decoding.evaluate_generation` (one forward gives the loss and the prompts'
+- ``pissa``: :func:`pissa.generation.evaluate_generation` (one forward gives the loss and the prompts'
   KV cache, finished rows leave the batch, float32 adapted layers merged while it runs), at each
   of ``--batch-sizes``.
 
@@ -30,11 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from _results import Results, add_results_options
-from pissa import AdapterConfig, attach
+from pissa.adapter.attach import attach
+from pissa.adapter.config import AdapterConfig
+from pissa.data.answers import answers_match
+from pissa.data.batches import collate
 from pissa.data.datasets import load_data
-from pissa.data.encoding import Encoded, collate, encode_all
-from pissa.inference.decoding import _left_padded, answers_match, end_tokens, evaluate_generation
+from pissa.data.encoding import Encoded, encode_all
+from pissa.inference.decoding import end_tokens, left_padded
 from pissa.runtime import hub
+from pissa.training.evaluation import evaluate_generation
 
 
 def anchor(model, tokenizer, items: Sequence[Encoded], references: Sequence[str], *, pad_id: int,
@@ -53,7 +57,7 @@ def anchor(model, tokenizer, items: Sequence[Encoded], references: Sequence[str]
             count += int(mask.sum())
             del logits
             width = max(items[i].n_prompt for i in chunk)
-            prompts, attention = _left_padded([items[i].ids[: items[i].n_prompt] for i in chunk], pad_id, width)
+            prompts, attention = left_padded([items[i].ids[: items[i].n_prompt] for i in chunk], pad_id, width)
             new = model.generate(input_ids=prompts, attention_mask=attention, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=end_tokens(tokenizer, model))[:, width:]

@@ -63,7 +63,7 @@ from _common import (
     whole_run,
 )
 from _results import PAIRED_HEADER, Results, add_results_options, paired_row
-from pissa.adapter.attach import find_targets
+from pissa.adapter.targets import find_targets
 from pissa.runtime.devices import resolve_device
 from pissa.runtime.hub import load_model
 

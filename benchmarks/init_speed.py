@@ -29,7 +29,7 @@ import torch
 
 from _common import optimal_residuals, residual_ratios, timed_init
 from _results import PAIRED_HEADER, Results, add_results_options, paired_row
-from pissa.adapter.attach import find_targets
+from pissa.adapter.targets import find_targets
 from pissa.runtime.hub import load_model
 
 PISSA = "pissa.attach (block Krylov, default)"

@@ -13,7 +13,7 @@ small CPU; the sizes are options and the results file states them.
    the first ``--test-size`` problems of the test split. The untrained model is scored on the same
    problems.
 
-LoftQ: pissa has no LoftQ training init (``pissa.methods.qpissa.loftq_iterates`` only serves the
+LoftQ: pissa has no LoftQ training init (``pissa.qpissa.loftq_iterates`` only serves the
 quantization-error analysis), so the quantized comparison is QPiSSA vs QLoRA.
 
     .venv/bin/python benchmarks/instruct.py --update-results
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from _results import Results, add_results_options
+from pissa.adapter.save_load import save_adapter
+from pissa.training.evaluation import evaluate_generation
 
 METHODS: dict[str, tuple[str, Literal["nf4"] | None]] = {  # name: (pissa method, quantize)
     "pissa": ("pissa", None),
@@ -48,7 +50,8 @@ METHODS: dict[str, tuple[str, Literal["nf4"] | None]] = {  # name: (pissa method
 
 
 def _config(args: dict[str, Any], name: str, lr: float | None, seed: int, val: bool):
-    from pissa.training.config import AdapterConfig, RunConfig
+    from pissa.adapter.config import AdapterConfig
+    from pissa.training.config import RunConfig
 
     method, quantize = METHODS.get(name, ("full", None))
     return RunConfig(adapter=AdapterConfig(method=method, rank=args["rank"], quantize=quantize, seed=seed),
@@ -64,10 +67,10 @@ def job(args: dict[str, Any], kind: str, name: str, lr: float | None, seed: int,
     import torch
     from safetensors.torch import save_file
 
-    from pissa.data.encoding import evaluate
-    from pissa.files import adapter_dir as io
-    from pissa.inference import decoding as generation
-    from pissa.training.run import WEIGHTS, Progress, make_optimizer, prepare, train
+    from pissa.training.checkpoint import WEIGHTS, Progress
+    from pissa.training.evaluation import evaluate
+    from pissa.training.loop import make_optimizer, train
+    from pissa.training.session import prepare
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,13 +88,13 @@ def job(args: dict[str, Any], kind: str, name: str, lr: float | None, seed: int,
         if cfg.adapter.method == "full":
             save_file({n: p.detach().contiguous() for n, p in session.model.named_parameters()}, str(out / WEIGHTS))
         else:
-            io.save_adapter(session.model, out / "adapter")
+            save_adapter(session.model, out / "adapter")
     else:
         cfg = _config(args, "full" if kind == "untrained" else name, lr, seed, val=False)
         session = prepare(cfg, checkpoint=out if kind == "test" else None)
         eval_started = time.perf_counter()
         with torch.no_grad():
-            result["test"] = generation.evaluate_generation(
+            result["test"] = evaluate_generation(
                 session.model, session.tokenizer, session.test, session.references, pad_id=session.pad_id,
                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
         result.update(eval_seconds=time.perf_counter() - eval_started, test_examples=len(session.test))
@@ -175,7 +178,7 @@ def main() -> None:
                 "prompt, seed 1); every run, final ones included, trains on that same reduced split. Test: the "
                 f"first {args.test_size} problems of the held-out test split, scored by greedy generation "
                 f"(at most {args.max_new_tokens} new tokens, exact match of the `#### N` / last-number answer). "
-                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.methods.qpissa.loftq_iterates` only "
+                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.qpissa.loftq_iterates` only "
                 "serves `pissa analyze quant-error`), so the 4-bit comparison is QPiSSA (5 iterations) vs QLoRA.")
         res.heading("Learning-rate sweep (validation)")
         res.add(f"Seed 0, {args.steps} steps; score: teacher-forced loss of the {meta['val_examples']} validation "

@@ -9,7 +9,7 @@ the anonymous and the file-backed part of the RSS, sampled from ``/proc`` every 
 1. ``pissa init`` right after the checkpoint was written (its pages in the page cache, dirty);
 2. ``pissa init`` again after the checkpoint was written back and dropped from the page cache
    (``fsync`` + ``posix_fadvise(POSIX_FADV_DONTNEED)``);
-3. the streaming merge (``pissa.checkpoints.init.merge_checkpoint``) of the residual checkpoint that run 2
+3. the streaming merge (``pissa.merge_checkpoint``) of the residual checkpoint that run 2
    has just written plus its adapter, and 4. the same after dropping that checkpoint;
 5. (``--nproc N``) ``pissa init`` with one thread, and N processes under torchrun;
 6. the floor under those runs (the interpreter with torch and pissa imported), and the short-lived
@@ -62,7 +62,7 @@ peft_model.unload().save_pretrained(out + "/residual")
 
 MERGE = """
 import sys
-from pissa.checkpoints.init import merge_checkpoint
+from pissa.checkpoints.merge import merge_checkpoint
 merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 """
 
@@ -71,8 +71,8 @@ FLOOR = "import pissa.cli"
 ARCHITECTURE = """
 import sys
 from pathlib import Path
-from pissa.checkpoints import init as stream
-stream._describe(Path(sys.argv[1]), "all-linear")
+from pissa.checkpoints.architecture import describe
+describe(Path(sys.argv[1]), "all-linear")
 """
 
 VERIFY = """

@@ -7,7 +7,7 @@ are interleaved over ``--rounds`` rounds in rotating order (the machine's load c
 first step of each run is left out (warm-up). Settings:
 
 - pissa's step: AdamW, clipping, the completion-only loss with logits at completion positions only
-  (``pissa.data.encoding.loss_sum``, what ``pissa finetune`` runs);
+  (``pissa.objective.loss_sum``, what ``pissa finetune`` runs);
 - the same step with the model's own loss (logits at every position);
 - ``transformers.Trainer`` with ``TrainingArguments`` defaults (float32);
 - ``trl.SFTTrainer`` with ``SFTConfig`` defaults (bf16 autocast and activation checkpointing on);
@@ -31,8 +31,10 @@ import torch
 
 import pissa
 from _results import Results, add_results_options
-from pissa.data import encoding as objective
+from pissa.data.batches import collate
 from pissa.data.datasets import load_dataset
+from pissa.data.encoding import encode
+from pissa.data.loss import loss_sum
 from pissa.runtime.hub import load_model
 
 
@@ -60,7 +62,7 @@ def main() -> None:
         pissa.attach(model, pissa.AdapterConfig(method="pissa", rank=args.rank))
         data = load_dataset("rotten_tomatoes", test_size=200)
         examples = data.train[: args.batch_size * args.steps]
-        encoded = [objective.encode(tok, e, data.labels, "causal-lm", 64) for e in examples]
+        encoded = [encode(tok, e, data.labels, "causal-lm", 64) for e in examples]
         rows = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in examples])
         texts = Dataset.from_list([dict(tok(e.prompt + e.completion)) for e in examples])
         trainable = [q for q in model.parameters() if q.requires_grad]
@@ -69,13 +71,13 @@ def main() -> None:
             opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
             times = []
             for s in range(args.steps):
-                batch = objective.collate(encoded[s * args.batch_size:(s + 1) * args.batch_size], tok.pad_token_id, "causal-lm")
+                batch = collate(encoded[s * args.batch_size:(s + 1) * args.batch_size], tok.pad_token_id, "causal-lm")
                 t = time.perf_counter()
                 if full_logits:
                     labels = batch.input_ids.masked_fill(~batch.target_mask, -100)
                     loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
                 else:
-                    loss = objective.loss_sum(model, batch, "causal-lm") / batch.target_mask.sum()
+                    loss = loss_sum(model, batch, "causal-lm") / batch.target_mask.sum()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()

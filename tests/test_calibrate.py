@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from pissa.adapter.attach import find_targets
-from pissa.calibration.collect import add_gram, as_batch, by_length, gram_matrix, gram_strips
+from pissa.adapter.targets import find_targets
+from pissa.calibration.batches import as_batch, by_length
+from pissa.calibration.collect import add_gram, gram_matrix, gram_strips
 from pissa.cli import main
 from pissa.errors import PissaError
 from pissa.files.statistics import open_calibration

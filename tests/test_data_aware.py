@@ -14,21 +14,14 @@ import torch
 
 import pissa
 from conftest import TOKENS, decaying, lm_loss, logits, relative_error, tiny_llama, train_steps
+from pissa.analysis.quant_error import layer_ratios
 from pissa.files.statistics import open_calibration
+from pissa.methods.data_aware import eora_fit, eva_ranks, explained_variance, lora_ga_init
+from pissa.methods.inits import loldu_init
+from pissa.methods.inputs import InitOptions, Stats
 from pissa.methods.qpissa import refine
-from pissa.methods.registry import (
-    ADAPTERS,
-    METHODS,
-    InitOptions,
-    Stats,
-    eora_fit,
-    eva_ranks,
-    explained_variance,
-    init_structured,
-    loldu_init,
-    lora_ga_init,
-)
-from pissa.training.run import reads_statistics
+from pissa.methods.registry import ADAPTERS, METHODS, init_structured
+from pissa.training.compare import reads_statistics
 from test_calibrate import _batches
 
 DATA_AWARE = sorted(m for m in ADAPTERS if reads_statistics(m))
@@ -257,19 +250,18 @@ def test_eva_redistributes_ranks_into_a_saved_pattern(tmp_path, stats_file) -> N
 def test_quant_error_with_calibration_adds_the_weighted_table(tmp_path, stats_file, monkeypatch, capsys) -> None:
     pytest.importorskip("bitsandbytes")
     from pissa import cli
-    from pissa.adapter.attach import find_targets
-    from pissa.analysis import quant_error
+    from pissa.adapter.targets import find_targets
 
     model = tiny_llama()
     names = [n for n in find_targets(model, "all-linear") if n.endswith(("q_proj", "down_proj"))]
     weights = {n: model.get_submodule(n).weight.detach() for n in names}
     covs = {n: open_calibration(stats_file).layer_stats(n, ["covariance"]).cov for n in names}
-    rows = quant_error.layer_ratios(weights, 4, [1, 2], covariances=covs)
+    rows = layer_ratios(weights, 4, [1, 2], covariances=covs)
     for row in rows:  # the weighted last step never loses to the plain one on the weighted metric (damping aside)
         assert row.weighted["QPiSSA+EoRA-2"] >= row.weighted["QPiSSA-2"] - 0.5
         assert row.weighted["EoRA"] > 0 and row.weighted["QLoRA"] == 0
     assert sum(r.weighted["QPiSSA+EoRA-2"] - r.weighted["QPiSSA-2"] for r in rows) > 0
-    monkeypatch.setattr(quant_error, "model_weights", lambda *a: weights)
+    monkeypatch.setattr("pissa.analysis.quant_error.model_weights", lambda *a: weights)
     out = tmp_path / "qe"
     assert cli.main(["analyze", "quant-error", "--model", "tiny", "--rank", "4", "--iters", "1,2", "--calibration", stats_file,
                      "--out", str(out)]) == 0

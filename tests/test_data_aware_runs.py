@@ -14,17 +14,19 @@ import torch
 import pissa
 from conftest import logits, relative_error, tiny_gpt2
 from pissa.adapter.base_layers import dense_weight
-from pissa.calibration.collect import as_batch, calibration_batches
+from pissa.calibration.batches import as_batch, calibration_batches
 from pissa.cli import main
 from pissa.data.datasets import load_data
 from pissa.data.encoding import encode_all
+from pissa.files.statistics import open_calibration
 from pissa.methods.registry import ADAPTERS
-from pissa.training import run as train_mod
+from pissa.training.compare import reads_statistics
+from pissa.training.loop import train_step
 from test_calibrate import _batches
 from test_data_aware import attach_train_reload
 
 GPT2_METHODS = ["corda", "eva", "eora", "lora-ga", "lora-sb", "loldu"]
-AWARE = [m for m in ADAPTERS if train_mod.reads_statistics(m)]
+AWARE = [m for m in ADAPTERS if reads_statistics(m)]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_gpt2_conv1d_gradient_is_dl_dw_in_out_in_layout(gpt2_stats) -> None:
         target = b.target_mask[:, 1:]
         torch.nn.functional.cross_entropy(out[target], b.input_ids[:, 1:][target], reduction="sum").backward()
         total += int(target.sum())
-    stats = pissa.files.statistics.open_calibration(gpt2_stats)
+    stats = open_calibration(gpt2_stats)
     for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
         expected = ref.get_submodule(name).weight.grad.T / total  # Conv1D stores (in, out)
         torch.testing.assert_close(stats.layer_stats(name, ["gradient"]).grad, expected, rtol=1e-4, atol=1e-7)
@@ -102,7 +104,7 @@ def test_calibrate_val_size_reads_a_subset_of_the_finetune_training_split(tiny: 
 
     assert len(read) == 40 and read == ids(run.train[:40]) and read <= ids(run.train)
     assert not read & ids(run.test) and not read & ids(test.test)  # neither validation nor test examples
-    assert train_mod.load_data is load_data  # finetune splits with the very same function
+    assert load_data is load_data  # finetune splits with the very same function
 
 
 def test_cli_calibrate_val_size_is_an_option(tiny: Path, tmp_path: Path, capsys) -> None:
@@ -110,7 +112,7 @@ def test_cli_calibrate_val_size_is_an_option(tiny: Path, tmp_path: Path, capsys)
             "--batch-size", "4", "--threads", "1"]
     assert main([*args, "--val-size", "20", "--out", str(tmp_path / "v.safetensors")]) == 0
     assert main([*args, "--out", str(tmp_path / "t.safetensors")]) == 0
-    v, t = (pissa.files.statistics.open_calibration(tmp_path / f) for f in ("v.safetensors", "t.safetensors"))
+    v, t = (open_calibration(tmp_path / f) for f in ("v.safetensors", "t.safetensors"))
     assert v.data_digest != t.data_digest  # other examples: the validation carve-out comes first
     assert main([*args, "--val-size", "-1", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--val-size must be an integer >= 0" in capsys.readouterr().err
@@ -128,7 +130,7 @@ def _compare(tiny: Path, out: Path, methods: list[str], *extra: str) -> int:
 def test_compare_calibrates_on_its_training_split_once_and_reuses_it(tiny: Path, tmp_path: Path, monkeypatch,
                                                                      capsys) -> None:
     out = tmp_path / "cmp"
-    real_step, calls = train_mod.train_step, [0]
+    real_step, calls = train_step, [0]
 
     def crash_in_the_second_run(*a, **kw):
         calls[0] += 1
@@ -136,19 +138,19 @@ def test_compare_calibrates_on_its_training_split_once_and_reuses_it(tiny: Path,
             raise RuntimeError("killed")
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "train_step", crash_in_the_second_run)
+    monkeypatch.setattr("pissa.training.loop.train_step", crash_in_the_second_run)
     with pytest.raises(RuntimeError, match="killed"):
         _compare(tiny, out, ["pissa", *AWARE], "--save-every", "1")
     work = out.with_name("cmp.partial")
     stats = work / "calibration.safetensors"
     assert "calibrated" in capsys.readouterr().out and stats.is_file()
     stamp = stats.stat().st_mtime_ns
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.setattr("pissa.training.loop.train_step", real_step)
     assert _compare(tiny, out, ["pissa", *AWARE], "--resume") == 0
     assert "reused" in capsys.readouterr().out
     stats = out / "calibration.safetensors"
     assert stats.stat().st_mtime_ns == stamp
-    calibration = pissa.files.statistics.open_calibration(stats)
+    calibration = open_calibration(stats)
     assert calibration.has_gradients and calibration.info["examples"] == len(load_data(str(tiny / "data.jsonl"), 20).train)
     report = (out / "report.md").read_text()
     for method in ["pissa", *AWARE]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import tiny_llama
-from pissa.checkpoints import init as stream
+from pissa.checkpoints.init import init_checkpoint
 from pissa.runtime import distributed
 
 CFG = dict(rank=4, alpha=8.0, seed=3)
@@ -123,16 +123,16 @@ def test_stream_init_under_torchrun_equals_single_process(tmp_path, one_thread) 
         """
         import sys
         import pissa
+        from pissa.checkpoints.init import init_checkpoint
         from pissa.runtime import distributed
-        from pissa.checkpoints import init as stream
         assert distributed.init_from_env()
-        stream.init_checkpoint(sys.argv[1], sys.argv[2], pissa.AdapterConfig(rank=4, alpha=8.0, seed=3), progress=False)
+        init_checkpoint(sys.argv[1], sys.argv[2], pissa.AdapterConfig(rank=4, alpha=8.0, seed=3), progress=False)
         """,
         tmp_path,
         str(src),
         str(tmp_path / "dist"),
     )
-    single = stream.init_checkpoint(src, tmp_path / "single", pissa.AdapterConfig(**CFG), progress=False)
+    single = init_checkpoint(src, tmp_path / "single", pissa.AdapterConfig(**CFG), progress=False)
     files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "dist") for p in (tmp_path / "dist").rglob("*") if p.is_file())
     for rel in files:
@@ -146,15 +146,15 @@ FINETUNE = ["--rank", "4", "--lr", "1e-2", "--steps", "4", "--batch-size", "4", 
 SPY = """
 import sys
 from safetensors.torch import save_file
-from pissa.runtime import distributed
-from pissa.training import run as train
 from pissa.cli import main
+from pissa.runtime import distributed
+from pissa.training import run
 models = []
-real = train.train
+real = run.train
 def spy(session, *args, **kwargs):
     models.append(session.model)
     return real(session, *args, **kwargs)
-train.train = spy
+run.train = spy
 code = main(sys.argv[2:])
 rank = distributed.world()[0]
 params = {n: p.detach().contiguous() for n, p in models[0].named_parameters() if p.requires_grad}
@@ -250,15 +250,15 @@ def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_t
 
 INTERRUPT = """
 import signal, sys
-from pissa.training import run as train
 from pissa.cli import main
-real, calls = train.train_step, []
+from pissa.training import loop
+real, calls = loop.train_step, []
 def step_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives during step 2 on every rank
     calls.append(1)
     if len(calls) == 2:
         signal.raise_signal(signal.SIGINT)
     return real(*args, **kwargs)
-train.train_step = step_then_ctrl_c
+loop.train_step = step_then_ctrl_c
 sys.exit(0 if main(sys.argv[1:]) == 130 else 1)
 """
 
@@ -370,7 +370,7 @@ def test_load_sharded_builds_a_pissa_init_checkpoint_on_two_processes_from_the_m
     """`pissa init` output loaded onto a meta-device Llama by 2 FSDP2 processes: each rank holds
     half of every weight and the sharded model computes the logits of the whole base plus adapter."""
     base = llama_checkpoint(tmp_path)
-    stream.init_checkpoint(base, tmp_path / "out", pissa.AdapterConfig(**CFG), progress=False)
+    init_checkpoint(base, tmp_path / "out", pissa.AdapterConfig(**CFG), progress=False)
     torchrun(SHARDED, tmp_path, str(tmp_path / "out"))
     expected = reference_logits(base, tmp_path / "out" / "adapter")
     ranks = [load_file(str(tmp_path / "out" / f"rank{r}.safetensors")) for r in range(2)]
@@ -393,7 +393,7 @@ def test_load_sharded_in_one_process_equals_from_pretrained_and_checks_the_check
 
     base = llama_checkpoint(tmp_path)
     out = tmp_path / "out"
-    stream.init_checkpoint(base, out, pissa.AdapterConfig(**CFG), progress=False)
+    init_checkpoint(base, out, pissa.AdapterConfig(**CFG), progress=False)
 
     def meta_model() -> torch.nn.Module:
         with torch.device("meta"):

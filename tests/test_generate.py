@@ -14,9 +14,9 @@ import torch
 import pissa
 from pissa.adapter.attach import adapted_layers
 from pissa.cli import main
-from pissa.inference import chat
+from pissa.inference.chat import Streamer, load, render, reply
+from pissa.inference.config import GenerateConfig
 from pissa.runtime.hub import load_model
-from pissa.training.config import GenerateConfig
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -63,16 +63,16 @@ def adapter(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def renders(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[dict[str, str]], str]]:
-    """Every ``(messages, rendered text)`` that chat.render produces during the test."""
+    """Every ``(messages, rendered text)`` that render produces during the test."""
     seen: list[tuple[list[dict[str, str]], str]] = []
-    real = chat.render
+    real = render
 
     def spy(tokenizer, messages):
         text = real(tokenizer, messages)
         seen.append(([dict(m) for m in messages], text))
         return text
 
-    monkeypatch.setattr(chat, "render", spy)
+    monkeypatch.setattr("pissa.inference.chat.render", spy)
     return seen
 
 
@@ -92,8 +92,8 @@ def test_the_reply_streams_token_by_token(tiny: Path) -> None:
     model, tok = load_model(str(tiny / "llama"))
     ids = tok(PROMPT)["input_ids"]
     pieces: list[tuple[str, int]] = []  # (text, tokens generated when it was emitted)
-    streamer = chat.Streamer(tok, lambda text: pieces.append((text, len(streamer.ids))))
-    chat.reply(model, tok, ids, GenerateConfig(max_new_tokens=12, threads=1), streamer)
+    streamer = Streamer(tok, lambda text: pieces.append((text, len(streamer.ids))))
+    reply(model, tok, ids, GenerateConfig(max_new_tokens=12, threads=1), streamer)
     assert len(pieces) > 1 and pieces[0][1] < len(streamer.ids)  # the first piece came before the last token
     assert "".join(p for p, _ in pieces) == streamer.text == _expected(model, tok, ids)
 
@@ -110,11 +110,11 @@ def test_the_adapter_changes_the_output_and_its_recorded_base_is_used(tiny: Path
 
 
 def test_an_adapter_loads_whatever_dtype_it_was_made_on(tiny: Path, adapter: Path, tmp_path: Path, capsys) -> None:
-    model, _ = chat.load(GenerateConfig(adapter=str(adapter), dtype="bfloat16", threads=1))
+    model, _ = load(GenerateConfig(adapter=str(adapter), dtype="bfloat16", threads=1))
     layer = next(adapted_layers(model))[1]
     assert layer.residual.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
     half = _adapter(tiny / "llama", tmp_path / "half", torch.bfloat16)  # made by a --dtype bfloat16 run
-    model, _ = chat.load(GenerateConfig(adapter=str(half), threads=1))
+    model, _ = load(GenerateConfig(adapter=str(half), threads=1))
     assert next(adapted_layers(model))[1].residual.weight.dtype == torch.float32
     assert main(["generate", "--adapter", str(half), "--dtype", "bfloat16", *FAST, PROMPT]) == 0
     assert capsys.readouterr().out.strip()
@@ -154,7 +154,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on_then_ends_at_the_prompt(templ
             return line
         raise line()
 
-    real, calls = chat.reply, []
+    real, calls = reply, []
 
     def interrupted_once(model, tok, ids, cfg, streamer):
         calls.append(ids)
@@ -165,7 +165,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on_then_ends_at_the_prompt(templ
         return real(model, tok, ids, cfg, streamer)
 
     monkeypatch.setattr(builtins, "input", scripted)
-    monkeypatch.setattr(chat, "reply", interrupted_once)
+    monkeypatch.setattr("pissa.cli.generate.reply", interrupted_once)
     assert main(["generate", "--chat", "--model", str(templated), *FAST]) == 0
     captured = capsys.readouterr()
     assert len(calls) == 2 and "(reply stopped)" in captured.err and captured.out.startswith("partial\n")

@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import pissa
 from conftest import finetune, tokenizer_for
 from pissa.cli import main
+from pissa.data.answers import answers_match, extract_answer
+from pissa.data.batches import collate
 from pissa.data.datasets import Example, Message
-from pissa.data.encoding import collate, encode_all, evaluate
+from pissa.data.encoding import encode_all
 from pissa.data.tasks import arithmetic_rows
 from pissa.errors import PissaError
-from pissa.inference import decoding as generation
-from pissa.inference.decoding import answers_match, choose_eval, evaluate_generation, extract_answer, generate
+from pissa.inference.decoding import generate, merged_for_inference, score_and_generate
+from pissa.training.evaluation import choose_eval, evaluate, evaluate_generation
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -88,7 +91,7 @@ def test_long_chats_lose_their_start_then_the_end_of_the_last_reply(tok) -> None
               ("assistant", "Buying 4 more: 3 + 4 = 7.\n#### 7"))
     (full,) = encode_all(tok, [ex], None, "causal-lm", 512)
     n_reply = len(full.ids) - full.n_prompt
-    with pytest.warns(UserWarning, match=f"1 of 1 chat examples exceed --max-length {n_reply + 3} .*has {len(full.ids)} tokens"):
+    with pytest.warns(UserWarning, match=f"1 of 1 chat examples exceed `max_length` {n_reply + 3} .*has {len(full.ids)} tokens"):
         (short,) = encode_all(tok, [ex], None, "causal-lm", n_reply + 3)  # the reply and 3 tokens of context
     assert short.ids == full.ids[-(n_reply + 3) :] and short.n_prompt == 3 and short.mask == (False,) * 3 + (True,) * n_reply
     with pytest.warns(UserWarning):
@@ -159,7 +162,7 @@ def test_choose_eval() -> None:
     assert choose_eval("likelihood", "causal-lm", None, marked, "d") == "likelihood"
     assert choose_eval("generate", "causal-lm", None, plain, "d") == "generate"
     for kind, labels in (("causal-lm", [" a", " b"]), ("seq-cls", None)):
-        with pytest.raises(PissaError, match="--eval generate needs"):
+        with pytest.raises(PissaError, match="`eval` generate needs"):
             choose_eval("generate", kind, labels, marked, "d")
 
 
@@ -191,7 +194,7 @@ def test_generation_eval_scores_exact_match_of_the_generated_answers(tok, monkey
     answers = [r.splitlines()[-1] for r in refs]  # "#### N"
     forced = [f"Some work.\n{answers[0]}", f"{answers[1]}1", f"The answer is: {answers[2][5:]}", "I do not know"]
     model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
-    real = generation.score_and_generate
+    real = score_and_generate
     seen: list[list[int]] = []
 
     def fake(model, items, **kwargs):
@@ -199,7 +202,7 @@ def test_generation_eval_scores_exact_match_of_the_generated_answers(tok, monkey
         seen.extend(list(e.ids[: e.n_prompt]) for e in items)
         return total, count, [tok(text, add_special_tokens=False)["input_ids"] for text in forced]
 
-    monkeypatch.setattr(generation, "score_and_generate", fake)
+    monkeypatch.setattr("pissa.training.evaluation.score_and_generate", fake)
     result = evaluate_generation(model, tok, items, refs, pad_id=tok.pad_token_id, max_new_tokens=64, batch_size=3)
     assert seen == [list(e.ids[: e.n_prompt]) for e in items]  # every prompt, once
     assert result["accuracy"] == pytest.approx(2 / 4)  # 0 and 2 match; 1 has an extra digit; 3 has no number
@@ -218,7 +221,7 @@ def test_one_pass_scoring_equals_the_loss_pass_and_generation_apart(tok) -> None
     assert items[-1].mask is not None and any(items[-1].mask[: items[-1].n_prompt])  # a target inside the context
     model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
     for batch_size in (1, 4):
-        total, count, outputs = generation.score_and_generate(model, items, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id],
+        total, count, outputs = score_and_generate(model, items, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id],
                                                               max_new_tokens=9, batch_size=batch_size)
         expected = evaluate(model, items, None, None, "causal-lm", tok.pad_token_id)
         assert count == sum(e.n_targets for e in items) and total / count == pytest.approx(expected["loss"], rel=1e-5)
@@ -228,25 +231,24 @@ def test_one_pass_scoring_equals_the_loss_pass_and_generation_apart(tok) -> None
 
 def test_generation_runs_on_a_merged_copy_of_the_adapted_layers(tok) -> None:
     """In float32 the adapted layers are swapped for merged ones while generating (same tokens), then put back."""
-    import pissa
 
     model = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id)
     pissa.attach(model, pissa.AdapterConfig(method="pissa", rank=4))
     with torch.no_grad():
-        for _, layer in pissa.adapter.attach.adapted_layers(model):
+        for _, layer in pissa.adapted_layers(model):
             layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))  # a trained-looking update
-    layers = dict(pissa.adapter.attach.adapted_layers(model))
+    layers = dict(pissa.adapted_layers(model))
     prompts = [list(e.ids[: e.n_prompt]) for e in encode_all(tok, [chat(("user", r["messages"][0]["content"]),
                ("assistant", r["messages"][1]["content"])) for r in ROWS[:4]], None, "causal-lm", 256)]
     adapted = generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8, batch_size=4)
-    with generation.merged_for_inference(model) as merged:
-        assert merged and not list(pissa.adapter.attach.adapted_layers(model))
+    with merged_for_inference(model) as merged:
+        assert merged and not list(pissa.adapted_layers(model))
         assert generate(model, prompts, pad_id=tok.pad_token_id, end_ids=[tok.eos_token_id], max_new_tokens=8,
                         batch_size=4) == adapted
-    assert dict(pissa.adapter.attach.adapted_layers(model)) == layers  # the very same layer objects again
+    assert dict(pissa.adapted_layers(model)) == layers  # the very same layer objects again
     half = _llama(len(tok), eos=tok.eos_token_id, pad=tok.pad_token_id).to(torch.bfloat16)
     pissa.attach(half, pissa.AdapterConfig(method="pissa", rank=4))
-    with generation.merged_for_inference(half) as merged:
+    with merged_for_inference(half) as merged:
         assert not merged  # a half-precision residual would be rounded: left as it is
 
 

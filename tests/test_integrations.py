@@ -1,4 +1,4 @@
-"""A pissa-attached model in transformers' Trainer and TRL's SFTTrainer (pissa.integrations.trainer):
+"""A pissa-attached model in transformers' Trainer and TRL's SFTTrainer (pissa.integrations):
 checkpoints and ``save_model`` hold the adapter and no model weights, they load with
 ``pissa.load_adapter``, resuming from a checkpoint ends with the uninterrupted run's adapter,
 ``load_best_model_at_end`` works, merge gives the model its own ``save_pretrained`` back."""

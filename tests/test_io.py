@@ -92,7 +92,7 @@ def test_failed_save_leaves_previous_adapter(tmp_path, monkeypatch) -> None:
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pissa.files.adapter_dir, "save_file", boom)
+    monkeypatch.setattr("pissa.files.adapter_dir.save_file", boom)
     with pytest.raises(OSError):
         pissa.save_adapter(model, tmp_path / "a")
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
@@ -144,7 +144,7 @@ def test_truncate_keeps_the_best_rank_k_and_reports_the_discarded_values() -> No
 def test_export_max_rank_truncates_reports_its_error_and_loads_in_peft(tmp_path) -> None:
     from peft import PeftModel
 
-    from pissa.files.adapter_dir import EXPORT_NOTE
+    from pissa.adapter.export import EXPORT_NOTE
 
     base = tiny_llama()
     model = pissa.attach(copy.deepcopy(base), pissa.AdapterConfig(rank=4))

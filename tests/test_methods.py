@@ -15,7 +15,8 @@ import torch
 
 import pissa
 from conftest import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.methods.registry import InitOptions, init_structured
+from pissa.methods.inputs import InitOptions
+from pissa.methods.registry import init_structured
 
 FAMILY = WEIGHT_ONLY
 TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",)}

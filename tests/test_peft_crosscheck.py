@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import pissa
-from pissa.calibration.collect import calibration_batches
-from pissa.data.encoding import loss_sum
+from pissa.calibration.batches import calibration_batches
+from pissa.data.loss import loss_sum
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,8 @@ def test_corda_matches_peft(setup, tmp_path) -> None:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    from pissa.methods.registry import InitOptions, Stats, init_structured
+    from pissa.methods.inputs import InitOptions, Stats
+    from pissa.methods.registry import init_structured
 
     model, batches, stats = setup
     ours = _ours(model, stats, "corda", tmp_path)

@@ -12,11 +12,13 @@ from torch import nn
 
 import pissa
 from conftest import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.analysis import quant_error
-from pissa.methods import nf4 as nf4_mod
-from pissa.methods import qpissa
+from pissa.adapter.quantized import NF4Linear, _NF4MatMul
+from pissa.analysis.quant_error import nuclear_norm, reduction_ratio
 from pissa.methods.factors import residual_of
-from pissa.methods.registry import InitOptions, pissa_init
+from pissa.methods.inits import pissa_init
+from pissa.methods.inputs import InitOptions
+from pissa.methods.nf4 import nf4, nf4_quantize
+from pissa.methods.qpissa import loftq_iterates, qpissa_iterates
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 NF4_LEVELS = torch.tensor([
@@ -50,24 +52,24 @@ def spectral_matrix(out_f: int = 64, in_f: int = 128, seed: int = 0) -> torch.Te
 def test_nf4_round_trip_matches_the_code_book(shape) -> None:
     """Including the shapes whose rows are not multiples of 64 (bitsandbytes' 2-D CPU dequantize gets those wrong)."""
     X = torch.randn(shape)
-    assert torch.equal(nf4_mod.nf4(X), nf4_reference(X))
-    codes, absmax = nf4_mod.nf4_quantize(X)
+    assert torch.equal(nf4(X), nf4_reference(X))
+    codes, absmax = nf4_quantize(X)
     assert codes.dtype == torch.uint8 and codes.numel() == (X.numel() + 1) // 2 and absmax.numel() == -(-X.numel() // 64)
     batch = torch.randn(3, *shape)
-    assert torch.equal(nf4_mod.nf4(batch), torch.stack([nf4_reference(b) for b in batch]))
+    assert torch.equal(nf4(batch), torch.stack([nf4_reference(b) for b in batch]))
 
 
 def test_decompose_quantized_is_the_dequantized_residual_plus_ba() -> None:
     W = spectral_matrix()
     d = pissa.decompose(W, 8, quantize="nf4", svd="exact")
     opt = InitOptions(svd="exact")
-    steps = qpissa.qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 8, opt), opt)
+    steps = qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 8, opt), opt)
     for _ in range(5):  # the default iterations: residual Q_5, factors A_5, B_5
         Q, A, B = next(steps)
     assert torch.equal(d.A, A[0]) and torch.equal(d.B, B[0])
     assert relative_error(d.residual, Q[0]) < 1e-3  # the same NF4 codes up to a rare rounding tie
     error = relative_error(d.residual + d.B @ d.A, W)
-    assert 0 < error < relative_error(nf4_mod.nf4(W), W)  # better than quantizing W itself (QLoRA)
+    assert 0 < error < relative_error(nf4(W), W)  # better than quantizing W itself (QLoRA)
     plain = pissa.decompose(W, 8)
     assert relative_error(d.B @ d.A, plain.B @ plain.A) < 0.1  # the iterations move the factors only a little
 
@@ -75,24 +77,24 @@ def test_decompose_quantized_is_the_dequantized_residual_plus_ba() -> None:
 def test_nuclear_norm_matches_svdvals() -> None:
     E = torch.randn(3, 20, 50)
     expected = torch.linalg.svdvals(E.double()).sum(-1)
-    assert torch.allclose(quant_error.nuclear_norm(E), expected, rtol=1e-10)
-    assert torch.allclose(quant_error.nuclear_norm(E.mT), expected, rtol=1e-10)
+    assert torch.allclose(nuclear_norm(E), expected, rtol=1e-10)
+    assert torch.allclose(nuclear_norm(E.mT), expected, rtol=1e-10)
 
 
 def test_reduction_ratio_is_zero_for_qlora_positive_and_grows_with_rank() -> None:
     W = spectral_matrix().unsqueeze(0)
-    assert quant_error.reduction_ratio(W, nf4_mod.nf4(W), torch.zeros(1, 1, 128), torch.zeros(1, 64, 1)).item() == 0.0
+    assert reduction_ratio(W, nf4(W), torch.zeros(1, 1, 128), torch.zeros(1, 64, 1)).item() == 0.0
     ratios = []
     for r in (2, 8, 24):
         opt = InitOptions(svd="exact")
         A, B = pissa_init(W, r, opt)
-        steps = qpissa.qpissa_iterates(W, A, B, opt)
-        one = quant_error.reduction_ratio(W, *next(steps))
+        steps = qpissa_iterates(W, A, B, opt)
+        one = reduction_ratio(W, *next(steps))
         for _ in range(3):
             next(steps)
-        five = quant_error.reduction_ratio(W, *next(steps))
-        loftq = qpissa.loftq_iterates(W, r, opt)
-        loftq_one = quant_error.reduction_ratio(W, *next(loftq))
+        five = reduction_ratio(W, *next(steps))
+        loftq = loftq_iterates(W, r, opt)
+        loftq_one = reduction_ratio(W, *next(loftq))
         assert 0 <= one.item() < five.item() and loftq_one.item() >= 0
         ratios.append(five.item())
     assert ratios[0] < ratios[1] < ratios[2]
@@ -103,10 +105,10 @@ def test_qpissa_iterates_end_on_the_svd_step() -> None:
     W = spectral_matrix().unsqueeze(0)
     opt = InitOptions(svd="exact")
     A0, B0 = pissa_init(W, 6, opt)
-    steps = qpissa.qpissa_iterates(W, A0, B0, opt)
+    steps = qpissa_iterates(W, A0, B0, opt)
     Q1, A1, B1 = next(steps)
     Q2, A2, B2 = next(steps)
-    assert torch.equal(Q1, nf4_mod.nf4(W - B0 @ A0)) and torch.equal(Q2, nf4_mod.nf4(W - B1 @ A1))
+    assert torch.equal(Q1, nf4(W - B0 @ A0)) and torch.equal(Q2, nf4(W - B1 @ A1))
     fit, _ = pissa_init(W - Q2, 6, opt)
     assert torch.equal(A2, fit)
     # the SVD step is optimal for its Q: never worse (Frobenius) than keeping the previous factors
@@ -119,7 +121,7 @@ def test_attach_holds_a_4bit_residual_and_stays_close_to_the_base() -> None:
     pissa.attach(model, pissa.AdapterConfig(rank=4, quantize="nf4"))
     for _, layer in pissa.adapted_layers(model):
         res = layer.residual
-        assert isinstance(res, nf4_mod.NF4Linear) and layer.weight.dtype == torch.uint8
+        assert isinstance(res, NF4Linear) and layer.weight.dtype == torch.uint8
         stored = sum(b.numel() * b.element_size() for b in res.buffers())
         assert stored == pytest.approx(0.5625 * layer.in_features * layer.out_features, rel=0.02)
     assert relative_error(logits(model), before) < 0.1
@@ -139,11 +141,11 @@ def test_refinement_lowers_the_layer_error_and_leaves_lora_alone() -> None:
     assert five < one
     # the residual is nf4(W - s Br Ar) with the previous iteration's factors; A0, B0 are refit to it, so the
     # init is better than re-quantizing after the last SVD step (the former behaviour: nf4(W - s B0 A0) + s B0 A0)
-    assert torch.equal(layer.residual.dequantized(), nf4_mod.nf4(residual_of(W, layer.Ar, layer.Br, layer.scaling)))
-    requantized = nf4_mod.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)) + layer.scaling * layer.B0 @ layer.A0
+    assert torch.equal(layer.residual.dequantized(), nf4(residual_of(W, layer.Ar, layer.Br, layer.scaling)))
+    requantized = nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)) + layer.scaling * layer.B0 @ layer.A0
     assert five < relative_error(requantized, W)
     _, qlora = error(pissa.AdapterConfig(method="lora", rank=6, quantize="nf4"))
-    assert not qlora.B0.any() and torch.equal(qlora.residual.dequantized(), nf4_mod.nf4(W)) and qlora.Ar is None
+    assert not qlora.B0.any() and torch.equal(qlora.residual.dequantized(), nf4(W)) and qlora.Ar is None
 
 
 def test_attach_output_is_qt_plus_bt_at() -> None:
@@ -153,7 +155,7 @@ def test_attach_output_is_qt_plus_bt_at() -> None:
     model[0].weight.data.copy_(W)
     layer = pissa.attach(model, pissa.AdapterConfig(rank=6, quantize="nf4", quant_iters=3, svd="exact"))[0]
     opt = InitOptions(svd="exact")
-    steps = qpissa.qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 6, opt), opt)
+    steps = qpissa_iterates(W.unsqueeze(0), *pissa_init(W.unsqueeze(0), 6, opt), opt)
     for _ in range(3):
         Q, A, B = next(steps)
     assert torch.equal(layer.residual.dequantized(), Q[0])  # s = 1: the same residual, bit for bit
@@ -163,7 +165,7 @@ def test_attach_output_is_qt_plus_bt_at() -> None:
 
 
 def test_4bit_backward_matches_the_dense_dequantized_layer() -> None:
-    layer = nf4_mod.NF4Linear(torch.randn(40, 48), torch.randn(40))
+    layer = NF4Linear(torch.randn(40, 48), torch.randn(40))
     dense = layer.to_dense()
     assert isinstance(dense, nn.Linear) and torch.equal(dense.weight, layer.dequantized())
     x1 = torch.randn(5, 48, requires_grad=True)
@@ -197,7 +199,7 @@ def test_save_load_round_trip_rebuilds_identical_4bit_residuals(tmp_path, arch) 
     pissa.save_adapter(model, tmp_path / "a")
     loaded = pissa.load_adapter(copy.deepcopy(base), tmp_path / "a")
     for (n1, a), (n2, b) in zip(pissa.adapted_layers(loaded), pissa.adapted_layers(model)):
-        assert n1 == n2 and isinstance(a.residual, nf4_mod.NF4Linear)
+        assert n1 == n2 and isinstance(a.residual, NF4Linear)
         assert torch.equal(a.residual.codes, b.residual.codes) and torch.equal(a.residual.absmax, b.residual.absmax)
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
         assert b.Ar is not None and torch.equal(a.Ar, b.Ar) and torch.equal(a.Br, b.Br)
@@ -222,7 +224,7 @@ def test_merge_gives_dense_layers_with_the_same_outputs() -> None:
         train_steps(model, [TOKENS], lm_loss, steps=2)
         trained = logits(model)
         pissa.merge(model)
-        assert not any(isinstance(m, (pissa.PissaLinear, nf4_mod.NF4Linear)) for m in model.modules())
+        assert not any(isinstance(m, (pissa.PissaLinear, NF4Linear)) for m in model.modules())
         assert relative_error(logits(model), trained) <= 1e-5
 
 
@@ -240,11 +242,11 @@ def test_adapter_without_residual_factors_still_loads(tmp_path) -> None:
     for name, layer in pissa.adapted_layers(loaded):
         W = base.get_submodule(name).weight.detach()
         assert layer.Ar is None
-        assert torch.equal(layer.residual.dequantized(), nf4_mod.nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)))
+        assert torch.equal(layer.residual.dequantized(), nf4(residual_of(W, layer.A0, layer.B0, layer.scaling)))
 
 
 def test_export_peft_warns_that_the_lora_applies_to_the_unquantized_base(tmp_path) -> None:
-    from pissa.files.adapter_dir import peft_factors
+    from pissa.adapter.export import peft_factors
 
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize="nf4"))
     train_steps(model, [TOKENS], lm_loss, steps=2)
@@ -299,10 +301,9 @@ def test_quant_error_table_per_projection_type() -> None:
 
 def test_analyze_quant_error_command_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys) -> None:
     from pissa import cli
-    from pissa.analysis import quant_error
 
     weights = {f"model.layers.{i}.mlp.up_proj": spectral_matrix(32, 64, seed=i) for i in range(2)}
-    monkeypatch.setattr(quant_error, "model_weights", lambda *a: weights)
+    monkeypatch.setattr("pissa.analysis.quant_error.model_weights", lambda *a: weights)
     out = tmp_path / "qe"
     assert cli.main(["analyze", "quant-error", "--model", "tiny", "--rank", "4", "--iters", "1,2", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["quant_error.csv", "quant_error.md", "quant_error.png"]
@@ -318,9 +319,9 @@ def test_bitsandbytes_4bit_matmul_reads_our_codes(device: str, shape: tuple[int,
     forward and input gradient, within 1e-5 relative (float32). On the CPU only in_features that are multiples
     of 64 are checked: bitsandbytes 0.50's CPU kernel misreads the others (why the CPU path dequantizes)."""
     out_f, in_f = shape
-    layer = nf4_mod.NF4Linear(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))).to(device)
+    layer = NF4Linear(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))).to(device)
     x = torch.randn(7, in_f, device=device, requires_grad=True)
-    ref = nf4_mod._NF4MatMul.apply(x, layer)
+    ref = _NF4MatMul.apply(x, layer)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
     assert layer.quant_state(torch.float32).shape == (out_f, in_f)
     if device == "cpu" and in_f % 64:

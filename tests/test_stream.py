@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 import pissa
 from conftest import DEVICES, TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import cli
-from pissa.adapter import attach as pmodel
-from pissa.adapter.attach import find_targets
-from pissa.checkpoints import init as stream
+from pissa.adapter.targets import find_targets
+from pissa.checkpoints.architecture import describe, describe_in_child
+from pissa.checkpoints.folder import INDEX, open_checkpoint
+from pissa.checkpoints.init import do_target, init_checkpoint, resolve_targets
+from pissa.checkpoints.merge import merge_checkpoint, merge_state_dict
+from pissa.files.safetensors import write_at
 
 CFG = pissa.AdapterConfig(rank=4, alpha=8.0, seed=3)
 
@@ -45,7 +48,7 @@ def adapter_of(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def in_memory(base, tmp_path: Path, monkeypatch, single: bool):
     """attach + save_adapter on a copy of base; ``single`` decomposes one layer per batch (as streaming does)."""
     if single:
-        monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)
+        monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)
     model = pissa.attach(copy.deepcopy(base), CFG)
     pissa.save_adapter(model, tmp_path / "ref")
     return model
@@ -64,7 +67,7 @@ def test_stream_equals_in_memory_attach_exactly(tmp_path, monkeypatch, llama_dir
     src = llama_dir if make is tiny_llama else tmp_path / "gpt2"
     if make is tiny_gpt2:
         base.save_pretrained(src)
-    out = stream.init_checkpoint(src, tmp_path / "out", CFG, progress=False)
+    out = init_checkpoint(src, tmp_path / "out", CFG, progress=False)
     model = in_memory(base, tmp_path, monkeypatch, single=True)
     (doc, tensors), (ref_doc, ref_tensors) = adapter_of(out / "adapter"), adapter_of(tmp_path / "ref")
     assert doc == ref_doc  # same layers, digests of base and residual, config
@@ -80,7 +83,7 @@ def test_stream_equals_in_memory_attach_exactly(tmp_path, monkeypatch, llama_dir
 
 def test_stream_close_to_batched_attach(tmp_path, monkeypatch, llama_dir) -> None:
     """In memory, equal shapes are decomposed as one batch: the factors agree up to matmul rounding."""
-    out = stream.init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
+    out = init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
     in_memory(tiny_llama(), tmp_path, monkeypatch, single=False)
     (_, tensors), (_, ref) = adapter_of(out / "adapter"), adapter_of(tmp_path / "ref")
     for k in tensors:
@@ -90,7 +93,7 @@ def test_stream_close_to_batched_attach(tmp_path, monkeypatch, llama_dir) -> Non
 def test_residual_model_and_base_both_load_the_adapter(tmp_path, llama_dir) -> None:
     from transformers import LlamaForCausalLM
 
-    out = stream.init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
+    out = init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
     base_logits = logits(tiny_llama())
     from_residual = pissa.load_adapter(LlamaForCausalLM.from_pretrained(out / "residual"), out / "adapter")
     from_base = pissa.load_adapter(LlamaForCausalLM.from_pretrained(llama_dir), out / "adapter")
@@ -103,8 +106,8 @@ def test_residual_model_and_base_both_load_the_adapter(tmp_path, llama_dir) -> N
 
 
 def test_killed_init_resumes_and_verifies(tmp_path, monkeypatch, llama_dir) -> None:
-    reference = stream.init_checkpoint(llama_dir, tmp_path / "ref", CFG, progress=False)
-    real, calls = stream._do_target, []
+    reference = init_checkpoint(llama_dir, tmp_path / "ref", CFG, progress=False)
+    real, calls = do_target, []
 
     def dies_after_5(*args):
         if len(calls) == 5:
@@ -112,18 +115,18 @@ def test_killed_init_resumes_and_verifies(tmp_path, monkeypatch, llama_dir) -> N
         calls.append(args[1].name)
         real(*args)
 
-    monkeypatch.setattr(stream, "_do_target", dies_after_5)
+    monkeypatch.setattr("pissa.checkpoints.init.do_target", dies_after_5)
     with pytest.raises(KeyboardInterrupt):
-        stream.init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
+        init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
     assert not (tmp_path / "out").exists()
     work = tmp_path / ".out.tmp-init"
     # damage one finished target's residual bytes: the rerun must notice and redo it
-    first = stream.resolve_targets(stream.open_checkpoint(llama_dir), CFG.targets)[0]
-    entry = stream.open_checkpoint(llama_dir).entries[first.key]
-    stream._write_at(work / "residual" / entry.shard, entry.start, torch.zeros(4, dtype=torch.uint8))
+    first = resolve_targets(open_checkpoint(llama_dir), CFG.targets)[0]
+    entry = open_checkpoint(llama_dir).entries[first.key]
+    write_at(work / "residual" / entry.shard, entry.start, torch.zeros(4, dtype=torch.uint8))
     calls.clear()
-    monkeypatch.setattr(stream, "_do_target", lambda *a: (calls.append(a[1].name), real(*a)))
-    out = stream.init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
+    monkeypatch.setattr("pissa.checkpoints.init.do_target", lambda *a: (calls.append(a[1].name), real(*a)))
+    out = init_checkpoint(llama_dir, tmp_path / "out", CFG, progress=False)
     assert len(calls) == 14 - 5 + 1 and first.name in calls
     files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
@@ -152,7 +155,7 @@ def test_targets_from_architecture_are_all_linear(tmp_path, arch) -> None:
     config = getattr(transformers, config_cls)(**sizes, **extra)
     model = getattr(transformers, model_cls)(config)
     model.save_pretrained(tmp_path)
-    targets = stream.resolve_targets(stream.open_checkpoint(tmp_path), "all-linear")
+    targets = resolve_targets(open_checkpoint(tmp_path), "all-linear")
     assert [t.name for t in targets] == find_targets(model, "all-linear")
     assert all(t.conv1d == (arch == "gpt2") for t in targets)
 
@@ -203,9 +206,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, llama_dir, ca
     elif damage == "no-config":
         (src / "config.json").unlink()
     elif damage == "nan-weight":  # found only when that tensor is read, after other targets are done
-        target = stream.resolve_targets(stream.open_checkpoint(src), "all-linear")[5]
-        entry = stream.open_checkpoint(src).entries[target.key]
-        stream._write_at(src / entry.shard, entry.start, torch.tensor([float("nan")]))
+        target = resolve_targets(open_checkpoint(src), "all-linear")[5]
+        entry = open_checkpoint(src).entries[target.key]
+        write_at(src / entry.shard, entry.start, torch.tensor([float("nan")]))
     else:
         rank = "999"
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -220,8 +223,8 @@ def test_quantized_init_loads_to_the_in_memory_qpissa_model(tmp_path, monkeypatc
     from transformers import LlamaForCausalLM
 
     cfg = pissa.AdapterConfig(rank=4, quantize="nf4", quant_iters=2, seed=3)
-    out = stream.init_checkpoint(llama_dir, tmp_path / "out", cfg, progress=False)
-    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)
+    out = init_checkpoint(llama_dir, tmp_path / "out", cfg, progress=False)
+    monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)
     model = pissa.attach(tiny_llama(), cfg)
     pissa.save_adapter(model, tmp_path / "ref")
     (doc, tensors), (ref_doc, ref_tensors) = adapter_of(out / "adapter"), adapter_of(tmp_path / "ref")
@@ -260,7 +263,7 @@ def assert_same_tensors(stored: dict[str, torch.Tensor], ref: dict[str, torch.Te
 def test_merged_checkpoint_equals_in_memory_merge(tmp_path, monkeypatch, llama_dir, case) -> None:
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)  # one layer per batch, as `pissa init` decomposes
+    monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)  # one layer per batch, as `pissa init` decomposes
     if case.startswith("gpt2"):
         src = tmp_path / "gpt2"
         tiny_gpt2().save_pretrained(src)
@@ -268,10 +271,10 @@ def test_merged_checkpoint_equals_in_memory_merge(tmp_path, monkeypatch, llama_d
     else:
         src = llama_dir
         if case.endswith("residual"):  # the residual checkpoint of `pissa init`, then the same adapter trained in memory
-            src = stream.init_checkpoint(llama_dir, tmp_path / "init", CFG, progress=False) / "residual"
+            src = init_checkpoint(llama_dir, tmp_path / "init", CFG, progress=False) / "residual"
         model = trained(tiny_llama())
     pissa.save_adapter(model, tmp_path / "adapter")
-    out = stream.merge_checkpoint(src, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    out = merge_checkpoint(src, tmp_path / "adapter", tmp_path / "merged", progress=False)
     ref = merged_state(model)
     stored = residual_tensors(out)
     assert stored.keys() == residual_tensors(src).keys()
@@ -292,7 +295,7 @@ def test_merge_state_dict_equals_merge_and_leaves_its_input(tmp_path, make) -> N
     model = trained(make())
     pissa.save_adapter(model, tmp_path / "adapter")
     before = {k: v.clone() for k, v in base.items()}
-    merged = stream.merge_state_dict(base, tmp_path / "adapter")
+    merged = merge_state_dict(base, tmp_path / "adapter")
     assert merged.keys() == base.keys()
     assert_same_tensors(merged, merged_state(model))
     assert all(torch.equal(base[k], before[k]) for k in base)  # pure
@@ -312,7 +315,7 @@ def test_merge_state_dict_with_a_core_or_zero_b0_equals_merge(tmp_path, method) 
     """Methods with a core (B C A, diagonal or full) fold it as pissa.merge does; LoRA's B0 = 0."""
     model = trained(tiny_llama(), pissa.AdapterConfig(method=method, rank=4, alpha=8.0, seed=3))
     pissa.save_adapter(model, tmp_path / "adapter")
-    assert_same_tensors(stream.merge_state_dict(tiny_llama().state_dict(), tmp_path / "adapter"), merged_state(model))
+    assert_same_tensors(merge_state_dict(tiny_llama().state_dict(), tmp_path / "adapter"), merged_state(model))
 
 
 def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsys) -> None:
@@ -323,13 +326,13 @@ def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsy
         other.model.layers[1].mlp.down_proj.weight.add_(0.01)
     other.save_pretrained(tmp_path / "other", max_shard_size="40KB")
     with pytest.raises(pissa.PissaError, match=r"different base model \(weights of 'model.layers.1.mlp.down_proj' differ") as e:
-        stream.merge_checkpoint(tmp_path / "other", tmp_path / "adapter", tmp_path / "merged", progress=False)
+        merge_checkpoint(tmp_path / "other", tmp_path / "adapter", tmp_path / "merged", progress=False)
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "other"]  # no output, no work folder
     with pytest.raises(pissa.PissaError, match="different base model"):
-        stream.merge_state_dict(other.state_dict(), tmp_path / "adapter")
+        merge_state_dict(other.state_dict(), tmp_path / "adapter")
     with pytest.raises(pissa.PissaError, match="made for another model"):
-        stream.merge_state_dict({k: v for k, v in other.state_dict().items() if "q_proj" not in k}, tmp_path / "adapter")
+        merge_state_dict({k: v for k, v in other.state_dict().items() if "q_proj" not in k}, tmp_path / "adapter")
     capsys.readouterr()
     export = ["export", str(tmp_path / "adapter"), "--model", str(tmp_path / "other"), "--out", str(tmp_path / "m"), "--merged"]
     assert cli.main(export) == 2
@@ -341,12 +344,12 @@ def test_wrong_base_is_refused_and_nothing_is_written(tmp_path, llama_dir, capsy
 def test_qpissa_merge_is_the_unquantized_merge(tmp_path, monkeypatch, llama_dir) -> None:
     """W + s (B A - Br Ar), from the base or from the dense residual `pissa init --quantize nf4` wrote."""
     cfg = pissa.AdapterConfig(rank=4, quantize="nf4", quant_iters=2, seed=3)
-    init = stream.init_checkpoint(llama_dir, tmp_path / "init", cfg, progress=False)
-    monkeypatch.setattr(pmodel, "BATCH_BYTES", 1)
+    init = init_checkpoint(llama_dir, tmp_path / "init", cfg, progress=False)
+    monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)
     model = trained(tiny_llama(), cfg)
     pissa.save_adapter(model, tmp_path / "adapter")
-    from_base = stream.merge_state_dict(residual_tensors(llama_dir), tmp_path / "adapter")
-    from_residual = stream.merge_state_dict(residual_tensors(init / "residual"), tmp_path / "adapter")
+    from_base = merge_state_dict(residual_tensors(llama_dir), tmp_path / "adapter")
+    from_residual = merge_state_dict(residual_tensors(init / "residual"), tmp_path / "adapter")
     quantized = merged_state(model)
     base = tiny_llama().state_dict()
     for name, layer in pissa.adapted_layers(model):
@@ -376,11 +379,11 @@ def test_classifier_head_is_written_into_the_merged_checkpoint(tmp_path, llama_d
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["head"] == ["score.weight"]
     ref = merged_state(model)
     # a causal-LM checkpoint has no score.weight: it is appended to the last shard and indexed
-    out = stream.merge_checkpoint(llama_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    out = merge_checkpoint(llama_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
     stored = residual_tensors(out)
     assert set(stored) - set(residual_tensors(llama_dir)) == {"score.weight"}
     assert_same_tensors({k: v for k, v in stored.items() if k in ref}, ref)
-    index = json.loads((out / stream.INDEX).read_text())
+    index = json.loads((out / INDEX).read_text())
     assert index["weight_map"]["score.weight"] == sorted(out.glob("*.safetensors"))[-1].name
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
     with torch.no_grad():
@@ -389,7 +392,7 @@ def test_classifier_head_is_written_into_the_merged_checkpoint(tmp_path, llama_d
     # a checkpoint that has the (untrained) head: it is replaced
     with torch.no_grad():
         classifier(llama_dir).save_pretrained(tmp_path / "cls", max_shard_size="40KB")
-    out = stream.merge_checkpoint(tmp_path / "cls", tmp_path / "adapter", tmp_path / "merged-cls", progress=False)
+    out = merge_checkpoint(tmp_path / "cls", tmp_path / "adapter", tmp_path / "merged-cls", progress=False)
     assert torch.equal(residual_tensors(out)["score.weight"], ref["score.weight"])
 
 
@@ -397,7 +400,8 @@ MEASURE = """
 import json, os, sys
 from pathlib import Path
 import pissa
-from pissa.checkpoints import init as stream
+from pissa.checkpoints.init import init_checkpoint
+from pissa.checkpoints.merge import merge_checkpoint
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -411,9 +415,9 @@ if sys.argv[4] == "dropped":                         # the checkpoint out of the
 Path("/proc/self/clear_refs").write_text("5")        # reset this process's peak RSS (VmHWM)
 before = status("VmRSS")
 if what == "init":
-    stream.init_checkpoint(src, out, pissa.AdapterConfig(rank=4), progress=False)
+    init_checkpoint(src, out, pissa.AdapterConfig(rank=4), progress=False)
 else:
-    stream.merge_checkpoint(src, sys.argv[5], out, progress=False)
+    merge_checkpoint(src, sys.argv[5], out, progress=False)
 print(json.dumps({"before": before, "peak": status("VmHWM"), "transformers": "transformers" in sys.modules}))
 """
 
@@ -471,6 +475,6 @@ def test_peak_memory_is_bounded_whatever_the_page_cache_holds(tmp_path) -> None:
 )
 def test_architecture_read_in_a_child_process_is_the_same(tmp_path, make, targets) -> None:
     make().save_pretrained(tmp_path)
-    found = stream._describe_in_child(tmp_path, targets)
-    assert found == stream._describe(tmp_path, targets)
+    found = describe_in_child(tmp_path, targets)
+    assert found == describe(tmp_path, targets)
     assert ("error" in found) == (make is tiny_llama) and any(found["conv1d"].values()) == (make is tiny_gpt2)

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from pissa.data.answers import extract_answer
 from pissa.data.datasets import load_dataset
 from pissa.data.tasks import ARITHMETIC_SIZE, arithmetic_problem, arithmetic_problems, arithmetic_rows
-from pissa.inference.decoding import extract_answer
 
 LINE = re.compile(r"^(.+): (\d+) ([-+*/]) (\d+) = (\d+)\.$")
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}

@@ -15,12 +15,17 @@ from safetensors.torch import load_file
 
 import pissa
 from conftest import finetune, sentiment_rows
-from pissa import AdapterConfig
+from pissa.adapter.config import AdapterConfig
 from pissa.cli import main
-from pissa.data.datasets import Example
-from pissa.data.encoding import collate, encode, evaluate
-from pissa.training import run as train_mod
-from pissa.training.run import RunConfig, lr_at, step_indices
+from pissa.data.batches import collate
+from pissa.data.datasets import Example, load_data
+from pissa.data.encoding import encode
+from pissa.training.checkpoint import WEIGHTS
+from pissa.training.config import RunConfig
+from pissa.training.evaluation import evaluate
+from pissa.training.loop import train_step
+from pissa.training.schedule import lr_at, step_indices
+from pissa.training.session import START_TOLERANCE, Session, start_check, starts_at_base
 
 METRIC_KEYS = {"method", "model", "data", "rank", "steps", "lr", "train_loss", "eval_before", "eval_after",
                "trainable_params", "seconds"}
@@ -139,14 +144,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny: Path, tmp_path: 
         finetune(tiny, tmp_path / "split", "--save-every", "4")
     assert json.loads((tmp_path / "split.partial/checkpoint/state.json").read_text())["progress"]["step"] == 4
     assert not (tmp_path / "split").exists()
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.setattr("pissa.training.loop.train_step", real_step)
     assert finetune(tiny, tmp_path / "split", "--save-every", "4", "--resume") == 0
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
 
 
 def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     assert finetune(tiny, tmp_path / "whole", "--save-every", "0") == 0
-    real_step, calls = train_mod.train_step, [0]
+    real_step, calls = train_step, [0]
 
     def interrupted_step(*args, **kwargs):
         calls[0] += 1
@@ -154,11 +159,11 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(tiny: Path, tmp_path: 
             os.kill(os.getpid(), signal.SIGINT)  # the step still finishes, then the loop checkpoints
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    monkeypatch.setattr("pissa.training.loop.train_step", interrupted_step)
     assert finetune(tiny, tmp_path / "split", "--save-every", "0") == 130
     assert "continue with --resume" in capsys.readouterr().out
     assert json.loads((tmp_path / "split.partial/checkpoint/state.json").read_text())["progress"]["step"] == 3
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    monkeypatch.setattr("pissa.training.loop.train_step", real_step)
     assert finetune(tiny, tmp_path / "split", "--save-every", "0", "--lr", "1e-3", "--resume") == 2  # contradicts
     assert "differs from the interrupted run" in capsys.readouterr().err
     assert finetune(tiny, tmp_path / "split", "--resume") == 0
@@ -168,7 +173,7 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(tiny: Path, tmp_path: 
 
 def crash_at_step(monkeypatch, step: int):
     """Make the ``step``-th call of train_step raise RuntimeError("killed"); returns the real train_step."""
-    real_step, calls = train_mod.train_step, [0]
+    real_step, calls = train_step, [0]
 
     def crashing_step(*a, **kw):
         calls[0] += 1
@@ -176,7 +181,7 @@ def crash_at_step(monkeypatch, step: int):
             raise RuntimeError("killed")
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    monkeypatch.setattr("pissa.training.loop.train_step", crashing_step)
     return real_step
 
 
@@ -306,8 +311,8 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
 
 
 def test_validation_split_is_carved_from_training_data_and_never_touches_the_test_split(tiny: Path) -> None:
-    full = train_mod.load_data(str(tiny / "data.jsonl"))
-    carved = train_mod.load_data(str(tiny / "data.jsonl"), val_size=20)
+    full = load_data(str(tiny / "data.jsonl"))
+    carved = load_data(str(tiny / "data.jsonl"), val_size=20)
     test_prompts = {e.prompt for e in full.test}
     assert 20 <= len(carved.test) < 25 and not test_prompts & {e.prompt for e in carved.test}
     assert {e.prompt for e in carved.train} | {e.prompt for e in carved.test} == {e.prompt for e in full.train}
@@ -316,7 +321,7 @@ def test_validation_split_is_carved_from_training_data_and_never_touches_the_tes
 def test_val_size_runs_score_the_validation_split(tiny: Path, tmp_path: Path) -> None:
     assert finetune(tiny, tmp_path / "val", "--val-size", "20", "--eval-size", "20", "--steps", "2") == 0
     m = json.loads((tmp_path / "val" / "metrics.json").read_text())
-    full = train_mod.load_data(str(tiny / "data.jsonl"))
+    full = load_data(str(tiny / "data.jsonl"))
     assert m["eval_split"] == "validation" and m["eval_examples"] == 20 and m["train_examples"] <= len(full.train) - 20
 
 
@@ -398,8 +403,8 @@ def test_full_fine_tuning_trains_every_weight_saves_the_model_and_resumes_exactl
     real_step = crash_at_step(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="killed"):
         finetune(tiny, tmp_path / "split", *args, "--save-every", "4")
-    assert (tmp_path / "split.partial" / "checkpoint" / train_mod.WEIGHTS).is_file()
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert (tmp_path / "split.partial" / "checkpoint" / WEIGHTS).is_file()
+    monkeypatch.setattr("pissa.training.loop.train_step", real_step)
     assert finetune(tiny, tmp_path / "split", *args, "--save-every", "4", "--resume") == 0
     base = AutoModelForCausalLM.from_pretrained(tiny / "llama").state_dict()
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model").state_dict()
@@ -419,8 +424,8 @@ def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Pat
     from pissa.cli import main
 
     calls: list[str] = []
-    evaluate = train_mod.Session.evaluate
-    monkeypatch.setattr(train_mod.Session, "evaluate", lambda self: calls.append(self.cfg.method) or evaluate(self))
+    evaluate = Session.evaluate
+    monkeypatch.setattr(Session, "evaluate", lambda self: calls.append(self.cfg.method) or evaluate(self))
     out = tmp_path / "cmp"
     assert main(["compare", "--methods", "pissa,lora,full", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
                  "--rank", "4", "--steps", "3", "--batch-size", "4", "--eval-size", "8", "--threads", "1",
@@ -435,10 +440,10 @@ def test_compare_runs_pissa_lora_and_full_side_by_side(tiny: Path, tmp_path: Pat
 
 def test_only_float32_exact_starts_share_the_base_evaluation() -> None:
     cfg = RunConfig(adapter=AdapterConfig(method="pissa", rank=4))
-    assert train_mod.starts_at_base(cfg)
-    assert not train_mod.starts_at_base(dataclasses.replace(cfg, dtype="bfloat16"))
-    assert not train_mod.starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(method="lora-sb", rank=4)))
-    assert not train_mod.starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(rank=4, quantize="nf4")))
+    assert starts_at_base(cfg)
+    assert not starts_at_base(dataclasses.replace(cfg, dtype="bfloat16"))
+    assert not starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(method="lora-sb", rank=4)))
+    assert not starts_at_base(dataclasses.replace(cfg, adapter=AdapterConfig(rank=4, quantize="nf4")))
 
 
 def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_path: Path, capsys) -> None:
@@ -446,16 +451,15 @@ def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_p
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [s for s, _ in m["grad_norm"]] == [1, 2, 3] and all(n > 0 for _, n in m["grad_norm"])
     check = m["start_check"]
-    assert check["relative_change"] <= train_mod.START_TOLERANCE["float32"]
+    assert check["relative_change"] <= START_TOLERANCE["float32"]
     assert check["base_loss"] == pytest.approx(check["adapted_loss"], rel=1e-4)
     assert "start check: first batch loss" in capsys.readouterr().out
 
 
 def test_an_inexact_init_stops_before_training_with_one_line(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A residual that is not W - s B0 A0 (simulated: the residual left as W) moves the start; the run refuses."""
-    from pissa.adapter import attach as model_mod
 
-    monkeypatch.setattr(model_mod, "residual_of", lambda W, *a, **kw: W)
+    monkeypatch.setattr("pissa.adapter.attach.residual_of", lambda W, *a, **kw: W)
     assert finetune(tiny, tmp_path / "bad", "--method", "pissa") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("pissa: error: inexact init: attaching pissa moved the first batch's loss")
@@ -478,10 +482,12 @@ def test_packed_rows_compute_the_unpacked_loss(tiny: Path) -> None:
     mask keeps examples apart, so the summed loss and the targets equal those of padded rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pissa.data.encoding import collate, collate_packed, encode_all, loss_sum, pack
+    from pissa.data.batches import collate, collate_packed, pack
+    from pissa.data.encoding import encode_all
+    from pissa.data.loss import loss_sum
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny / "llama"), AutoTokenizer.from_pretrained(tiny / "llama")
-    data = train_mod.load_data(str(tiny / "free.jsonl"))
+    data = load_data(str(tiny / "free.jsonl"))
     items = encode_all(tok, data.train[:12], None, "causal-lm", 120)
     rows = pack(items, 120)
     assert sorted(id(e) for row in rows for e in row) == sorted(id(e) for e in items)
@@ -509,13 +515,16 @@ def test_pack_trains_the_same_run_with_fewer_rows(tiny: Path, tmp_path: Path, ca
     assert "--pack joins examples of a causal LM" in capsys.readouterr().err and not (tmp_path / "cls").exists()
 
 
-def test_the_start_check_reports_a_method_that_starts_elsewhere_by_design(capsys) -> None:
+def test_the_start_check_reports_a_method_that_starts_elsewhere_by_design(caplog) -> None:
     """LoRA-SB (exact_start=False) and a 4-bit residual report their distance; exact methods stop."""
-    from pissa.training.config import AdapterConfig, RunConfig
+    from pissa.adapter.config import AdapterConfig
+    from pissa.training.config import RunConfig
 
     for adapter in (AdapterConfig(method="lora-sb", calibration="stats.safetensors"), AdapterConfig(quantize="nf4")):
-        check = train_mod.start_check(RunConfig(adapter=adapter), 2.0, 1.5)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pissa"):
+            check = start_check(RunConfig(adapter=adapter), 2.0, 1.5)
         assert check["relative_change"] == pytest.approx(0.25)
-        assert "starts off the base by design" in capsys.readouterr().out
+        assert "starts off the base by design" in caplog.text
     with pytest.raises(pissa.PissaError, match="inexact init"):
-        train_mod.start_check(RunConfig(), 2.0, 1.5)
+        start_check(RunConfig(), 2.0, 1.5)

@@ -9,16 +9,17 @@
 import sys
 
 from pissa.adapter.attach import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
+from pissa.adapter.config import AdapterConfig
+from pissa.adapter.export import export_peft
 from pissa.adapter.layer import PissaLinear
+from pissa.adapter.save_load import load_adapter, save_adapter
 from pissa.calibration.collect import calibrate
-from pissa.checkpoints.init import merge_checkpoint, merge_state_dict
+from pissa.checkpoints.merge import merge_checkpoint, merge_state_dict
 from pissa.checkpoints.sharded import load_sharded
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import export_peft, load_adapter, save_adapter
-from pissa.integrations import trainer as integrations  # noqa: F401  (attached Hugging Face models save their adapter)
+from pissa.integrations import trainer as _trainer  # noqa: F401  (attached Hugging Face models save their adapter)
 from pissa.methods.registry import METHODS, Decomposition
 from pissa.runtime import hub
-from pissa.training.config import AdapterConfig
 
 sys.modules[__name__ + ".hub"] = hub  # `import pissa.hub` names pissa.runtime.hub, the embedded models
 
@@ -33,6 +34,7 @@ __all__ = [
     "calibrate",
     "decompose",
     "export_peft",
+    "hub",
     "load_adapter",
     "load_sharded",
     "merge",

@@ -8,7 +8,6 @@ and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -17,33 +16,22 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight, set_dense_weight
+from pissa.adapter.base_layers import dense_weight, native_weight, set_dense_weight
+from pissa.adapter.config import AdapterConfig
 from pissa.adapter.layer import PissaLinear
+from pissa.adapter.quantized import quantize_residual
+from pissa.adapter.targets import find_targets
 from pissa.errors import PissaError
 from pissa.files.digests import weight_digest
 from pissa.files.statistics import Calibration, open_calibration
+from pissa.methods.data_aware import eva_ranks
 from pissa.methods.factors import Factors, as_factors, orthonormality, residual_of
-from pissa.methods.nf4 import check_quantizable, nf4, quantize_residual
+from pissa.methods.inputs import InitOptions, Need, Stats, calibration_hint, layer_seed
+from pissa.methods.nf4 import check_quantizable, nf4
 from pissa.methods.qpissa import refine
-from pissa.methods.registry import (
-    ADAPTERS,
-    Decomposition,
-    InitOptions,
-    Need,
-    Stats,
-    calibration_hint,
-    check_weight,
-    eva_ranks,
-    get_method,
-    init_structured,
-    layer_seed,
-)
-from pissa.methods.svd import Batch, compute_dtype, stack
+from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured
+from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
-from pissa.training.config import AdapterConfig
-
-HEAD_NAMES = ("lm_head", "score", "classifier")
-"""Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
 
 BATCH_BYTES = 1 << 29
 """Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
@@ -61,51 +49,6 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
             yield name, module
 
 
-def _head_names(model: nn.Module) -> set[str]:
-    """Names of the output head and of any layer whose weight is the input embedding matrix."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    emb = get_in() if callable(get_in) else None
-    emb_weight = getattr(emb, "weight", None)
-    heads = set()
-    for name, module in model.named_modules():
-        tied = emb_weight is not None and getattr(module, "weight", None) is emb_weight
-        if module is out or tied or any(part in HEAD_NAMES for part in name.split(".")):
-            heads.add(name)
-    return heads
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A target pattern matches a module name as the whole name, a dotted suffix, or a full regex."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the Linear/Conv1D layers selected by ``targets`` (see AdapterConfig.targets)."""
-    layers = [name for name, m in model.named_modules() if name and is_adaptable(m)]
-    if targets == "all-linear":
-        heads = _head_names(model)
-        chosen = [n for n in layers if n not in heads]
-        if not chosen:
-            raise PissaError("the model has no Linear or Conv1D layer besides its output head; nothing to adapt")
-        return chosen
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    chosen = [n for n in layers if any(_matches(n, p) for p in patterns)]
-    if not chosen:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
-        raise PissaError(
-            f"targets {patterns} matched no Linear/Conv1D layer; available names end in: {', '.join(suffixes[:20])}"
-            + (f" (e.g. {layers[0]})" if layers else "")
-        )
-    return chosen
-
-
 def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int]) -> Iterator[list[str]]:
     """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32."""
     groups: dict[tuple, list[str]] = defaultdict(list)
@@ -118,7 +61,7 @@ def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, i
             yield group[i : i + per]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -168,7 +111,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
             module, W = modules.pop(n), weights.pop(n)  # the replaced weight is freed here, not when attach returns
-            _set_module(model, n, _make_layer(module, W, init, cfg, weight_digest(native_weight(module))))
+            set_module(model, n, _make_layer(module, W, init, cfg, weight_digest(native_weight(module))))
             del module, W
             bar.update(1)
     bar.close()
@@ -205,7 +148,7 @@ def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration |
     return dataclasses.replace(cfg, rank_pattern=pattern or None, eva_rho=1.0), ranks
 
 
-def initial_factors(W: Batch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
+def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
                     stats: Stats | None = None) -> Factors:
     """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
     at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`),
@@ -319,7 +262,7 @@ def rebuild(
         module = model.get_submodule(n)
         known = residual_ready.get(n) if isinstance(residual_ready, Mapping) else None
         layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready, known)
-        _set_module(model, n, layer)
+        set_module(model, n, layer)
     return _freeze_base(model, cfg)
 
 
@@ -329,7 +272,7 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers:
         raise PissaError("this model has no pissa adapters to merge; call pissa.attach or pissa.load_adapter first")
     for name, layer in layers:
-        _set_module(model, name, layer.merged())
+        set_module(model, name, layer.merged())
     if hasattr(model, "pissa_config"):
         del model.pissa_config
     for hook in ADAPT_HOOKS:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pissa.adapter.base_layers import dense_weight, native_weight, set_dense_weight
+from pissa.adapter.quantized import NF4Linear
 from pissa.methods.factors import Part, fold_core, merged_weight
-from pissa.methods.nf4 import NF4Linear
 
 
 class PissaLinear(nn.Module):

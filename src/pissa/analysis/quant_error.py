@@ -28,24 +28,25 @@ import io as _io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pissa.adapter.attach import find_targets
 from pissa.adapter.base_layers import dense_weight
+from pissa.adapter.targets import find_targets
+from pissa.analysis.config import QuantErrorConfig
+from pissa.analysis.tables import Report
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import atomic_dir
 from pissa.files.statistics import open_calibration
+from pissa.methods.data_aware import eora_fit
+from pissa.methods.inits import pissa_init
+from pissa.methods.inputs import InitOptions, Stats, layer_seed
 from pissa.methods.nf4 import nf4, require_bnb
 from pissa.methods.qpissa import loftq_iterates, qpissa_iterates
-from pissa.methods.registry import InitOptions, Stats, eora_fit, layer_seed, pissa_init
 from pissa.methods.svd import SVDMethod
 from pissa.runtime import hub
 from pissa.runtime.devices import resolve_device
-from pissa.training.config import QuantErrorConfig
 
 CHUNK = 8
 """Matrices of one shape processed together (bounds memory: a few copies of CHUNK weights)."""
@@ -237,7 +238,7 @@ def model_weights(model_name: str, kind: str = "auto", sample: int | None = None
     return {n: dense_weight(model.get_submodule(n)).detach().to(device, torch.float32) for n in names}
 
 
-def quant_error(args: QuantErrorConfig) -> int:
+def quant_error(args: QuantErrorConfig) -> Report:
     """``pissa analyze quant-error --model M --rank r [--iters 1,5] [--out DIR]``: tables, CSV and a bar chart."""
     require_bnb()
     iters = sorted(set(args.iters))
@@ -261,7 +262,6 @@ def quant_error(args: QuantErrorConfig) -> int:
         text += (f"\n## Activation-weighted error reduction (%), 1 - ||(W - Q - BA) X^T||_F / ||(W - nf4(W)) X^T||_F\n\n"
                  f"Calibration statistics {args.calibration} ({calibration.info['tokens']} tokens).\n\n"
                  + markdown_table(summarize(rows, wmethods, weighted=True), wmethods))
-    print(text)
     buf = _io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["layer", "type", "shape", *methods, *(f"weighted {m}" for m in wmethods)])
@@ -269,9 +269,4 @@ def quant_error(args: QuantErrorConfig) -> int:
         writer.writerow([r.name, r.type, "x".join(map(str, r.shape)), *(f"{r.ratios[m]:.4f}" for m in methods),
                          *(f"{r.weighted[m]:.4f}" for m in wmethods)])
     fig = bar_chart(summary, methods, title)
-    with atomic_dir(args.out) as tmp:
-        (Path(tmp) / "quant_error.md").write_text(text)
-        (Path(tmp) / "quant_error.csv").write_text(buf.getvalue())
-        fig.savefig(Path(tmp) / "quant_error.png", dpi=120)
-    print(f"wrote {args.out}/quant_error.md, quant_error.csv, quant_error.png")
-    return 0
+    return Report("quant_error", text, buf.getvalue(), fig)

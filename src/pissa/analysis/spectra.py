@@ -1,7 +1,7 @@
 """Spectral diagnostics of a trained adapter: singular values before/after and intruder dimensions.
 
 For a layer with base weight ``W (out, in)`` and trained update ``ΔW = s (B C A - B0 C0 A0)``
-(:func:`pissa.io.peft_factors`), the fine-tuned weight is ``W' = W + ΔW``.
+(:func:`pissa.peft_factors`), the fine-tuned weight is ``W' = W + ΔW``.
 
 Intruder dimensions (Shuttleworth et al., 2024, "LoRA vs Full Fine-tuning: An Illusion of
 Equivalence", arXiv 2410.21228, Algorithm 1): among the top-k left singular vectors ``u'_j`` of
@@ -23,24 +23,25 @@ PNG plot into ``--out`` (replaced atomically).
 
 from __future__ import annotations
 
-import csv
-import io as _io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pissa.adapter.attach import _matches, adapted_layers
+from pissa.adapter.attach import adapted_layers
 from pissa.adapter.base_layers import dense_weight
+from pissa.adapter.export import peft_factors
+from pissa.adapter.save_load import load_adapter
+from pissa.adapter.targets import matches
+from pissa.analysis.config import IntrudersConfig, SpectrumConfig
+from pissa.analysis.tables import Report, to_csv, to_markdown
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import atomic_dir, load_adapter, peft_factors, read_adapter, recorded_base
+from pissa.files.adapter_dir import read_adapter, recorded_base
 from pissa.methods.registry import METHODS
 from pissa.runtime import hub
 from pissa.runtime.devices import resolve_device
-from pissa.training.config import IntrudersConfig, SpectrumConfig
 
 
 def max_cosines(W_base: Tensor, W_tuned: Tensor, k: int = 10) -> Tensor:
@@ -127,9 +128,9 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
     doc, _ = read_adapter(adapter)
     names = list(doc["layers"])
     if patterns:
-        names = [n for n in names if any(_matches(n, p) for p in patterns)]
+        names = [n for n in names if any(matches(n, p) for p in patterns)]
         if not names:
-            raise PissaError(f"--layers {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers "
+            raise PissaError(f"`layers` {' '.join(patterns)} matched none of the adapter's {len(doc['layers'])} layers "
                              f"(e.g. {next(iter(doc['layers']))})")
     model_name, kind, num_labels, dtype = recorded_base(adapter, model_name, kind)
     kind = hub.resolve_kind(model_name, kind)
@@ -145,36 +146,7 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
     return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats with 4 significant digits."""
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _csv(header: list[str], rows: list[list]) -> str:
-    buf = _io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _write(out: str, stem: str, md: str, csv_text: str, figure: Any) -> None:
-    """Write ``stem``.md, .csv and .png (``figure``) into folder ``out`` atomically, close the figure, print the table."""
-    import matplotlib.pyplot as plt
-
-    with atomic_dir(out) as tmp:
-        (tmp / f"{stem}.md").write_text(md)
-        (tmp / f"{stem}.csv").write_text(csv_text)
-        figure.savefig(tmp / f"{stem}.png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    print(md, end="")
-    print(f"wrote {out}/{stem}.md, {stem}.csv, {stem}.png")
-
-
-def spectrum(args: SpectrumConfig) -> int:
+def spectrum(args: SpectrumConfig) -> Report:
     """``pissa analyze spectrum --adapter DIR``: singular values of W (before) and W + ΔW (after)."""
     import matplotlib
 
@@ -197,7 +169,7 @@ def spectrum(args: SpectrumConfig) -> int:
               "α before", "α after", "α FARMS before", "α FARMS after"]
     md = (f"Singular values of W (before) and W + ΔW (after); r = {layers[0].rank}. α: power-law exponent of the "
           "spectral density's tail (eigenvalues σ², Hill estimate, xmin by minimum KS distance); α FARMS: the same "
-          "fit on the average spectrum of square submatrices, free of the aspect ratio's bias.\n\n" + _table(header, rows))
+          "fit on the average spectrum of square submatrices, free of the aspect ratio's bias.\n\n" + to_markdown(header, rows))
     step = max(1, len(layers) // args.plot_layers)
     shown = [lw.name for lw in layers][::step][: args.plot_layers]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False)
@@ -209,11 +181,10 @@ def spectrum(args: SpectrumConfig) -> int:
         ax.set_xlabel("index")
     axes[0][0].set_ylabel("singular value")
     axes[0][0].legend()
-    _write(args.out, "spectrum", md, _csv(["layer", "index", "before", "after"], csv_rows), fig)
-    return 0
+    return Report("spectrum", md, to_csv(["layer", "index", "before", "after"], csv_rows), fig)
 
 
-def intruders(args: IntrudersConfig) -> int:
+def intruders(args: IntrudersConfig) -> Report:
     """``pissa analyze intruders --adapter DIR``: intruder dimensions per layer (see the module docstring)."""
     import matplotlib
 
@@ -232,11 +203,10 @@ def intruders(args: IntrudersConfig) -> int:
         f"{hit} of {len(rows)} layers have at least one. \"min max cos\": the lowest, over the top-{args.k} "
         "singular vectors of W + ΔW, of their largest |cosine| with a singular vector of W.\n\n"
     )
-    md = summary + _table(["layer", "intruders", "min max cos", "‖ΔW‖/‖W‖"], rows)
+    md = summary + to_markdown(["layer", "intruders", "min max cos", "‖ΔW‖/‖W‖"], rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.06 * len(rows)), 3))
     ax.bar(range(len(rows)), [r[1] for r in rows], width=0.9)
     ax.set_xlabel("adapted layer (module order)")
     ax.set_ylabel(f"intruders (of top {args.k})")
     ax.set_title(f"{Path(args.adapter).name}: {total} intruder dimensions", fontsize=9)
-    _write(args.out, "intruders", md, _csv(["layer", "intruders", "min_max_cos", "relative_update"], rows), fig)
-    return 0
+    return Report("intruders", md, to_csv(["layer", "intruders", "min_max_cos", "relative_update"], rows), fig)

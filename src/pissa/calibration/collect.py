@@ -31,55 +31,27 @@ Statistics are written as safetensors with the model fingerprint and the data's 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from pissa import options
-from pissa.adapter.attach import find_targets
 from pissa.adapter.base_layers import dense_weight
-from pissa.data import datasets as data_mod
-from pissa.data.encoding import Batch, Kind, collate, encode_all, loss_sum
+from pissa.adapter.targets import find_targets
+from pissa.calibration.batches import as_batch, by_length, calibration_batches, data_digest
+from pissa.calibration.config import CalibrateConfig
+from pissa.data.batches import Batch
+from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
 from pissa.files.statistics import Calibration, fingerprint_of, layer_digest, open_calibration
 from pissa.runtime import distributed, hub
 from pissa.runtime.devices import resolve_device, torch_dtype
-from pissa.training.config import CalibrateConfig
-
-
-def data_digest(batches: Sequence[Batch]) -> str:
-    """SHA-256 (hex, 32 characters) of the batches' token ids, attention masks and target masks, in order."""
-    h = hashlib.sha256()
-    for b in batches:
-        for t in (b.input_ids, b.attention_mask, b.target_mask):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:32]
-
-
-def as_batch(b: Batch | dict[str, Tensor]) -> Batch:
-    """A :class:`~pissa.objective.Batch`, or a dict with ``input_ids`` and optionally ``attention_mask`` and
-    ``labels`` (-100: not a target; without labels every non-padding token after the first is one)."""
-    if isinstance(b, Batch):
-        return b
-    ids = b["input_ids"]
-    attn = b.get("attention_mask", torch.ones_like(ids))
-    target = b["labels"] != -100 if "labels" in b else attn.bool()
-    target = target.clone()
-    target[:, 0] = False
-    return Batch(ids, attn, target, torch.full((len(ids),), -1))
-
+from pissa.runtime.hub import Kind
 
 STRIP = 128
 """Rows per strip of :func:`add_gram` (128-192 are about equally fast on CPUs, 1 thread)."""
@@ -106,31 +78,6 @@ def gram_matrix(strips: list[Tensor]) -> Tensor:
         S[i : i + b, i:] = strip
         S[i + b :, i : i + b] = strip[:, b:].mT
     return S
-
-
-def by_length(batches: list[Batch]) -> list[Batch]:
-    """The rows of ``batches`` sorted by length (stable) and cut into batches of the same sizes, each
-    right-padded to its longest row: every row keeps its tokens, positions and masks, so a forward
-    computes the same per-token activations (causal or masked attention ignores right padding) with
-    less padding. Batches with packed rows (``position_ids``) or any row not right-padded are returned as given."""
-    if not batches or any(b.position_ids is not None or b.block_mask is not None for b in batches):
-        return batches
-    rows = []  # (length, batch, row)
-    for b in batches:
-        lengths = b.attention_mask.sum(1)
-        right = torch.arange(b.attention_mask.shape[1], device=lengths.device) < lengths[:, None]
-        if not bool((b.attention_mask.bool() == right).all()):
-            return batches
-        rows += [(int(n), b, i) for i, n in enumerate(lengths.tolist())]
-    rows.sort(key=lambda r: r[0])
-    out, at = [], 0
-    for size in (len(b.input_ids) for b in batches):
-        group, at = rows[at : at + size], at + size
-        T = max(1, group[-1][0])
-        ids, mask, target = (pad_sequence([getattr(b, f)[i, :T] for _, b, i in group], batch_first=True)  # pads 0
-                             for f in ("input_ids", "attention_mask", "target_mask"))
-        out.append(Batch(ids, mask, target, torch.stack([b.labels[i] for _, b, i in group])))
-    return out
 
 
 class _Stop(Exception):
@@ -173,7 +120,7 @@ class _Sums:
                     self._add(key, self.rows(x.detach()))
             if self.input_of.setdefault(name, key) != key:
                 raise PissaError(f"layer {name!r} read a different shared input in another batch; "
-                                 "calibrate it on its own (--targets)")
+                                 "calibrate it on its own (`targets`)")
             if self.gradients and torch.is_grad_enabled() and not x.requires_grad:
                 return (x.detach().requires_grad_(True), *args[1:])  # so that gradients reach this layer's output
             return None
@@ -237,7 +184,7 @@ def calibrate(
     ``out``: a safetensors file; if it already holds statistics of this model (fingerprint) on
     these batches (digest) with what is asked for, they are returned without a pass; else the new
     ones are written there (by rank 0). Under torchrun every rank passes all the batches and
-    processes its share; every rank returns the whole statistics.
+    processes its share; every rank returns the whole statistics (``reused``: found in ``out``, no pass made).
     """
     if gradients and kind != "causal-lm":
         raise PissaError("gradient statistics need a causal LM: a classifier's head is drawn when fine-tuning starts")
@@ -260,6 +207,7 @@ def calibrate(
         cached = open_calibration(out)
         if (cached.fingerprint, cached.data_digest) == (fingerprint, digest) and (cached.has_gradients or not gradients) \
                 and (cached.has_covariance or not covariance) and set(names) <= set(cached.layers):
+            cached.reused = True
             return cached
     sums = _Sums(model, names, gradients, covariance)
     handles = []
@@ -349,51 +297,18 @@ class _Lazy(Mapping):
         return len(self.tensors) + len(self.made)
 
 
-def calibration_batches(tokenizer: Any, data: str | data_mod.Dataset, kind: Kind, samples: int, batch_size: int,
-                        max_length: int, *, val_size: int = 0) -> list[Batch]:
-    """The first ``samples`` examples of ``data``'s training split, tokenized as fine-tuning does, in batches
-    (each ``input_ids (B, T)``, B <= ``batch_size``, T <= ``max_length``).
-
-    ``data``: a dataset name, split as ``pissa finetune --val-size val_size`` splits it
-    (:func:`pissa.data.load_data`), or a :class:`~pissa.data.Dataset` already split so.
-    """
-    dataset = data_mod.load_data(data, val_size) if isinstance(data, str) else data
-    if samples > len(dataset.train):
-        raise PissaError(f"--samples {samples} exceeds the {len(dataset.train)} training examples of {dataset.name}; "
-                         "pass fewer")
-    items = encode_all(tokenizer, dataset.train[:samples], dataset.labels, kind, max_length)
-    pad = int(tokenizer.pad_token_id)
-    return [collate(items[i : i + batch_size], pad, kind) for i in range(0, len(items), batch_size)]
-
-
-def command_calibrate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``pissa calibrate --model M --data D --samples N --out STATS [--gradients] [--val-size V]``."""
-    options.add_options(parser, CalibrateConfig)
-
-    def run(args: argparse.Namespace) -> int:
-        cfg, _ = options.resolve(CalibrateConfig, args)
-        distributed.init_from_env()
-        torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
-        kind = hub.resolve_kind(cfg.model, cfg.kind)
-        if cfg.gradients and kind != "causal-lm":
-            raise PissaError("--gradients needs a causal LM: a classifier's head is drawn when fine-tuning starts")
-        if Path(cfg.out).is_dir():
-            raise PissaError(f"--out {cfg.out} is a folder; pass a file name such as {Path(cfg.out) / 'stats.safetensors'}")
-        model, tokenizer = hub.load_model(cfg.model, kind=kind, dtype=torch_dtype(cfg.dtype))
-        nn.Module.to(model, device)
-        batches = calibration_batches(tokenizer, cfg.data, kind, cfg.samples, cfg.batch_size, cfg.max_length,
-                                      val_size=cfg.val_size)
-        start = time.perf_counter()
-        before = Path(cfg.out).stat().st_mtime_ns if Path(cfg.out).is_file() else None
-        stats = calibrate(model, batches, targets=cfg.targets, gradients=cfg.gradients, kind=kind, out=cfg.out,
-                          progress=True)
-        reused = before is not None and Path(cfg.out).stat().st_mtime_ns == before
-        if distributed.is_main():
-            inputs = len({e["input"] for e in stats.layers.values()})
-            what = "reused" if reused else f"wrote in {time.perf_counter() - start:.1f} s"
-            print(f"{what} {cfg.out}: {len(stats.layers)} layers, {inputs} distinct inputs, {stats.info['tokens']} tokens"
-                  + (", gradients" if stats.has_gradients else ""))
-        return 0
-
-    return run
+def calibrate_model(cfg: CalibrateConfig) -> Calibration:
+    """``pissa calibrate``: load ``cfg.model``, encode the first ``cfg.samples`` training examples of ``cfg.data``
+    (split as ``pissa finetune --val-size`` splits it) and :func:`calibrate` it into ``cfg.out``."""
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    kind = hub.resolve_kind(cfg.model, cfg.kind)
+    if cfg.gradients and kind != "causal-lm":
+        raise PissaError("`gradients` needs a causal LM: a classifier's head is drawn when fine-tuning starts")
+    if Path(cfg.out).is_dir():
+        raise PissaError(f"`out` {cfg.out} is a folder; pass a file name such as {Path(cfg.out) / 'stats.safetensors'}")
+    model, tokenizer = hub.load_model(cfg.model, kind=kind, dtype=torch_dtype(cfg.dtype))
+    nn.Module.to(model, device)
+    batches = calibration_batches(tokenizer, cfg.data, kind, cfg.samples, cfg.batch_size, cfg.max_length,
+                                  val_size=cfg.val_size)
+    return calibrate(model, batches, targets=cfg.targets, gradients=cfg.gradients, kind=kind, out=cfg.out, progress=True)

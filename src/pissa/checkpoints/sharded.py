@@ -32,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers
-from pissa.checkpoints.init import CHUNK, TORCH_DTYPES, Checkpoint, Entry, _read_into, _tensor_key, open_checkpoint
+from pissa.adapter.save_load import load_adapter
+from pissa.checkpoints.folder import Checkpoint, open_checkpoint, tensor_key
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import load_adapter as _load_adapter
 from pissa.files.adapter_dir import read_adapter, read_adapter_doc
 from pissa.files.digests import digest_hasher
+from pissa.files.safetensors import CHUNK, TORCH_DTYPES, Entry, read_into
 from pissa.runtime import distributed
 from pissa.runtime.devices import resolve_device
 
@@ -60,7 +61,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike, adapter: str |
                          "`with torch.device('meta'):` from the checkpoint's config")
     ckpt = open_checkpoint(checkpoint)
     doc = read_adapter_doc(adapter)
-    _load_adapter(model, adapter)
+    load_adapter(model, adapter)
     model.to("meta")  # the factors too: every tensor is filled below, after sharding
     if distributed.world()[1] > 1:
         distributed.shard(model, device)
@@ -85,7 +86,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, adapter: dict[str, Tensor]) -> Non
                 continue
             layer, _, part = owner.rpartition(".")
             stored = f"{layer}.{leaf}" if part == "residual" and layer in layers else name  # the residual's weight, bias
-            key = _tensor_key(stored, keys)
+            key = tensor_key(stored, keys)
             if key is not None:
                 _read_rows(ckpt, ckpt.entries[key], t)
             elif name not in persistent:
@@ -139,7 +140,7 @@ def _read_rows(ckpt: Checkpoint, entry: Entry, t: Tensor) -> None:
     row_bytes = (entry.end - entry.start) // max(1, entry.shape[0] if entry.shape else 1)
     data = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
     with open(ckpt.root / entry.shard, "rb", buffering=0) as f:
-        _read_into(f, data, entry.start + start * row_bytes)
+        read_into(f, data, entry.start + start * row_bytes)
     rows = data.view(TORCH_DTYPES[entry.dtype]).view(stop - start, *entry.shape[1:]) if entry.shape else data.view(
         TORCH_DTYPES[entry.dtype]).view(())
     _local(t).copy_(rows)
@@ -152,7 +153,7 @@ def _check_residuals(ckpt: Checkpoint, layers: dict[str, dict]) -> None:
     names = sorted(layers)
     entries = {}
     for name in names:
-        key = _tensor_key(f"{name}.weight", keys)
+        key = tensor_key(f"{name}.weight", keys)
         if key is None:
             raise PissaError(f"{ckpt.root} has no weight for adapted layer {name!r}; pass the residual checkpoint "
                              "pissa init wrote with this adapter")
@@ -174,7 +175,7 @@ def _digest(ckpt: Checkpoint, entry: Entry) -> str:
     with open(ckpt.root / entry.shard, "rb", buffering=0) as f:
         for at in range(entry.start, entry.end, CHUNK):
             part = buf[: min(CHUNK, entry.end - at)]
-            _read_into(f, part, at)
+            read_into(f, part, at)
             h.update(part.numpy().data)
     return h.hexdigest()
 

@@ -183,12 +183,12 @@ def load_data(name: str, val_size: int = 0, eval_data: str | None = None) -> Dat
     if eval_data is not None:
         held = load_dataset(eval_data, test_size=0)
         if (held.labels is None) != (full.labels is None):
-            raise PissaError(f"--eval-data '{eval_data}' and --data '{name}' must both be labelled (text,label) or both "
+            raise PissaError(f"`eval_data` '{eval_data}' and `data` '{name}' must both be labelled (text,label) or both "
                              "not; pass held-out data of the training data's format")
         unknown = sorted(set(held.labels or ()) - set(full.labels or ()))
         if unknown:
             missing = ",".join(label.strip() for label in unknown)
-            raise PissaError(f"--eval-data '{eval_data}' has labels the training data lacks ({missing}); "
+            raise PissaError(f"`eval_data` '{eval_data}' has labels the training data lacks ({missing}); "
                              "the model can only be scored on labels it trains on")
         return Dataset(name=name, train=full.train, test=held.train, labels=full.labels)
     test_size = max(1, min(MAX_HELD_OUT, len(full.train) // 5))

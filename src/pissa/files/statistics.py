@@ -35,7 +35,8 @@ from torch import Tensor
 
 from pissa.errors import PissaError
 from pissa.files.digests import model_fingerprint, weight_digest
-from pissa.methods.registry import Need, Stats, calibration_hint, principal_directions
+from pissa.methods.data_aware import principal_directions
+from pissa.methods.inputs import Need, Stats, calibration_hint
 
 FORMAT = "pissa-calibration"
 VERSION = 1
@@ -61,6 +62,8 @@ class Calibration:
     path: Path | None = None
     components: dict[str, Tensor] = field(default_factory=dict, repr=False)
     """Principal directions ``(k, in)`` per input key, kept by :meth:`explained_variance` for EVA's init."""
+    reused: bool = False
+    """True when :func:`pissa.calibrate` found these statistics in its ``out`` file and made no pass."""
 
     @property
     def fingerprint(self) -> str:
@@ -90,7 +93,7 @@ class Calibration:
         if name not in self.layers:
             where = self.path or "the statistics"
             raise PissaError(f"{where} has no statistics for layer {name!r} (they cover {len(self.layers)} layers, e.g. "
-                             f"{next(iter(self.layers), '-')}); calibrate with the same --targets as the adapter")
+                             f"{next(iter(self.layers), '-')}); calibrate with the same `targets` as the adapter")
         return self.layers[name]
 
     def check(self, name: str, W: Tensor) -> None:

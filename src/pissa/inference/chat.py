@@ -1,4 +1,4 @@
-"""``pissa generate``: talk to a model, with or without an adapter, its reply streamed as it is produced.
+"""What ``pissa generate`` runs: talk to a model, with or without an adapter, its reply streamed as it is produced.
 
 One prompt (the argument, or stdin when it is ``-`` or absent) gets one reply; ``--chat`` reads one
 message a line from stdin and keeps the conversation, rendered with the tokenizer's chat template,
@@ -12,7 +12,7 @@ special tokens, e.g. BOS).
 
 Decoding is ``model.generate`` with the KV cache: greedy at temperature 0, else sampling
 (temperature, top-p) from ``torch.manual_seed(seed)``. A reply ends at an end token
-(:func:`pissa.generation.end_tokens`) or after ``max_new_tokens``, fewer when the model's context
+(:func:`pissa.end_tokens`) or after ``max_new_tokens``, fewer when the model's context
 (``max_position_embeddings``) is full; a chat first drops its oldest exchanges to make room.
 
 Dtypes: an adapter's fingerprint covers the dtype of the base it was made on (the base a
@@ -23,27 +23,28 @@ base runs under autocast, as in training.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import sys
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from pissa import options
 from pissa.adapter.attach import adapted_layers
-from pissa.data.encoding import _render
+from pissa.adapter.save_load import load_adapter
+from pissa.data.encoding import render_messages
 from pissa.errors import PissaError
-from pissa.files import adapter_dir as io
+from pissa.files.adapter_dir import recorded_base
+from pissa.inference.config import GenerateConfig
 from pissa.inference.decoding import end_tokens
 from pissa.runtime import hub
 from pissa.runtime.devices import autocast, model_device, resolve_device, torch_dtype
-from pissa.training.config import GenerateConfig
 
-Message = dict[str, str]
+Turn = dict[str, str]
 """A chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
+
+
+log = logging.getLogger(__name__)
 
 
 class Streamer:
@@ -82,25 +83,20 @@ class Streamer:
             self.emit(new)
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the causal LM ``cfg`` names (the adapter's recorded base when ``--model`` is not
     given), adapted when ``cfg.adapter`` is set, its frozen base in ``cfg.dtype``, on ``cfg.device``, in eval mode."""
     name, kind, made_on = cfg.model or "smollm2", "auto", torch_dtype(cfg.dtype)
     if cfg.adapter is not None:
-        name, kind, _, made_on = io.recorded_base(cfg.adapter, cfg.model, "auto")
+        name, kind, _, made_on = recorded_base(cfg.adapter, cfg.model, "auto")
     if hub.resolve_kind(name, kind) != "causal-lm":
         raise PissaError(f"pissa generate needs a causal language model, and {name} loads as a sequence classifier"
-                         f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass --model with a causal LM")
+                         f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass `model` with a causal LM")
     device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
     loaded, tokenizer = hub.load_model(name, dtype=made_on)
     model: nn.Module = loaded
     if cfg.adapter is not None:
-        io.load_adapter(model, cfg.adapter)
+        load_adapter(model, cfg.adapter)
         factors = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters(recurse=False)}
         for p in model.parameters():
             if id(p) not in factors and p.is_floating_point():
@@ -114,12 +110,12 @@ def _context(model: nn.Module) -> int | None:
     return limit if isinstance(limit, int) else None
 
 
-def render(tokenizer: Any, messages: Sequence[Message]) -> str:
+def render(tokenizer: Any, messages: Sequence[Turn]) -> str:
     """The conversation as the tokenizer's chat template writes it, ending with the assistant's generation prompt."""
-    return _render(tokenizer, list(messages), True)
+    return render_messages(tokenizer, list(messages), True)
 
 
-def fit(model: nn.Module, tokenizer: Any, messages: list[Message], max_new_tokens: int) -> list[int]:
+def fit(model: nn.Module, tokenizer: Any, messages: list[Turn], max_new_tokens: int) -> list[int]:
     """Token ids of the rendered conversation. While they and ``max_new_tokens`` overflow the model's context, the
     oldest exchange is dropped from ``messages`` (in place; never the system message or the last message)."""
     limit = _context(model)
@@ -129,7 +125,7 @@ def fit(model: nn.Module, tokenizer: Any, messages: list[Message], max_new_token
         if limit is None or len(ids) + max_new_tokens <= limit or len(messages) - first < 3:
             return ids
         del messages[first : first + 2]
-        print(f"(the oldest exchange was dropped to fit the model's context of {limit} tokens)", file=sys.stderr)
+        log.warning(f"(the oldest exchange was dropped to fit the model's context of {limit} tokens)")
 
 
 @torch.no_grad()
@@ -152,79 +148,3 @@ def reply(model: nn.Module, tokenizer: Any, ids: Sequence[int], cfg: GenerateCon
             max_new_tokens=room, eos_token_id=end_tokens(tokenizer, model) or None, pad_token_id=tokenizer.pad_token_id,
             num_beams=1, top_k=None, use_cache=True, **sampling,
         )
-
-
-def chat(model: nn.Module, tokenizer: Any, cfg: GenerateConfig, messages: list[Message], first: str | None) -> int:
-    """The ``--chat`` loop over stdin lines (``first``: an opening message), appending each exchange to ``messages``.
-
-    Ctrl-C during a reply stops it and keeps what was shown (nothing, when nothing was); the end of input or
-    Ctrl-C at the prompt returns 0.
-    """
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  # line editing and history for input()
-        print("chat: Enter sends a message, Ctrl-C stops a reply, Ctrl-D ends", file=sys.stderr)
-    while True:
-        if first is not None:
-            text, first = first, None
-        else:
-            try:
-                text = input("> " if interactive else "")
-            except (EOFError, KeyboardInterrupt):
-                if interactive:
-                    print(file=sys.stderr)
-                return 0
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        streamer = Streamer(tokenizer, _write)
-        try:
-            reply(model, tokenizer, fit(model, tokenizer, messages, cfg.max_new_tokens), cfg, streamer)
-        except KeyboardInterrupt:
-            print("\n(reply stopped)", file=sys.stderr, end="")
-        _write("\n")
-        if streamer.text:
-            messages.append({"role": "assistant", "content": streamer.text})
-        else:
-            messages.pop()
-
-
-def generate(cfg: GenerateConfig) -> int:
-    """``pissa generate``: one streamed reply to the prompt, or the ``--chat`` loop; returns the exit code."""
-    first = None if cfg.prompt == "-" else cfg.prompt
-    if first is None and not cfg.chat:
-        if sys.stdin.isatty():
-            print("reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
-        first = sys.stdin.read().rstrip("\n")
-    if first is not None and not first.strip():
-        raise PissaError("the prompt is empty; pass it as an argument or on stdin")
-    torch.set_num_threads(cfg.threads)
-    model, tokenizer = load(cfg)
-    templated = not cfg.raw and bool(getattr(tokenizer, "chat_template", None))
-    if not templated and (cfg.chat or cfg.system is not None):
-        option = "--chat" if cfg.chat else "--system"
-        raise PissaError(f"{option} needs a tokenizer with a chat template, and this model's has none; "
-                         f"use a chat model (e.g. smollm2) or drop {option}")
-    torch.manual_seed(cfg.seed)
-    messages: list[Message] = [] if cfg.system is None else [{"role": "system", "content": cfg.system}]
-    if cfg.chat:
-        return chat(model, tokenizer, cfg, messages, first)
-    assert first is not None
-    if templated:
-        ids = fit(model, tokenizer, [*messages, {"role": "user", "content": first}], cfg.max_new_tokens)
-    else:
-        ids = tokenizer(first)["input_ids"]
-    try:
-        reply(model, tokenizer, ids, cfg, Streamer(tokenizer, _write))
-    except KeyboardInterrupt:  # end the line; the command line reports the interrupt
-        _write("\n")
-        raise
-    _write("\n")
-    return 0
-
-
-def command_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``pissa generate [--model M] [--adapter DIR] [--chat] [PROMPT]``: options from :class:`GenerateConfig`."""
-    options.add_options(parser, GenerateConfig)
-    return lambda args: generate(options.resolve(GenerateConfig, args)[0])

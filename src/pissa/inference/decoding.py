@@ -33,80 +33,22 @@ data (labelled, or free text without such answers) is scored by likelihood.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pissa.adapter.attach import _set_module, adapted_layers
+from pissa.adapter.attach import adapted_layers, set_module
 from pissa.adapter.base_layers import dense_weight
 from pissa.adapter.layer import PissaLinear
-from pissa.data.encoding import Encoded, Kind, _accepts_logits_to_keep
+from pissa.adapter.quantized import NF4Linear
+from pissa.data.encoding import Encoded
+from pissa.data.loss import accepts_logits_to_keep
 from pissa.errors import PissaError
-from pissa.methods.nf4 import NF4Linear
 from pissa.runtime.devices import model_device
-
-EvalKind = Literal["generate", "likelihood"]
-
-_NUMBER = r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?"
-"""A number: optional minus (not after a word character, so 5-3 has no -3), thousands commas, decimals."""
-_MARKED = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
-_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
-_ANY = re.compile(_NUMBER)
-
-
-def _normalize(number: str) -> str:
-    """``"1,234.50"`` -> ``"1234.5"``; ``"-0"`` -> ``"0"``."""
-    try:
-        value = Decimal(number.replace(",", ""))
-    except InvalidOperation:
-        return number
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of ``text`` as a normalized number (rules in the module docstring), or None."""
-    for pattern in (_MARKED, _ANSWER_IS, _ANY):
-        found = pattern.findall(text)
-        if found:
-            return _normalize(found[-1])
-    return None
-
-
-def has_final_answer(text: str) -> bool:
-    """Whether ``text`` states its answer explicitly (``#### N`` or "the answer is N")."""
-    return bool(_MARKED.search(text) or _ANSWER_IS.search(text))
-
-
-def answers_match(generated: str, reference: str) -> bool:
-    """Exact match of the extracted answers; a reference without a number must match as whitespace-normalized text."""
-    expected = extract_answer(reference)
-    if expected is None:
-        return " ".join(generated.split()) == " ".join(reference.split())
-    return extract_answer(generated) == expected
-
-
-def choose_eval(setting: str, kind: Kind, labels: Sequence[str] | None, references: Sequence[str],
-                data: str) -> EvalKind:
-    """Resolve ``--eval`` (auto, generate, likelihood) for a run; ``references`` are the scored completions."""
-    if setting == "likelihood":
-        return "likelihood"
-    if setting == "generate":
-        if kind != "causal-lm" or labels is not None:
-            raise PissaError(f"--eval generate needs a causal LM and unlabelled data (messages or prompt,completion); "
-                             f"'{data}' is labelled or the model is a classifier: use --eval likelihood")
-        return "generate"
-    if setting != "auto":
-        raise PissaError(f"--eval must be auto, generate or likelihood, got {setting!r}")
-    checkable = bool(references) and all(has_final_answer(r) for r in references)
-    return "generate" if kind == "causal-lm" and labels is None and checkable else "likelihood"
 
 
 def end_tokens(tokenizer, model: nn.Module) -> list[int]:
@@ -120,12 +62,12 @@ def end_tokens(tokenizer, model: nn.Module) -> list[int]:
 
 def _check_generative(model: nn.Module, end_ids: Sequence[int]) -> None:
     if not callable(getattr(model, "generate", None)):
-        raise PissaError("--eval generate needs a Hugging Face generative model (with .generate); use --eval likelihood")
+        raise PissaError("`eval` generate needs a Hugging Face generative model (with .generate); use `eval` likelihood")
     if not end_ids:
-        raise PissaError("generation needs an end token, but the tokenizer has no eos token; set one or use --eval likelihood")
+        raise PissaError("generation needs an end token, but the tokenizer has no eos token; set one or use `eval` likelihood")
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, width: int) -> tuple[Tensor, Tensor]:
     """``rows`` right-aligned in ``(len(rows), width)`` ids (``pad_id`` before them) and their 0/1 attention mask."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros(len(rows), width, dtype=torch.long)
@@ -186,10 +128,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, attention = _left_padded([prompts[i] for i in chunk], pad_id, max(len(prompts[i]) for i in chunk))
+        ids, attention = left_padded([prompts[i] for i in chunk], pad_id, max(len(prompts[i]) for i in chunk))
         ids, attention = ids.to(device), attention.to(device)
         cache = DynamicCache(config=getattr(model, "config", None))
-        kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, **kwargs).logits[:, -1]
         _decode(model, cache, logits, attention, list(chunk), out, ends, max_new_tokens)
@@ -241,7 +183,7 @@ def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: in
         keep = needed.nonzero().squeeze(1)
         ids, attention = ids.to(device), attention.to(device)
         cache = DynamicCache(config=getattr(model, "config", None))
-        kwargs = {"logits_to_keep": keep.to(device)} if _accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": keep.to(device)} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, **kwargs).logits
         if not kwargs:
@@ -276,11 +218,11 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
         merged = [(name, layer.merged()) for name, layer in layers]
     try:
         for name, new in merged:
-            _set_module(model, name, new)
+            set_module(model, name, new)
         yield True
     finally:
         for name, layer in layers:
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
 
 
 def _float32_layer(layer: PissaLinear) -> bool:
@@ -290,30 +232,3 @@ def _float32_layer(layer: PissaLinear) -> bool:
     residual = layer.residual
     dtype = residual.weight_dtype if isinstance(residual, NF4Linear) else dense_weight(residual).dtype
     return dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
-
-
-@torch.no_grad()
-def evaluate_generation(model: nn.Module, tokenizer, items: Sequence[Encoded], references: Sequence[str], *,
-                        pad_id: int, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
-    """``{"loss": teacher-forced mean target NLL, "accuracy": exact-match fraction}`` on ``items`` (eval mode).
-
-    ``references[i]`` is the reference completion of ``items[i]``; the model continues
-    ``items[i].ids[:n_prompt]`` greedily (:func:`generate`) and the decoded text (special tokens
-    skipped) is matched with :func:`answers_match`.
-    """
-    if len(items) != len(references):
-        raise PissaError(f"{len(items)} examples but {len(references)} references; pass one reference per example")
-    if not items:
-        return {"loss": 0.0, "accuracy": 0.0}
-    was_training = model.training
-    model.eval()
-    try:
-        with merged_for_inference(model):
-            total, count, outputs = score_and_generate(model, items, pad_id=pad_id, end_ids=end_tokens(tokenizer, model),
-                                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-    finally:
-        model.train(was_training)
-    loss = total / max(1, count)
-    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    correct = sum(answers_match(text, ref) for text, ref in zip(texts, references))
-    return {"loss": loss, "accuracy": correct / len(items)}

@@ -53,9 +53,11 @@ from typing import Any
 
 from torch import nn
 
-from pissa.adapter import attach as model_mod
+from pissa.adapter.attach import ADAPT_HOOKS
+from pissa.adapter.save_load import head_parameters, save_adapter
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import HEAD_FILE, TENSORS_FILE, atomic_write_text, head_parameters, save_adapter
+from pissa.files.adapter_dir import HEAD_FILE, TENSORS_FILE
+from pissa.files.atomic import atomic_write_text
 
 ADAPTER_DIR = "adapter"
 """The adapter's subfolder in a folder written by ``save_pretrained`` (a Trainer checkpoint)."""
@@ -84,7 +86,7 @@ class AdapterSaver:
         options such as ``max_shard_size`` do not apply and are ignored)."""
         if state_dict is not None:
             raise PissaError("a pissa model saves its adapter from its own parameters, not from a state_dict; "
-                             "under DeepSpeed or FSDP train with `pissa finetune --fsdp` instead")
+                             "under DeepSpeed or FSDP train with pissa finetune --fsdp instead")
         if push_to_hub:
             raise PissaError("save_pretrained(push_to_hub=True) is not supported for a pissa model; "
                              "save the folder, then upload it (or call model.push_to_hub)")
@@ -128,5 +130,5 @@ def _on_adapt(model: nn.Module, adapted: bool) -> None:
         model._keys_to_ignore_on_save = set(model.state_dict()) - set(trained_keys(model))  # type: ignore[assignment]
 
 
-if _on_adapt not in model_mod.ADAPT_HOOKS:
-    model_mod.ADAPT_HOOKS.append(_on_adapt)
+if _on_adapt not in ADAPT_HOOKS:
+    ADAPT_HOOKS.append(_on_adapt)

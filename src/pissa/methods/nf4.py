@@ -11,15 +11,11 @@ to quantize live in :mod:`pissa.qpissa`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pissa.adapter.base_layers import is_conv1d
 from pissa.errors import PissaError
-from pissa.files.digests import weight_digest
 
 BLOCKSIZE = 64
 """Weights per NF4 block (one float32 absmax each), as QLoRA and bitsandbytes' Linear4bit."""
@@ -91,105 +87,3 @@ def nf4(X: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- the 4-bit residual layer
-
-
-class _NF4MatMul(torch.autograd.Function):
-    """``x @ dq(W)^T`` that dequantizes W again in backward instead of keeping it for autograd."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: NF4Linear) -> Tensor:
-        ctx.layer = layer
-        return F.linear(x, layer.dequantized(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad @ ctx.layer.dequantized(grad.dtype), None
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer ``y = x dq(W)^T + b`` whose ``W (out, in)`` is stored in 4-bit NF4.
-
-    Buffers ``codes`` (uint8, two codes per byte) and ``absmax`` (float32, one per 64 weights):
-    0.5625 bytes per weight instead of 2 (bf16) or 4 (fp32). W is dequantized on the fly in
-    forward and again in backward, so autograd keeps no dense copy. Works on the CPU (bitsandbytes
-    >= 0.45) and on GPUs; inputs of another dtype than the original weight's are computed in the
-    input's dtype. ``conv1d`` remembers a Hugging Face Conv1D base (for :meth:`to_dense`);
-    ``source_digest`` is the :func:`~pissa.fingerprint.weight_digest` of the dense residual in the
-    base layer's native layout, i.e. of what a residual checkpoint on disk holds.
-    """
-
-    codes: Tensor  # buffers, registered in __init__
-    absmax: Tensor
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, conv1d: bool = False) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight_dtype = weight.dtype
-        self.conv1d = conv1d
-        self.source_digest = weight_digest(weight.T if conv1d else weight)
-        codes, absmax = nf4_quantize(weight)
-        self.register_buffer("codes", codes)
-        self.register_buffer("absmax", absmax)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @property
-    def weight(self) -> Tensor:
-        """The packed 4-bit codes (uint8), as bitsandbytes' Params4bit: the stored weight, marked as quantized."""
-        return self.codes
-
-    def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``dq(W) (out, in)`` in ``dtype`` (default: the original weight's dtype)."""
-        return nf4_dequantize(self.codes, self.absmax, (self.out_features, self.in_features), dtype or self.weight_dtype)
-
-    def quant_state(self, dtype: torch.dtype) -> Any:
-        """bitsandbytes' ``QuantState`` of the 2-D weight ``(out, in)`` for a compute ``dtype``.
-
-        The codes were quantized from the flat row-major vector in blocks of 64, which are the same
-        blocks (and bytes) bitsandbytes makes for the 2-D weight, so its 4-bit kernels read them as
-        they are.
-        """
-        bnb = require_bnb()
-        code = bnb.get_4bit_type("nf4", device=self.codes.device)
-        return bnb.QuantState(absmax=self.absmax, shape=torch.Size([self.out_features, self.in_features]), code=code,
-                              blocksize=BLOCKSIZE, quant_type="nf4", dtype=dtype)
-
-    def kernel_matmul(self, x: Tensor) -> Tensor:
-        """``x @ dq(W)^T`` through bitsandbytes' 4-bit matmul (the path of its ``Linear4bit``): fused
-        dequantization on CUDA, autograd for the input gradient included."""
-        import bitsandbytes  # its matmul_4bit; require_bnb (via quant_state) already checked the install
-
-        return bitsandbytes.matmul_4bit(x, self.codes.t(), quant_state=self.quant_state(x.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # CUDA: bitsandbytes' kernels. CPU: dequantize then matmul (bitsandbytes 0.50's CPU 4-bit matmul
-        # misreads 2-D weights whose in_features is not a multiple of 64, and its fast path needs `kernels`)
-        y = self.kernel_matmul(x) if x.is_cuda else _NF4MatMul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def to_dense(self) -> nn.Module:
-        """A plain ``nn.Linear`` (or ``Conv1D``, weight (in, out)) holding ``dq(W)`` and the bias, frozen."""
-        W = self.dequantized()
-        if self.conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            dense: nn.Module = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(W.T.contiguous(), requires_grad=False)
-        else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-            dense.weight = nn.Parameter(W, requires_grad=False)
-        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), requires_grad=False)
-        dense.register_parameter("bias", bias)  # as ``dense.bias = bias``, which torch types for tensors and modules only
-        return dense
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={BLOCKSIZE}, dtype={self.weight_dtype}"
-
-
-def quantize_residual(module: nn.Module, residual: Tensor, kind: str) -> nn.Module:
-    """The frozen residual layer for ``module`` (Linear or Conv1D): ``residual (out, in)`` in 4-bit, ``module``'s bias."""
-    if kind not in QUANT_TYPES:
-        raise PissaError(f"unsupported quantize={kind!r}; use one of: {', '.join(QUANT_TYPES)}")
-    bias = getattr(module, "bias", None)
-    return NF4Linear(residual.detach(), bias, conv1d=is_conv1d(module)).to(residual.device)

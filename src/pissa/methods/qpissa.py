@@ -32,9 +32,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from pissa.methods.data_aware import eora_fit
 from pissa.methods.factors import Factors, as_factors
+from pissa.methods.inits import pissa_init
+from pissa.methods.inputs import InitOptions
 from pissa.methods.nf4 import nf4
-from pissa.methods.registry import METHODS, InitOptions, eora_fit, pissa_init
+from pissa.methods.registry import METHODS
 
 
 def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -1,6 +1,6 @@
 """Truncated SVD: exact, or randomized block Lanczos that is within 0.1% of exact.
 
-All functions take a batch of L equal-shape ``(m, n)`` matrices (:data:`Batch`) and return the
+All functions take a batch of L equal-shape ``(m, n)`` matrices (:data:`MatrixBatch`) and return the
 top ``k`` singular triplets ``U (L, m, k)``, ``S (L, k)`` (descending), ``Vh (L, k, n)``, so
 that ``U @ diag(S) @ Vh`` is (close to) the best rank-k approximation of each matrix.
 
@@ -26,7 +26,7 @@ from torch import Tensor
 
 SVDMethod = Literal["krylov", "exact"]
 
-Batch: TypeAlias = Tensor | Sequence[Tensor]
+MatrixBatch: TypeAlias = Tensor | Sequence[Tensor]
 """Equal-shape matrices: one ``(L, m, n)`` tensor, or a sequence of L ``(m, n)`` tensors (attach
 hands over its weights that way, so the SVD stacks them in the dtype it needs, without a
 full-precision copy of every batch)."""
@@ -58,7 +58,7 @@ def krylov_steps(k: int) -> int:
     return max(4, 2 + -(-k // 5))
 
 
-def stack(W: Batch, dtype: torch.dtype) -> Tensor:
+def stack(W: MatrixBatch, dtype: torch.dtype) -> Tensor:
     """``W`` as one ``(L, m, n)`` tensor of ``dtype`` (no copy if it already is one)."""
     if isinstance(W, Tensor):
         return W.to(dtype)
@@ -134,7 +134,7 @@ def pass_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def krylov_svd(
-    W: Batch,
+    W: MatrixBatch,
     k: int,
     *,
     seeds: Sequence[int],
@@ -209,7 +209,7 @@ def krylov_svd(
     return U, S, Vh
 
 
-def _rows_times(X: Tensor, W: Batch, tall: bool) -> Tensor:
+def _rows_times(X: Tensor, W: MatrixBatch, tall: bool) -> Tensor:
     """``X_i @ M_i`` in X's dtype for each matrix of W, ``M_i = W_i^T`` if ``tall`` else ``W_i``.
 
     A sequence is multiplied matrix by matrix (each converted on its own), so no full-precision
@@ -222,7 +222,7 @@ def _rows_times(X: Tensor, W: Batch, tall: bool) -> Tensor:
 
 
 def truncated_svd(
-    W: Batch,
+    W: MatrixBatch,
     k: int,
     *,
     method: SVDMethod = "krylov",
@@ -230,7 +230,7 @@ def truncated_svd(
     block: int = BLOCK,
     seeds: Sequence[int] = (0,),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k singular triplets of a :data:`Batch` W, in :func:`compute_dtype` of W's dtype.
+    """Top-k singular triplets of a :data:`MatrixBatch` W, in :func:`compute_dtype` of W's dtype.
 
     ``method="exact"`` is a full LAPACK SVD; ``"krylov"`` (default) is :func:`krylov_svd`.
     """

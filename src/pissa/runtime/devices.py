@@ -42,14 +42,14 @@ def resolve_device(name: str) -> torch.device:
         raise PissaError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise PissaError(f"--device {name}: this machine has no CUDA GPU (torch {torch.__version__}); "
-                             "use --device cpu or auto")
+            raise PissaError(f"`device` {name}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                             "use `device` cpu or auto")
         index = local_rank if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise PissaError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise PissaError(f"`device` {name}: only {torch.cuda.device_count()} CUDA device(s) here")
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PissaError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+        raise PissaError(f"`device` {name}: MPS is not available here; use `device` cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise PissaError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -90,7 +90,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     that requires grad (the embeddings are frozen) and works with adapters, DDP and FSDP2.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PissaError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
+        raise PissaError(f"{type(model).__name__} does not support gradient checkpointing; drop `gradient_checkpointing`")
     kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns
     if callable(enable):

@@ -187,12 +187,12 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     """
     size = world()[1]
     if size == 1:
-        raise PissaError("--fsdp shards the model over processes: add --nproc N (N >= 2) or launch under torchrun")
+        raise PissaError("`fsdp` shards the model over processes: add `nproc` N (N >= 2) or launch under torchrun")
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in kinds]
     if not blocks:
-        raise PissaError(f"--fsdp: {type(model).__name__} names no decoder blocks to shard (_no_split_modules); "
-                         "train it with --nproc N without --fsdp (data-parallel)")
+        raise PissaError(f"`fsdp`: {type(model).__name__} names no decoder blocks to shard (_no_split_modules); "
+                         "train it with `nproc` N without `fsdp` (data-parallel)")
     mesh = init_device_mesh(device.type, (size,))
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in blocks:

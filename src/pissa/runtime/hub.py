@@ -284,3 +284,6 @@ def _remove_stale(root: Path, name: str) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
         except FileNotFoundError:
             pass
+
+
+HeadKind = Literal["auto", "causal-lm", "seq-cls"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+
+from pissa.training.metrics import RunMetrics
 
 REPORT_STEPS = (10, 50)
 """Steps whose training loss the compare report lists (plus the last step)."""
@@ -57,28 +58,28 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def write_report(results: dict[str, dict[str, Any]]) -> str:
+def write_report(results: Mapping[str, RunMetrics]) -> str:
     """The compare report (markdown): one row per method from its metrics.json."""
     first = next(iter(results.values()))
-    steps = [s for s in REPORT_STEPS if s < first["steps"]]
-    head = ["method", "lr", "trainable params", *(f"loss@{s}" for s in steps), f"loss@{first['steps']} (end)",
+    steps = [s for s in REPORT_STEPS if s < first.steps]
+    head = ["method", "lr", "trainable params", *(f"loss@{s}" for s in steps), f"loss@{first.steps} (end)",
             "test loss before", "test loss after", "accuracy before", "accuracy after", "time (s)"]
     lines = [
-        f"# {first['model']} on {first['data']}: " + " vs ".join(results),
+        f"# {first.model} on {first.data}: " + " vs ".join(results),
         "",
-        f"Rank {first['rank']}, {first['steps']} steps, batch {first['batch_size']} x {first['grad_accum']}, "
-        f"{first['schedule']} schedule, seed {first['seed']}, same data order for every method. "
+        f"Rank {first.rank}, {first.steps} steps, batch {first.batch_size} x {first.grad_accum}, "
+        f"{first.schedule} schedule, seed {first.seed}, same data order for every method. "
         f"Training losses are means over the {WINDOW} steps ending at the step shown; test metrics on "
-        f"{first['eval_examples']} held-out examples ({first['accuracy_kind']} accuracy).",
+        f"{first.eval_examples} held-out examples ({first.accuracy_kind} accuracy).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for name, r in results.items():
-        curve = r["train_loss"]
-        row = [name, f"{r['lr']:g}", f"{r['trainable_params']:,}",
-               *(_num(window_mean(curve, s)) for s in steps), _num(window_mean(curve, r["steps"])),
-               _num(r["eval_before"]["loss"]), _num(r["eval_after"]["loss"]),
-               _num(r["eval_before"]["accuracy"], ".3f"), _num(r["eval_after"]["accuracy"], ".3f"), f"{r['seconds']:.0f}"]
+        curve = r.train_loss
+        row = [name, f"{r.lr:g}", f"{r.trainable_params:,}",
+               *(_num(window_mean(curve, s)) for s in steps), _num(window_mean(curve, r.steps)),
+               _num(r.eval_before["loss"]), _num(r.eval_after["loss"]),
+               _num(r.eval_before["accuracy"], ".3f"), _num(r.eval_after["accuracy"], ".3f"), f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

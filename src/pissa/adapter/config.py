@@ -1,0 +1,140 @@
+"""AdapterConfig: how an adapter is made (method, rank, scaling, targets, 4-bit residual, SVD and data-aware options)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from pissa.errors import PissaError
+from pissa.methods.registry import METHODS, get_method
+from pissa.methods.svd import BLOCK, SVDMethod
+from pissa.options import CHOICES
+from pissa.runtime.devices import DTYPES
+
+
+@dataclass
+class AdapterConfig:
+    """How to adapt a model."""
+
+    method: str = field(default="pissa", metadata={CHOICES: tuple(METHODS)})
+    """Initialization method (pissa.METHODS)."""
+    rank: int = 16
+    """Rank r of the trainable factors B (out x r) and A (r x in)."""
+    alpha: float | None = None
+    """Scaling numerator: the update is (alpha / rank) B A. None means alpha = rank (scaling 1)."""
+    targets: str | list[str] = "all-linear"
+    """"all-linear" (every Linear/Conv1D except the output head) or module-name suffixes / regexes."""
+    quantize: Literal["nf4"] | None = None
+    """None, or "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA)."""
+    quant_iters: int = 5
+    """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A,
+    then B A = rank-r SVD of W - nf4(W - B A)."""
+    seed: int = 0
+    """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
+    svd: SVDMethod = "krylov"
+    """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
+    niter: int | None = None
+    """Block Lanczos steps of the "krylov" SVD, two passes over W each (more = closer to exact);
+    None: the rank's default (:func:`pissa.svd.krylov_steps`)."""
+    block: int = BLOCK
+    """Columns per block Lanczos step."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter path's input."""
+    factor_dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    """Dtype of the trainable factors: float32, bfloat16, float16 or float64."""
+    rank_pattern: dict[str, int] | None = None
+    """Per-layer ranks, a JSON object {module name, name suffix or regex: rank}; a layer takes the rank of
+    its exact name, else of the first key that matches it, else --rank; rank 0 leaves the layer unadapted."""
+    calibration: str | None = None
+    """Statistics file written by pissa calibrate, read by the data-aware methods (corda, corda-kpm, eva,
+    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize nf4); pissa compare without it calibrates
+    on its own training split into OUT/calibration.safetensors."""
+    damping: float = 0.01
+    """Data-aware methods: the activation covariance C gets damping * mean(diag C) added to its diagonal
+    before it is inverted or factored (CorDA, EoRA)."""
+    first_lr: float = 5e-6
+    """LoRA-SB: learning rate of the simulated first full fine-tuning step -lr sign(G) it starts from
+    (its paper: the peak rate divided by the warm-up steps; pissa finetune's defaults give 5e-5 / 10)."""
+    eva_rho: float = 2.0
+    """EVA: a layer may take up to eva_rho * rank components; the budget rank x layers goes to the components
+    explaining the most variance across layers (1: every layer keeps rank)."""
+
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise PissaError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise PissaError(f"alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
+        if self.quantize not in (None, "nf4"):
+            raise PissaError(f"unsupported quantize={self.quantize!r}; use None or 'nf4'")
+        if not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool) or self.quant_iters < 1:
+            raise PissaError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
+        if self.svd not in ("krylov", "exact"):
+            raise PissaError(f"unknown svd={self.svd!r}; use 'krylov' or 'exact'")
+        if self.niter is not None and (not isinstance(self.niter, int) or self.niter < 1):
+            raise PissaError(f"niter must be an integer >= 1 (or None for the rank-based default), got {self.niter!r}")
+        if not isinstance(self.block, int) or self.block < 1:
+            raise PissaError(f"block must be an integer >= 1, got {self.block!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PissaError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.factor_dtype not in DTYPES:
+            raise PissaError(f"factor_dtype must be one of {', '.join(DTYPES)}, got {self.factor_dtype!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = [self.targets]
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.rank_pattern.items()
+            ):
+                raise PissaError(f"rank_pattern must map module names or regexes to ranks >= 0, got {self.rank_pattern!r}")
+            self.rank_pattern = dict(self.rank_pattern) or None
+        if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < math.inf):
+            raise PissaError(f"damping must be a number >= 0, got {self.damping!r}")
+        if not (isinstance(self.first_lr, (int, float)) and self.first_lr > 0):
+            raise PissaError(f"first_lr must be > 0, got {self.first_lr!r}")
+        if not (isinstance(self.eva_rho, (int, float)) and self.eva_rho >= 1):
+            raise PissaError(f"eva_rho must be >= 1 (1: uniform ranks), got {self.eva_rho!r}")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank (1.0 when alpha is None)."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def scaling_for(self, rank: int) -> float:
+        """The scaling of a layer of rank ``rank``: alpha / rank (1.0 when alpha is None), as PEFT's rank_pattern."""
+        return 1.0 if self.alpha is None else self.alpha / rank
+
+    def layer_rank(self, name: str) -> int:
+        """The rank of layer ``name``: its exact name in rank_pattern, else the first key matching it
+        (dotted suffix or full regex), else ``rank``; 0: not adapted."""
+        pattern = self.rank_pattern or {}
+        if name in pattern:
+            return pattern[name]
+        for key, r in pattern.items():
+            if name.endswith("." + key) or _fullmatch(key, name):
+                return r
+        return self.rank
+
+    @property
+    def torch_factor_dtype(self) -> torch.dtype:
+        return DTYPES[self.factor_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False

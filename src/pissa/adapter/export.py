@@ -1,0 +1,163 @@
+"""The PEFT export: a trained adapter as a Hugging Face PEFT LoRA of rank 2r (or r) on the original base.
+
+For a layer whose residual subtracts ``s B0 A0`` from W, the trained layer computes
+``W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]``: a LoRA on W that every LoRA server loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pissa.adapter.base_layers import is_conv1d
+from pissa.adapter.config import AdapterConfig
+from pissa.adapter.layer import PissaLinear
+from pissa.adapter.save_load import _layers_or_fail, head_parameters
+from pissa.errors import PissaError
+from pissa.files.atomic import atomic_dir
+from pissa.methods.factors import fold_core, truncate
+from pissa.methods.registry import METHODS
+
+
+def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[Tensor, Tensor]:
+    """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``.
+
+    ``export_rank`` is the method's (:attr:`pissa.decompose.Method.export_rank`). A core is folded
+    into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r suffices when A is
+    frozen, so A = A0 (SVFit, LoRA-XS: ``(B C - B0 C0) A``), or when ``B0 C0 = 0`` (LoRA: ``B A``).
+    With residual factors (QPiSSA) the residual subtracts ``Br Ar`` instead of ``B0 A0``:
+    ``s [B | -Br] [A ; Ar]``; a 4-bit LoRA (QLoRA) has ``Br Ar`` = 0 and stays rank r.
+    Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
+    """
+    core = None if layer.lora_core is None else layer.lora_core.detach().float()
+    A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
+    A0, B0, core0 = layer.residual_factors()
+    A0, B0, core0 = A0.float(), B0.float(), None if core0 is None else core0.float()
+    BC0 = fold_core(B0, core0)
+    if export_rank == "2r":
+        return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)
+    if "A" not in layer.train_parts:
+        return A, BC - BC0
+    if BC0.any():
+        raise PissaError("a rank-r export needs B0 = 0 or a frozen A; this layer has neither (a method record is wrong)")
+    return A, BC
+
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""``max_lora_rank`` values vLLM accepts: a server of an export of rank r needs the first one >= r."""
+
+
+EXPORT_NOTE = "pissa_export.json"
+"""Written beside a PEFT export: its rank, the server rank it needs, and any truncation error."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_peft` wrote: the LoRA rank (the largest layer's), the smallest vLLM ``max_lora_rank`` that
+    serves it, and (with
+    ``max_rank``) the relative Frobenius error of the truncation over all layers and the worst layer's."""
+
+    path: Path
+    rank: int
+    full_rank: int
+    max_lora_rank: int | None
+    relative_error: float
+    worst_layer_error: float
+    modules_to_save: list[str]
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None = None) -> ExportReport:
+    """Write a Hugging Face PEFT LoRA adapter that reproduces the trained model on the original base.
+
+    Rank 2r (or r, see :func:`peft_factors`). ``max_rank=K`` below that writes each layer's best
+    rank-K approximation of its update instead (:func:`pissa.factors.truncate`) and reports the
+    error it introduced: ``sqrt(sum of the discarded S_i^2) / ||update||_F``, over all layers and
+    for the worst one. Trained parameters outside the adapters (a classification head) go in as
+    PEFT ``modules_to_save``, so the PEFT model has the trained head too. Layers of different ranks
+    (``AdapterConfig.rank_pattern``, EVA) go in as PEFT ``rank_pattern`` with an ``alpha_pattern``
+    that keeps each layer's scaling.
+    """
+    layers = _layers_or_fail(model)
+    cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
+    if cfg.quantize is not None:
+        warnings.warn(
+            "the exported LoRA applies to the unquantized base weights; outputs differ from the "
+            "4-bit-residual model by the residual's quantization error",
+            stacklevel=2,
+        )
+    export_rank = METHODS[cfg.method].export_rank
+    factors = {name: peft_factors(layer, export_rank) for name, layer in layers}
+    scalings = {name: layer.scaling for name, layer in layers}
+    if max_rank is not None and not max_rank >= 1:
+        raise PissaError(f"`max_rank` must be >= 1, got {max_rank}")
+    full = max(A.shape[0] for A, _ in factors.values())
+    kept = discarded = 0.0
+    worst = 0.0
+    for name, (A, B) in list(factors.items()):
+        if max_rank is not None and max_rank < A.shape[0]:
+            A_k, B_k, S = truncate(A, B, max_rank)
+            factors[name] = (A_k, B_k)
+            lost, total = float((S[max_rank:] ** 2).sum()), float((S**2).sum())
+            kept, discarded = kept + total, discarded + lost
+            worst = max(worst, (lost / total) ** 0.5 if total > 0 else 0.0)
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    # PEFT's LoRA scales each layer by lora_alpha / r: the most common rank is "r"; layers of another rank
+    # (rank_pattern, EVA) get their own rank and alpha so that every layer keeps its pissa scaling
+    r = max(set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k))
+    rank_pattern = {name: k for name, k in ranks.items() if k != r}
+    alphas = {name: scalings[name] * k for name, k in ranks.items()}
+    alpha = scalings[next(n for n, k in ranks.items() if k == r)] * r
+    alpha_pattern = {name: a for name, a in alphas.items() if a != alpha}
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    head = head_parameters(model)
+    head_modules = sorted({n.rsplit(".", 1)[0] for n in head})
+    for module in head_modules:  # PEFT's ModulesToSaveWrapper replaces the whole module: every parameter of it
+        for pname, p in model.get_submodule(module).named_parameters():
+            tensors[f"base_model.model.{module}.{pname}"] = p.detach().float().contiguous().cpu()
+    names = [name for name, _ in layers]
+    arch = type(model).__name__
+    task = ("CAUSAL_LM" if arch.endswith(("ForCausalLM", "LMHeadModel"))
+            else "SEQ_CLS" if arch.endswith("ForSequenceClassification") else None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(n): k for n, k in rank_pattern.items()},  # PEFT matches (.*\.)?(key)$
+        "alpha_pattern": {re.escape(n): a for n, a in alpha_pattern.items()},
+        "lora_dropout": cfg.dropout,
+        "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
+        # a 4-bit residual (nf4.NF4Linear) remembers whether its base was a Conv1D
+        "fan_in_fan_out": all(is_conv1d(layer.residual) or getattr(layer.residual, "conv1d", False) for _, layer in layers),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": head_modules or None,
+    }
+    report = ExportReport(
+        path=Path(path), rank=max(ranks.values()), full_rank=full,
+        max_lora_rank=next((v for v in VLLM_RANKS if v >= max(ranks.values())), None),
+        relative_error=(discarded / kept) ** 0.5 if kept > 0 else 0.0, worst_layer_error=worst, modules_to_save=head_modules,
+    )
+    note = {k: v for k, v in dataclasses.asdict(report).items() if k != "path"}
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=2))
+    return report

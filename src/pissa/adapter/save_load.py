@@ -1,0 +1,180 @@
+"""Adapters of a model to and from an adapter directory (:mod:`pissa.files.adapter_dir`).
+
+``save_adapter`` gathers each adapted layer's trained and initial factors and digests; ``load_adapter`` checks
+the base weights against the recorded digests, rebuilds every residual bit-exactly from the initial factors
+and puts the trained factors back.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from pissa.adapter.attach import adapted_layers, rebuild
+from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight
+from pissa.adapter.config import AdapterConfig
+from pissa.errors import PissaError
+from pissa.files.adapter_dir import HEAD_FILE, base_description, read_adapter, write_adapter
+from pissa.files.digests import weight_digest
+from pissa.methods.factors import Factors
+from pissa.runtime import distributed
+
+
+def _layers_or_fail(model: nn.Module) -> list:
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise PissaError("this model has no pissa adapters; call pissa.attach(model, cfg) first")
+    return layers
+
+
+@dataclass
+class AdapterContents:
+    """Everything an adapter directory holds, gathered from a model (:func:`gather_adapter`)."""
+
+    cfg: AdapterConfig
+    tensors: dict[str, Tensor]
+    meta: dict[str, dict[str, Any]]
+    head: dict[str, Tensor]
+    num_labels: int | None
+    base: dict[str, str] | None
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the adapter directory ``path`` (replaced atomically)."""
+        return write_adapter(path, self.cfg.to_dict(), self.tensors, self.meta, self.head, self.num_labels, self.base)
+
+
+def gather_adapter(model: nn.Module) -> AdapterContents:
+    """The model's adapters, on the CPU. For a model sharded over processes (FSDP2) this is a
+    collective that every rank must call: each returns the whole adapter."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for name, layer in _layers_or_fail(model):
+        layer_tensors, meta[name] = layer_entry(name, layer)
+        tensors.update(layer_tensors)
+    head = {n: distributed.full(p.detach()).contiguous().cpu() for n, p in head_parameters(model).items()}
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None) if head else None
+    base = getattr(model, "pissa_base", None)  # set by pissa.hub.load_model
+    return AdapterContents(model.pissa_config, tensors, meta, head, num_labels, base)  # type: ignore[arg-type]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
+
+    Under torch.distributed only rank 0 writes. A model sharded over the processes (FSDP2) is
+    gathered first (:func:`gather_adapter`): then every rank must call this.
+    """
+    contents = gather_adapter(model)
+    return contents.write(path) if distributed.is_main() else Path(path)
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters outside the adapted layers (e.g. a classification head), by name."""
+    adapter = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter}
+
+
+def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One adapted layer's share of an adapter directory: its tensors ``{name}.{key}`` and its "layers" entry."""
+    tensors: dict[str, Tensor] = {}
+    parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
+    if layer.lora_core is not None:
+        parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
+    if layer.Ar is not None:
+        parts += [("Ar", layer.Ar), ("Br", layer.Br)]
+    for key, t in parts:
+        tensors[f"{name}.{key}"] = distributed.full(t.detach()).contiguous().cpu()
+    meta = {
+        "in": layer.in_features,
+        "out": layer.out_features,
+        "base_digest": layer.base_digest,
+        "base_dtype": str(layer.base_dtype).removeprefix("torch."),
+        # a 4-bit residual records the digest of the dense residual it was quantized from (what `pissa init` writes)
+        "residual_digest": layer.residual_digest,
+        "train": list(layer.train_parts),
+        "orthonormal": layer.orthonormal,
+    }
+    return tensors, meta
+
+
+def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Adapt ``base`` (the original model, unmodified) with the adapter at ``path``, in place.
+
+    The base may also be the residual model that ``pissa init`` wrote. Refuses any other model.
+    A base on the meta device is taken as that residual model, to be filled later
+    (:func:`pissa.load_sharded` does both and checks the residual's digests).
+    """
+    doc, tensors = read_adapter(path)
+    cfg = AdapterConfig.from_dict(doc["config"])
+    factors: dict[str, Factors] = {}
+    digests: dict[str, str] = {}
+    residual_ready: dict[str, str] = {}
+    for name, meta in doc["layers"].items():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise PissaError(f"adapter at {path} was made for another model: layer {name!r} is missing here") from None
+        W = dense_weight(module) if is_adaptable(module) else None
+        if W is None or tuple(W.shape) != (meta["out"], meta["in"]):
+            raise PissaError(f"adapter at {path} was made for another model: layer {name!r} has a different type or shape")
+        if W.is_meta:  # a model built on the meta device: the residual checkpoint fills it (pissa.load_sharded)
+            if cfg.quantize is not None:
+                raise PissaError(f"adapter at {path} has a 4-bit residual (quantize={cfg.quantize}); it cannot be loaded "
+                                 "onto a meta-device model: load the base model for real, then load_adapter")
+            residual_ready[name] = meta["residual_digest"]
+            digest = meta["residual_digest"]
+        else:
+            digest = weight_digest(native_weight(module))
+        if digest == meta["residual_digest"]:
+            residual_ready[name] = digest
+        elif digest != meta["base_digest"]:
+            recorded = meta.get("base_dtype", "float32")
+            if str(W.dtype).removeprefix("torch.") != recorded:
+                raise PissaError(f"adapter at {path} was made on a {recorded} base and this model's weights are "
+                                 f"{str(W.dtype).removeprefix('torch.')}; load the base in {recorded} "
+                                 f"(dtype=torch.{recorded}), adapt it, then convert")
+            raise PissaError(
+                f"adapter at {path} was made from a different base model (weights of {name!r} differ); "
+                f"load it onto {base_description(doc)}"
+            )
+        factors[name] = Factors(
+            A=tensors[f"{name}.A0"],
+            B=tensors[f"{name}.B0"],
+            core=tensors.get(f"{name}.core0"),
+            train=tuple(meta.get("train", ("A", "B"))),
+            orthonormal=bool(meta.get("orthonormal", False)),
+            Ar=tensors.get(f"{name}.Ar"),
+            Br=tensors.get(f"{name}.Br"),
+        )
+        digests[name] = meta["base_digest"]
+    rebuild(base, cfg, factors, digests, residual_ready)
+    with torch.no_grad():
+        for name, layer in adapted_layers(base):
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+            if layer.lora_core is not None:
+                layer.lora_core.copy_(tensors[f"{name}.lora_core"])
+    if doc.get("head"):
+        _load_head(base, Path(path), doc["head"])
+    return base
+
+
+def _load_head(model: nn.Module, path: Path, names: list[str]) -> None:
+    """Copy the saved head parameters (``HEAD_FILE``) into ``model`` and make them trainable."""
+    try:
+        head = load_file(str(path / HEAD_FILE))
+    except Exception as e:  # missing or corrupt file
+        raise PissaError(f"{path / HEAD_FILE} cannot be read ({e}); re-save the adapter") from None
+    params = dict(model.named_parameters())
+    for n in names:
+        if n not in params or n not in head or params[n].shape != head[n].shape:
+            raise PissaError(f"adapter at {path} has a head parameter {n!r} this model lacks or shapes differently; "
+                             "load the model with the same head (e.g. num_labels from adapter_config.json)")
+        with torch.no_grad():
+            params[n].copy_(head[n])
+        params[n].requires_grad_(True)

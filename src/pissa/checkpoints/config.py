@@ -1,0 +1,50 @@
+"""Options of ``pissa init`` and ``pissa export`` (each field's docstring is its ``--help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pissa.adapter.config import AdapterConfig
+from pissa.errors import PissaError
+from pissa.options import POSITIONAL, resume_safe_field
+from pissa.runtime.hub import HeadKind
+
+
+@dataclass
+class InitConfig:
+    """``pissa init``: a safetensors checkpoint on disk -> OUT/residual + OUT/adapter."""
+
+    model: str
+    """Hugging Face model folder: config.json and model.safetensors, or shards plus their index."""
+    out: str
+    """New output folder: OUT/residual (the residual checkpoint) and OUT/adapter."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter (its fields are options of their own)."""
+    device: str = "auto"
+    """Where each streamed weight is decomposed (read from disk, sent there, its residual written back):
+    auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
+    progress: bool = resume_safe_field(default=True)
+    """Show a progress bar."""
+
+
+@dataclass
+class ExportConfig:
+    """``pissa export``: a trained adapter -> a PEFT LoRA folder or a merged checkpoint."""
+
+    adapter: str = field(metadata={POSITIONAL: True})
+    """Adapter folder written by save_adapter / pissa finetune."""
+    out: str
+    """Output folder (replaced)."""
+    model: str | None = None
+    """The base model the adapter was made from (embedded name or folder); default: the one the adapter records."""
+    kind: HeadKind = "auto"
+    """Model head; auto: the one the adapter records, else detected like finetune."""
+    merged: bool = False
+    """Write a merged Hugging Face checkpoint (streamed shard by shard) instead of a PEFT LoRA."""
+    max_rank: int | None = None
+    """Truncate the PEFT LoRA to this rank (best rank-K approximation of each update; the error it adds is printed),
+    e.g. to fit a server's max_lora_rank."""
+
+    def __post_init__(self) -> None:
+        if self.max_rank is not None and (self.merged or self.max_rank < 1):
+            raise PissaError("`max_rank` takes an integer >= 1 and applies to the PEFT export, not to `merged`")
