@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pissa
-from conftest import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from helpers import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.adapter.quantized import NF4Linear, _NF4MatMul
 from pissa.analysis.quant_error import nuclear_norm, reduction_ratio
 from pissa.methods.factors import residual_of

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from conftest import finetune, sentiment_rows
+from helpers import finetune, sentiment_rows
 from pissa.adapter.config import AdapterConfig
 from pissa.cli import main
 from pissa.data.batches import collate
@@ -274,7 +274,7 @@ def test_bad_compare_methods_write_nothing(tiny: Path, tmp_path: Path, capsys) -
 def test_hf_trainer_trains_a_pissa_model(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -340,7 +340,7 @@ def test_gradient_checkpointing_gives_the_same_run(tiny: Path, tmp_path: Path) -
 
 
 def test_gradient_checkpointing_gradients_equal_plain_gradients() -> None:
-    from conftest import TOKENS, lm_loss, tiny_llama
+    from helpers import TOKENS, lm_loss, tiny_llama
 
     grads = []
     for checkpointing in (False, True):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, lm_loss, tiny_llama, train_steps
+from helpers import TOKENS, lm_loss, tiny_llama, train_steps
 from pissa import cli
 from pissa.analysis.spectra import intruder_count, max_cosines
 from pissa.runtime import hub

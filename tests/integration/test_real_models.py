@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import relative_error
+from helpers import relative_error
 from pissa.adapter.base_layers import dense_weight
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pissa
-from conftest import TOKENS, WEIGHT_ONLY, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from helpers import TOKENS, WEIGHT_ONLY, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 
 
 @pytest.mark.parametrize("method", WEIGHT_ONLY)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, decaying, lm_loss, logits, relative_error, tiny_llama, train_steps
+from helpers import TOKENS, attach_train_reload, decaying, lm_loss, logits, relative_error, tiny_llama, token_batches, train_steps
 from pissa.analysis.quant_error import layer_ratios
 from pissa.files.statistics import open_calibration
 from pissa.methods.data_aware import eora_fit, eva_ranks, explained_variance, lora_ga_init
@@ -22,7 +22,6 @@ from pissa.methods.inputs import InitOptions, Stats
 from pissa.methods.qpissa import refine
 from pissa.methods.registry import ADAPTERS, METHODS, init_structured
 from pissa.training.compare import reads_statistics
-from test_calibrate import _batches
 
 DATA_AWARE = sorted(m for m in ADAPTERS if reads_statistics(m))
 
@@ -173,22 +172,8 @@ def test_data_aware_method_without_statistics_is_one_line_error() -> None:
 @pytest.fixture(scope="module")
 def stats_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("calib") / "stats.safetensors"
-    pissa.calibrate(tiny_llama(), _batches(n=3), gradients=True, out=path)
+    pissa.calibrate(tiny_llama(), token_batches(n=3), gradients=True, out=path)
     return str(path)
-
-
-def attach_train_reload(base: torch.nn.Module, cfg: pissa.AdapterConfig, folder) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Attach ``cfg`` to a copy of ``base`` (checking where it starts), train 3 steps, save and load the
-    adapter onto another copy (checking the logits); returns (trained model, reloaded model)."""
-    before = logits(base)
-    model = pissa.attach(copy.deepcopy(base), cfg)
-    start = relative_error(logits(model), before)
-    assert start <= 1e-5 if METHODS[cfg.method].exact_start else start > 1e-7
-    train_steps(model, [TOKENS], lm_loss, steps=3, lr=1e-2)
-    pissa.save_adapter(model, folder)
-    loaded = pissa.load_adapter(copy.deepcopy(base), folder)
-    assert relative_error(logits(loaded), logits(model)) <= 1e-6
-    return model, loaded
 
 
 @pytest.mark.parametrize("method", DATA_AWARE)

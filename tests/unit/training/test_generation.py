@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import finetune, tokenizer_for
+from helpers import finetune, tokenizer_for
 from pissa.cli import main
 from pissa.data.answers import answers_match, extract_answer
 from pissa.data.batches import collate

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import logits, relative_error, tiny_gpt2
+from helpers import attach_train_reload, logits, relative_error, tiny_gpt2, token_batches
 from pissa.adapter.base_layers import dense_weight
 from pissa.calibration.batches import as_batch, calibration_batches
 from pissa.cli import main
@@ -22,8 +22,6 @@ from pissa.files.statistics import open_calibration
 from pissa.methods.registry import ADAPTERS
 from pissa.training.compare import reads_statistics
 from pissa.training.loop import train_step
-from test_calibrate import _batches
-from test_data_aware import attach_train_reload
 
 GPT2_METHODS = ["corda", "eva", "eora", "lora-ga", "lora-sb", "loldu"]
 AWARE = [m for m in ADAPTERS if reads_statistics(m)]
@@ -32,7 +30,7 @@ AWARE = [m for m in ADAPTERS if reads_statistics(m)]
 @pytest.fixture(scope="module")
 def gpt2_stats(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("gpt2") / "stats.safetensors"
-    pissa.calibrate(tiny_gpt2(), _batches(n=3), gradients=True, out=path)
+    pissa.calibrate(tiny_gpt2(), token_batches(n=3), gradients=True, out=path)
     return str(path)
 
 
@@ -41,7 +39,7 @@ def test_gpt2_conv1d_gradient_is_dl_dw_in_out_in_layout(gpt2_stats) -> None:
     ref = tiny_gpt2()
     ref.requires_grad_(True)
     total = 0
-    for b in map(as_batch, _batches(n=3)):
+    for b in map(as_batch, token_batches(n=3)):
         out = ref(**b.inputs()).logits[:, :-1]
         target = b.target_mask[:, 1:]
         torch.nn.functional.cross_entropy(out[target], b.input_ids[:, 1:][target], reduction="sum").backward()
@@ -70,7 +68,7 @@ def test_gpt2_eva_a_spans_the_top_eigenvectors_of_the_layer_input_covariance(gpt
         lambda m, args: rows.append(args[0][current[0].bool()].double()))
     current: list[torch.Tensor] = []
     with torch.no_grad():
-        for b in _batches(n=3):
+        for b in token_batches(n=3):
             current[:] = [b["attention_mask"]]
             base(**b)
     hook.remove()
@@ -166,7 +164,7 @@ def test_compare_calibrates_on_its_training_split_once_and_reuses_it(tiny: Path,
 
 
 def test_finetune_without_statistics_says_how_to_make_them(tiny: Path, tmp_path: Path, capsys) -> None:
-    from conftest import finetune
+    from helpers import finetune
 
     assert finetune(tiny, tmp_path / "ga", "--method", "lora-ga") == 2
     err = capsys.readouterr().err.splitlines()[-1]

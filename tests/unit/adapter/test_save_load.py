@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, WEIGHT_ONLY, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from helpers import TOKENS, WEIGHT_ONLY, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import pissa
-from conftest import logits, mlp, tiny_llama
+from helpers import logits, mlp, tiny_llama
 from pissa.integrations.trainer import ADAPTER_DIR, INDEX_FILE
 
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")

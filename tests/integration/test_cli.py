@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from conftest import finetune
+from helpers import finetune
 from pissa import options
 from pissa.adapter.config import AdapterConfig
 from pissa.checkpoints.config import InitConfig

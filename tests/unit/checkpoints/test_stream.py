@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import pissa
-from conftest import DEVICES, TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
+from helpers import DEVICES, TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa import cli
 from pissa.adapter.targets import find_targets
 from pissa.checkpoints.architecture import describe, describe_in_child
@@ -433,6 +433,7 @@ def peak_growth(tmp_path: Path, what: str, src: Path, cache: str, adapter: Path 
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not hasattr(os, "posix_fadvise"), reason="Linux only")
+@pytest.mark.slow
 def test_peak_memory_is_bounded_whatever_the_page_cache_holds(tmp_path) -> None:
     """Shards of 100+ MB, mostly tensors that are never adapted: `pissa init` and the merge hold a few
     tensors and a 16 MiB copy buffer, right after the checkpoint was written and once it is out of the page

@@ -8,28 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from conftest import tiny_llama
+from helpers import tiny_llama, token_batches, torchrun
 from pissa.adapter.targets import find_targets
 from pissa.calibration.batches import as_batch, by_length
 from pissa.calibration.collect import add_gram, gram_matrix, gram_strips
 from pissa.cli import main
 from pissa.errors import PissaError
 from pissa.files.statistics import open_calibration
-from test_distributed import one_thread as one_thread  # the fixture, for usefixtures below
-from test_distributed import torchrun
-
-
-def _batches(seed: int = 0, n: int = 4) -> list[dict[str, torch.Tensor]]:
-    """Token batches of a 96-token vocabulary with right padding (lengths 10, 7, 4 in each batch)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 96, (3, 10), generator=g)
-        mask = torch.ones(3, 10, dtype=torch.long)
-        mask[1, 7:] = 0
-        mask[2, 4:] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 def _inputs(model, batches) -> dict[str, list[torch.Tensor]]:
@@ -51,7 +36,7 @@ def _inputs(model, batches) -> dict[str, list[torch.Tensor]]:
 
 
 def test_covariance_and_mean_per_distinct_input_without_padding() -> None:
-    model, batches = tiny_llama(), _batches()
+    model, batches = tiny_llama(), token_batches()
     stats = pissa.calibrate(model, batches)
     ref = _inputs(model, batches)
     layer = "model.layers.0."
@@ -69,7 +54,7 @@ def test_covariance_and_mean_per_distinct_input_without_padding() -> None:
 
 
 def test_gradients_equal_autograd_of_the_mean_loss() -> None:
-    model, batches = tiny_llama(), _batches(n=2)
+    model, batches = tiny_llama(), token_batches(n=2)
     stats = pissa.calibrate(model, batches, gradients=True)
     ref = tiny_llama()
     ref.requires_grad_(True)
@@ -98,7 +83,7 @@ def test_gram_strips_hold_the_upper_triangle_of_x_t_x() -> None:
 
 
 def test_rows_regrouped_by_length_keep_their_tokens() -> None:
-    batches = [as_batch(b) for b in _batches(n=3)]
+    batches = [as_batch(b) for b in token_batches(n=3)]
     grouped = by_length(batches)
     assert [len(b.input_ids) for b in grouped] == [3, 3, 3] and [b.input_ids.shape[1] for b in grouped] == [4, 7, 10]
     rows = lambda bs: sorted(tuple(ids[m.bool()].tolist()) for b in bs for ids, m in zip(b.input_ids, b.attention_mask))
@@ -106,7 +91,7 @@ def test_rows_regrouped_by_length_keep_their_tokens() -> None:
 
 
 def test_gradients_without_covariance(tmp_path) -> None:
-    model, batches = tiny_llama(), _batches(n=2)
+    model, batches = tiny_llama(), token_batches(n=2)
     both = pissa.calibrate(model, batches, gradients=True)
     path = tmp_path / "grad.safetensors"
     only = pissa.calibrate(model, batches, gradients=True, covariance=False, out=path)
@@ -121,13 +106,13 @@ def test_gradients_without_covariance(tmp_path) -> None:
 def test_file_is_reused_when_model_and_data_match(tmp_path) -> None:
     path = tmp_path / "stats.safetensors"
     model = tiny_llama()
-    first = pissa.calibrate(model, _batches(), out=path)
+    first = pissa.calibrate(model, token_batches(), out=path)
     stamp = path.stat().st_mtime_ns
-    again = pissa.calibrate(model, _batches(), out=path)
+    again = pissa.calibrate(model, token_batches(), out=path)
     assert path.stat().st_mtime_ns == stamp and not again.tensors  # read from the file, not recomputed
     name = "model.layers.1.self_attn.o_proj"
     torch.testing.assert_close(again.layer_stats(name, ["covariance"]).cov, first.layer_stats(name, ["covariance"]).cov)
-    pissa.calibrate(model, _batches(seed=1), out=path)  # other data: recomputed
+    pissa.calibrate(model, token_batches(seed=1), out=path)  # other data: recomputed
     assert path.stat().st_mtime_ns != stamp and open_calibration(path).data_digest != first.data_digest
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
@@ -142,15 +127,15 @@ def test_calibration_split_over_two_processes_equals_one(tmp_path) -> None:
         import sys, torch
         import pissa
         from pissa.runtime import distributed
-        from conftest import tiny_llama
-        from test_calibrate import _batches
+        from helpers import tiny_llama, token_batches, torchrun
+        from helpers import token_batches
         assert distributed.init_from_env()
-        pissa.calibrate(tiny_llama(), _batches(n=5), gradients=True, out=sys.argv[1] + "/two.safetensors")
+        pissa.calibrate(tiny_llama(), token_batches(n=5), gradients=True, out=sys.argv[1] + "/two.safetensors")
         """,
         tmp_path,
         str(tmp_path),
     )
-    pissa.calibrate(tiny_llama(), _batches(n=5), gradients=True, out=tmp_path / "one.safetensors")
+    pissa.calibrate(tiny_llama(), token_batches(n=5), gradients=True, out=tmp_path / "one.safetensors")
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert one.keys() == two.keys() and len(one) == 8 * 2 + 14
     for k in one:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,30 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from conftest import tiny_llama
+from helpers import IDS, fsdp_steps, tiny_llama, torchrun
 from pissa.checkpoints.init import init_checkpoint
 from pissa.runtime import distributed
 
 CFG = dict(rank=4, alpha=8.0, seed=3)
-
-
-@pytest.fixture
-def one_thread():
-    """The workers run with one thread each; the single-process reference must round the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def torchrun(script: str, tmp_path: Path, *args: str, nproc: int = 2) -> None:
-    """Run ``script`` under ``torchrun --standalone --nproc_per_node nproc`` with the tests folder importable."""
-    path = tmp_path / "worker.py"
-    path.write_text(textwrap.dedent(script))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(path), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -100,7 +79,7 @@ def test_attach_under_torchrun_gives_every_rank_the_single_process_factors(tmp_p
         from safetensors.torch import save_file
         import pissa
         from pissa.runtime import distributed
-        from conftest import tiny_llama
+        from helpers import tiny_llama
         assert distributed.init_from_env()
         rank, size = distributed.world()
         model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
@@ -209,8 +188,8 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 import pissa
 from pissa.runtime import distributed
-from conftest import tiny_llama
-from test_distributed import fsdp_steps
+from helpers import tiny_llama
+from helpers import fsdp_steps
 assert distributed.init_from_env()
 rank = distributed.world()[0]
 model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
@@ -221,16 +200,6 @@ fsdp_steps(model, rows=slice(2 * rank, 2 * rank + 2))
 full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
 save_file({n: t.contiguous() for n, t in full.items()}, f"{sys.argv[1]}/fsdp{rank}.safetensors")
 """
-
-
-def fsdp_steps(model, rows: slice, steps: int = 3) -> None:
-    """AdamW steps on ``rows`` of a fixed (4, 10) batch (no padding: every row has 9 targets)."""
-    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(0))[rows]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_thread) -> None:
@@ -344,15 +313,13 @@ def reference_logits(checkpoint: Path, adapter: Path) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-IDS = torch.arange(24).reshape(2, 12) % 100
-
 SHARDED = """
 import sys, torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 import pissa
 from pissa.runtime import distributed
-from test_distributed import IDS
+from helpers import IDS
 assert distributed.init_from_env()
 out = sys.argv[1]
 with torch.device("meta"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pissa
-from conftest import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
+from helpers import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.methods.inputs import InitOptions
 from pissa.methods.registry import init_structured
 

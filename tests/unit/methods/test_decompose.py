@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pissa
-from conftest import WEIGHT_ONLY, decaying
+from helpers import WEIGHT_ONLY, decaying
 from pissa.methods.svd import truncated_svd
 
 
