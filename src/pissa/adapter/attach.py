@@ -1,7 +1,7 @@
 """attach / merge: put adapters into a model and take them out again.
 
 ``attach`` finds the target layers, decomposes their weights (equal shapes batched together),
-and swaps each layer for a :class:`~pissa.layer.PissaLinear` whose residual is
+and swaps each layer for a :class:`~pissa.adapter.layer.PissaLinear` whose residual is
 ``W - scaling * B0 @ A0``. Everything but the factors is frozen.
 """
 
@@ -38,7 +38,7 @@ BATCH_BYTES = 1 << 29
 
 ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
 """Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
-(False); :mod:`pissa.integrations` adds the one that makes a Hugging Face model's ``save_pretrained``
+(False); :mod:`pissa.integrations.trainer` adds the one that makes a Hugging Face model's ``save_pretrained``
 write its adapter."""
 
 
@@ -75,7 +75,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     ``W - s * B0 @ A0`` is cast back to W's dtype. At init the outputs equal the base's up to
     the rounding of that cast (fp32: ~1e-7 relative; bf16: a few 1e-2 on SmolLM2). Methods with a core
     (``B @ core @ A``) keep A and B as returned and store ``core0 = core / s`` instead
-    (:meth:`~pissa.decompose.Factors.scaled`); only the parts the method names train.
+    (:meth:`~pissa.methods.factors.Factors.scaled`); only the parts the method names train.
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
@@ -119,7 +119,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
 
 
 def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, ...]]:
-    """The calibration statistics ``cfg`` needs and what of them: the method's :attr:`~pissa.decompose.Method.needs`,
+    """The calibration statistics ``cfg`` needs and what of them: the method's :attr:`~pissa.methods.registry.Method.needs`,
     plus the covariance for QPiSSA's activation-weighted last step when ``cfg.calibration`` is given with
     ``quantize``; ``(None, ())`` when nothing is read. A method that needs statistics without a file is a PissaError."""
     method = get_method(cfg.method)
@@ -137,7 +137,7 @@ def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, 
 
 def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration | None) -> tuple[AdapterConfig, dict[str, int]]:
     """Each target layer's rank (:meth:`AdapterConfig.layer_rank`; 0: not adapted) and the config that
-    reproduces them. A method that allocates ranks from the statistics (EVA, :func:`~pissa.decompose.eva_ranks`)
+    reproduces them. A method that allocates ranks from the statistics (EVA, :func:`~pissa.methods.data_aware.eva_ranks`)
     redistributes them: the returned config then holds the resulting ``rank_pattern`` and ``eva_rho = 1``."""
     ranks = {n: cfg.layer_rank(n) for n in names}
     if not get_method(cfg.method).allocates_ranks or calibration is None or cfg.eva_rho == 1:
@@ -151,9 +151,9 @@ def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration |
 def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
                     stats: Stats | None = None) -> Factors:
     """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
-    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.factors.Factors.scaled`),
+    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.methods.factors.Factors.scaled`),
     in float32 (float64 for float64 weights). With ``cfg.quantize`` they are refined against the 4-bit
-    residual (QPiSSA, :func:`pissa.qpissa.refine`; its last step activation-weighted when ``stats`` has
+    residual (QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats`` has
     a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
     r = cfg.rank if rank is None else rank
     opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from pissa.adapter.targets import matches
 from pissa.errors import PissaError
 from pissa.methods.registry import METHODS, get_method
 from pissa.methods.svd import BLOCK, SVDMethod
@@ -40,7 +40,7 @@ class AdapterConfig:
     """SVD for SVD-based methods: "krylov" (randomized block Krylov, within 0.1% of exact) or "exact"."""
     niter: int | None = None
     """Block Lanczos steps of the "krylov" SVD, two passes over W each (more = closer to exact);
-    None: the rank's default (:func:`pissa.svd.krylov_steps`)."""
+    None: the rank's default, max(4, 2 + ceil(rank / 5))."""
     block: int = BLOCK
     """Columns per block Lanczos step."""
     dropout: float = 0.0
@@ -116,7 +116,7 @@ class AdapterConfig:
         if name in pattern:
             return pattern[name]
         for key, r in pattern.items():
-            if name.endswith("." + key) or _fullmatch(key, name):
+            if matches(name, key):
                 return r
         return self.rank
 
@@ -131,10 +131,3 @@ class AdapterConfig:
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False

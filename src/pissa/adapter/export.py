@@ -32,7 +32,7 @@ from pissa.methods.registry import METHODS
 def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[Tensor, Tensor]:
     """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``.
 
-    ``export_rank`` is the method's (:attr:`pissa.decompose.Method.export_rank`). A core is folded
+    ``export_rank`` is the method's (:attr:`pissa.methods.registry.Method.export_rank`). A core is folded
     into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r suffices when A is
     frozen, so A = A0 (SVFit, LoRA-XS: ``(B C - B0 C0) A``), or when ``B0 C0 = 0`` (LoRA: ``B A``).
     With residual factors (QPiSSA) the residual subtracts ``Br Ar`` instead of ``B0 A0``:
@@ -80,7 +80,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
     """Write a Hugging Face PEFT LoRA adapter that reproduces the trained model on the original base.
 
     Rank 2r (or r, see :func:`peft_factors`). ``max_rank=K`` below that writes each layer's best
-    rank-K approximation of its update instead (:func:`pissa.factors.truncate`) and reports the
+    rank-K approximation of its update instead (:func:`pissa.methods.factors.truncate`) and reports the
     error it introduced: ``sqrt(sum of the discarded S_i^2) / ||update||_F``, over all layers and
     for the worst one. Trained parameters outside the adapters (a classification head) go in as
     PEFT ``modules_to_save``, so the PEFT model has the trained head too. Layers of different ranks

@@ -15,7 +15,7 @@ and its initial value ``core0``; everywhere ``B`` reads ``B @ core`` (residual
 
 QPiSSA adds residual factors ``Ar (r, in)``, ``Br (out, r)`` (buffers, None otherwise): its
 residual is ``nf4(W - s Br Ar)``, quantized one iteration before ``A0, B0``
-(:func:`pissa.qpissa.refine`), and its update relative to W is ``s (B A - Br Ar)``.
+(:func:`pissa.methods.qpissa.refine`), and its update relative to W is ``s (B A - Br Ar)``.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ class PissaLinear(nn.Module):
     Ar: Tensor | None
     Br: Tensor | None
     base_digest: str
-    """:func:`~pissa.fingerprint.weight_digest` of the base layer's weight (set by attach / load_adapter)."""
+    """:func:`~pissa.files.digests.weight_digest` of the base layer's weight (set by attach / load_adapter)."""
     residual_digest: str
+    """:func:`~pissa.files.digests.weight_digest` of the residual weight (of the dense one a 4-bit residual was
+    quantized from)."""
     base_dtype: torch.dtype
     """The dtype of the base weight (what the digests cover; a model loads the adapter in that dtype)."""
-    """:func:`~pissa.fingerprint.weight_digest` of the residual weight (of the dense one a 4-bit residual was quantized from)."""
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ class NF4Linear(nn.Module):
     forward and again in backward, so autograd keeps no dense copy. Works on the CPU (bitsandbytes
     >= 0.45) and on GPUs; inputs of another dtype than the original weight's are computed in the
     input's dtype. ``conv1d`` remembers a Hugging Face Conv1D base (for :meth:`to_dense`);
-    ``source_digest`` is the :func:`~pissa.fingerprint.weight_digest` of the dense residual in the
+    ``source_digest`` is the :func:`~pissa.files.digests.weight_digest` of the dense residual in the
     base layer's native layout, i.e. of what a residual checkpoint on disk holds.
     """
 

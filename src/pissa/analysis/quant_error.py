@@ -7,12 +7,12 @@ For every adapted layer ("all-linear") of a model and a rank r, the paper's redu
     QPiSSA-T  the same alternation from PiSSA's B A, T quantizations   (PiSSA paper, Algorithm 1)
 
 both measured on their final pair ``(Q_T, B_T A_T)``, whose last step is the SVD step (the
-pair a QPiSSA model holds at init, :func:`pissa.qpissa.refine`).
+pair a QPiSSA model holds at init, :func:`pissa.methods.qpissa.refine`).
 
 for each T in ``--iters``. With ``--calibration STATS`` (``pissa calibrate``) a second table gives the
 activation-weighted reduction ``(1 - ||(W - Q - B A) L||_F / ||(W - nf4(W)) L||_F) x 100``,
 ``L L^T = X^T X / n`` (so ``||M L||_F = ||M X^T||_F / sqrt(n)`` over the calibration inputs X), of the
-same methods plus EoRA on nf4(W) (``B A`` = :func:`~pissa.decompose.eora_fit` of ``W - nf4(W)``) and
+same methods plus EoRA on nf4(W) (``B A`` = :func:`~pissa.methods.data_aware.eora_fit` of ``W - nf4(W)``) and
 QPiSSA+EoRA-T (QPiSSA's ``Q_T`` with the activation-weighted last step, what ``quantize="nf4"``
 with statistics gives). Equal-shape layers run as one batch; the rank-r SVDs are exact
 (LAPACK) unless ``--svd krylov``. Output: a markdown table per projection type (the module name
@@ -56,7 +56,8 @@ def nuclear_norm(E: Tensor) -> Tensor:
     """``||E||_*`` (sum of singular values) of each matrix of ``E (..., m, n)``, in float64.
 
     From the eigenvalues of the float64 Gram matrix of the smaller side: the same value as
-    ``torch.linalg.svdvals(E.double()).sum(-1)`` to ~1e-12 relative, and 2-6x faster here.
+    ``torch.linalg.svdvals(E.double()).sum(-1)`` to ~1e-12 relative,
+    for one Gram matrix and a symmetric eigensolve of the smaller side instead of an SVD.
     """
     M = E.double()
     if M.shape[-2] > M.shape[-1]:

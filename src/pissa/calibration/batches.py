@@ -29,7 +29,7 @@ def data_digest(batches: Sequence[Batch]) -> str:
 
 
 def as_batch(b: Batch | dict[str, Tensor]) -> Batch:
-    """A :class:`~pissa.objective.Batch`, or a dict with ``input_ids`` and optionally ``attention_mask`` and
+    """A :class:`~pissa.data.batches.Batch`, or a dict with ``input_ids`` and optionally ``attention_mask`` and
     ``labels`` (-100: not a target; without labels every non-padding token after the first is one)."""
     if isinstance(b, Batch):
         return b
@@ -72,7 +72,7 @@ def calibration_batches(tokenizer: Any, data: str | Dataset, kind: Kind, samples
     (each ``input_ids (B, T)``, B <= ``batch_size``, T <= ``max_length``).
 
     ``data``: a dataset name, split as ``pissa finetune --val-size val_size`` splits it
-    (:func:`pissa.data.load_data`), or a :class:`~pissa.data.Dataset` already split so.
+    (:func:`pissa.data.datasets.load_data`), or a :class:`~pissa.data.datasets.Dataset` already split so.
     """
     dataset = load_data(data, val_size) if isinstance(data, str) else data
     if samples > len(dataset.train):

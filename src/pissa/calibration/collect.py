@@ -18,15 +18,15 @@ output head (a causal LM's ``lm_head`` over the vocabulary, ~20% of a small mode
 whose input no target reads.
 
 With ``gradients=True`` each batch also runs backward on the summed loss of its target tokens
-(:func:`pissa.objective.loss_sum`). The base weights never require grad: a hook on each target
+(:func:`pissa.data.loss.loss_sum`). The base weights never require grad: a hook on each target
 layer's output adds ``g^T x`` (the loss gradient w.r.t. W, (out, in)) to that layer's running
 sum as soon as autograd reaches it, so besides the sums autograd holds no weight gradient at all.
 At the end ``grad = sum / n_target``, the gradient of the mean loss (LoRA-GA, LoRA-SB).
 
 Under torchrun each rank takes every world-th batch and the sums are all-reduced
-(:func:`pissa.distributed.sum_tensors`), so the result equals one process's up to summation order.
+(:func:`pissa.runtime.distributed.sum_tensors`), so the result equals one process's up to summation order.
 Statistics are written as safetensors with the model fingerprint and the data's digest
-(:mod:`pissa.stats`); a file with the same fingerprint and digest is reused, not recomputed.
+(:mod:`pissa.files.statistics`); a file with the same fingerprint and digest is reused, not recomputed.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def calibrate(
 ) -> Calibration:
     """Per-layer statistics of ``model`` over ``batches`` (see the module docstring).
 
-    ``batches``: :class:`~pissa.objective.Batch` objects or dicts of ``input_ids (B, T)``,
+    ``batches``: :class:`~pissa.data.batches.Batch` objects or dicts of ``input_ids (B, T)``,
     ``attention_mask (B, T)`` (padding is left out) and ``labels`` (gradient mode: -100 masks a
     token out of the loss). ``gradients``: also the mean loss gradient w.r.t. each target weight.
     ``covariance=False`` (with ``gradients``): the gradients alone, all that LoRA-GA and LoRA-SB read

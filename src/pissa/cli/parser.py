@@ -136,6 +136,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
             help_text += f" (default: {show(default)})"
         name = flag(f.name)
         if inner is bool:
+            if isinstance(default, bool):
+                help_text += f" (default: {'on' if default else 'off'})"
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             continue
         parse = converter(tp, name)

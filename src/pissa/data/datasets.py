@@ -5,7 +5,7 @@ fine-tuning loop trains on log p(completion | prompt). Classification data also 
 :attr:`Dataset.labels`, the candidate completions: an example counts as correct when its own
 completion has the highest log-likelihood among them. Chat data (a ``messages`` column) keeps
 each conversation in :attr:`Example.messages`; the model reads it through the tokenizer's own
-chat template and learns every assistant turn (:func:`pissa.objective.encode_all`).
+chat template and learns every assistant turn (:func:`pissa.data.encoding.encode_all`).
 
 Templates (the completion is appended to the prompt as is, so it carries its leading space):
 
@@ -20,7 +20,7 @@ Templates (the completion is appended to the prompt as is, so it carries its lea
   ``completion`` is the last assistant turn (the reference answer of a generation evaluation)
   and its ``prompt`` the JSON text ``[[role, content], ...]`` of the messages before it (the
   split key; the model never reads it).
-- ``arithmetic``: the embedded chat task of :mod:`pissa.tasks` (5,000 word problems with a
+- ``arithmetic``: the embedded chat task of :mod:`pissa.data.tasks` (5,000 word problems with a
   worked answer ending in ``#### N``).
 
 In ``{text}`` and ``{label}`` runs of whitespace (newlines included) become one space, so a

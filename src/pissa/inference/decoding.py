@@ -1,6 +1,6 @@
 """Evaluation by generation: greedy decoding, final-answer extraction, exact match.
 
-A held-out example's context (the first ``n_prompt`` tokens of its :class:`~pissa.objective.Encoded`:
+A held-out example's context (the first ``n_prompt`` tokens of its :class:`~pissa.data.encoding.Encoded`:
 the prompt, or a conversation up to the generation prompt of its last assistant turn) is
 decoded greedily with the KV cache, batched with left padding, for at most ``max_new_tokens``
 tokens or until an end token (the tokens of ``model.generate(do_sample=False)``). The answer is
@@ -202,7 +202,7 @@ def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: in
 @contextmanager
 def merged_for_inference(model: nn.Module) -> Iterator[bool]:
     """Within the block, each adapted layer of ``model`` is replaced by its merged copy (``W_res + s B A``,
-    :meth:`~pissa.layer.PissaLinear.merged`); the adapted layers are put back on exit. Yields whether it merged.
+    :meth:`~pissa.adapter.layer.PissaLinear.merged`); the adapted layers are put back on exit. Yields whether it merged.
 
     One matmul per layer instead of three: decoding a token costs the base model's time. Done only when
     every adapted layer computes in float32 (a float32 residual, dense or 4-bit, float32 factors, no

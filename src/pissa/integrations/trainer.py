@@ -117,7 +117,7 @@ def adapter_index(model: nn.Module) -> dict[str, Any]:
 
 
 def _on_adapt(model: nn.Module, adapted: bool) -> None:
-    """The :data:`pissa.model.ADAPT_HOOKS` entry: install :class:`AdapterSaver` on a Hugging Face model
+    """The :data:`pissa.adapter.attach.ADAPT_HOOKS` entry: install :class:`AdapterSaver` on a Hugging Face model
     that attach / load_adapter adapted, and remove it from one that merge made plain again."""
     saver = vars(model).get("save_pretrained")
     if not adapted:

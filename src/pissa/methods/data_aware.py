@@ -98,7 +98,7 @@ def explained_variance(cov: Tensor, mean: Tensor | None, k: int | None = None) -
 def principal_directions(cov: Tensor, mean: Tensor | None, k: int | None = None) -> tuple[Tensor, Tensor]:
     """:func:`explained_variance` ``(..., k)`` and the directions ``(..., k, in)`` (rows: the eigenvectors of the
     centred covariance, descending, float64): EVA's A. For a few, from a block Krylov SVD of that symmetric
-    positive semi-definite matrix (float32 passes, float64 basis, :func:`pissa.svd.krylov_svd`), from
+    positive semi-definite matrix (float32 passes, float64 basis, :func:`pissa.methods.svd.krylov_svd`), from
     LAPACK's ``eigh`` for more than half."""
     C = centred(cov.double(), None if mean is None else mean.double())
     total = C.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(torch.finfo(C.dtype).tiny)
@@ -151,7 +151,7 @@ def eora_fit(E: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
 
 def eora_init(W: Tensor, r: int, opt: InitOptions) -> tuple[Tensor, Tensor]:
     """EoRA as an init: :func:`eora_fit` of the compression error ``W - compressed(W)``. The compressed
-    weight is ``nf4(W)`` with ``quantize="nf4"`` (applied by :func:`pissa.qpissa.refine`, the record is
+    weight is ``nf4(W)`` with ``quantize="nf4"`` (applied by :func:`pissa.methods.qpissa.refine`, the record is
     :attr:`Method.compensates`) and 0 without, where ``B A`` is the activation-weighted best rank-r
     approximation of W itself and the residual ``W - B A`` starts exactly at the base."""
     return eora_fit(W, r, opt)

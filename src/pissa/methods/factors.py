@@ -31,7 +31,7 @@ class Factors:
     ``orthonormal`` marks factors whose columns (B) and rows (A) should stay orthonormal
     (:func:`pissa.regularization` penalizes the drift, as SORSA does). ``Ar (..., r, in)``,
     ``Br (..., out, r)``: residual factors, when the residual is ``W - Br Ar`` rather than
-    ``W - B core A`` (QPiSSA, :func:`pissa.qpissa.refine`); None otherwise.
+    ``W - B core A`` (QPiSSA, :func:`pissa.methods.qpissa.refine`); None otherwise.
     """
 
     A: Tensor

@@ -43,7 +43,7 @@ class Stats:
     components: Tensor | None = None
     """``(L, k, in)``: the k leading principal directions of the inputs (rows: eigenvectors of the centred
     covariance, descending), when the reader of the statistics already computed them
-    (:meth:`pissa.stats.Calibration.explained_variance`, once per distinct input); EVA then reuses them."""
+    (:meth:`pissa.files.statistics.Calibration.explained_variance`, once per distinct input); EVA then reuses them."""
 
     def to(self, dtype: torch.dtype, device: torch.device | None = None) -> Stats:
         conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)
@@ -99,9 +99,9 @@ class InitOptions:
     def top_svd64(self, M: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`top_svd` of a statistics-derived ``M (L, m, n)`` (a covariance, a gradient, ``W C``): for a
         Krylov SVD, float32 passes with the basis and the projected problems in float64
-        (:func:`pissa.svd.krylov_svd` ``work``); the triplets in M's dtype. Such matrices have steep spectra
+        (:func:`pissa.methods.svd.krylov_svd` ``work``); the triplets in M's dtype. Such matrices have steep spectra
         (the top r hold over 99% of the energy), which bf16 passes blur and for which the float32 Krylov SVD
-        falls back to a full LAPACK SVD (:data:`pissa.svd.LOW_PRECISION_TAIL`); this resolves them at a
+        falls back to a full LAPACK SVD (:data:`pissa.methods.svd.LOW_PRECISION_TAIL`); this resolves them at a
         tenth of that cost or less. :data:`CHUNK64_BYTES` of the batch at a time."""
         if self.svd != "krylov" or M.dtype == torch.float64:
             return self.top_svd(M, r)

@@ -5,7 +5,7 @@ NF4 (Dettmers et al., 2023, QLoRA) splits a matrix into blocks of 64 consecutive
 normal-quantile levels. Storage: two 4-bit codes per byte plus one float32 absmax per block,
 0.5625 bytes per weight. bitsandbytes does the rounding, on the CPU as on GPUs. ``nf4(X)``
 below is the round trip ``dequantize(quantize(X))``. The QPiSSA iterations that choose what
-to quantize live in :mod:`pissa.qpissa`.
+to quantize live in :mod:`pissa.methods.qpissa`.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ Both are measured on their final pair ``(Q_T, B_T A_T)``.
 
 With calibration statistics (``C = X^T X / n``) QPiSSA's last SVD step becomes EoRA's
 activation-weighted one, ``B_T A_T = argmin ||(W - Q_T - B A) L||_F`` with ``L L^T = C``
-(:func:`pissa.decompose.eora_fit`): the factors are spent where the inputs are. A method that
-:attr:`~pissa.decompose.Method.compensates` (EoRA) is applied once to ``W - nf4(W)`` instead.
+(:func:`pissa.methods.data_aware.eora_fit`): the factors are spent where the inputs are. A method that
+:attr:`~pissa.methods.registry.Method.compensates` (EoRA) is applied once to ``W - nf4(W)`` instead.
 
-The error metric of the paper is in :mod:`pissa.quant_error`.
+The error metric of the paper is in :mod:`pissa.analysis.quant_error`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOption
     ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it
     (``A_0, B_0``). QPiSSA returns ``A, B = A_T, B_T`` (trainable) and the residual factors
     ``Ar, Br = A_{T-1}, B_{T-1}``: the residual is ``nf4(W - Br Ar) = Q_T``, as in :func:`qpissa_iterates`;
-    with ``opt.stats`` holding a covariance the last step is :func:`~pissa.decompose.eora_fit`.
+    with ``opt.stats`` holding a covariance the last step is :func:`~pissa.methods.data_aware.eora_fit`.
     EoRA returns its init of ``W - nf4(W)`` with zero residual factors: the residual is ``nf4(W)``.
     """
     m = METHODS[method]

@@ -1,10 +1,10 @@
 """Pure decompositions W -> factors: one function per method, one record per method, one registry.
 
 Every method maps a batch of weights ``W (L, out, in)`` (float32 or float64) to factors
-``A (L, r, in)`` and ``B (L, out, r)`` (or a :class:`~pissa.factors.Factors` with a core);
+``A (L, r, in)`` and ``B (L, out, r)`` (or a :class:`~pissa.methods.factors.Factors` with a core);
 its random draws for matrix i come from ``opt.seeds[i]`` (so a layer gets the same factors alone
 or batched). The frozen residual is always ``W - B @ [core @] A``
-(:func:`~pissa.factors.residual_of`), so the adapted model starts exactly where the base was.
+(:func:`~pissa.methods.factors.residual_of`), so the adapted model starts exactly where the base was.
 
 Data-aware methods also read calibration statistics of the same layers (:class:`Stats`:
 ``X^T X / n`` of the layer inputs and their mean, or the mean loss gradient w.r.t. W), handed in
@@ -45,10 +45,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
-"""``init(W (L, out, in), r, opt) -> (A (L, r, in), B (L, out, r))`` or :class:`~pissa.factors.Factors`."""
+"""``init(W (L, out, in), r, opt) -> (A (L, r, in), B (L, out, r))`` or :class:`~pissa.methods.factors.Factors`."""
 
 BatchInitFn = Callable[[MatrixBatch, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
-"""The init of a :attr:`Method.svd_only` method: it also takes W as any :data:`~pissa.svd.Batch`."""
+"""The init of a :attr:`Method.svd_only` method: it also takes W as any :data:`~pissa.methods.svd.MatrixBatch`."""
 
 
 FALLBACK_LR = 5e-5
@@ -64,11 +64,11 @@ class Method:
     init: InitFn
     """The pure init function ``(W, r, opt) -> factors``."""
     svd_only: bool = False
-    """It reads W only through :meth:`InitOptions.top_svd`, so it accepts any :data:`~pissa.svd.Batch`
+    """It reads W only through :meth:`InitOptions.top_svd`, so it accepts any :data:`~pissa.methods.svd.MatrixBatch`
     (attach hands such methods the weights unstacked; the SVD stacks them in its pass dtype)."""
     qpissa: bool = False
     """With ``quantize="nf4"`` the QPiSSA iterations refine its factors against the 4-bit residual
-    (:func:`pissa.qpissa.refine`); otherwise only the residual is quantized (LoRA: QLoRA)."""
+    (:func:`pissa.methods.qpissa.refine`); otherwise only the residual is quantized (LoRA: QLoRA)."""
     default_lr: float | None = None
     """Best peak learning rate measured on the embedded task (None: :data:`FALLBACK_LR`)."""
     export_rank: Literal["r", "2r"] = "2r"
@@ -84,7 +84,7 @@ class Method:
     False for a method that starts elsewhere by design (LoRA-SB starts one approximated update away)."""
     compensates: bool = False
     """With ``quantize="nf4"`` its init is applied to the quantization error ``W - nf4(W)`` and the residual
-    is ``nf4(W)`` (EoRA); see :func:`pissa.qpissa.refine`."""
+    is ``nf4(W)`` (EoRA); see :func:`pissa.methods.qpissa.refine`."""
     allocates_ranks: bool = False
     """Its per-layer ranks come from the statistics (EVA: :func:`eva_ranks`, ``AdapterConfig.eva_rho``)."""
 
@@ -97,9 +97,9 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        # default lrs: SmolLM2-135M-Instruct on Rotten Tomatoes, batch 8, cosine, seed 0. PiSSA's and LoRA's
-        # come from an earlier 150-step comparison (rank 16); benchmarks/results/convergence.md's 30-step
-        # validation sweep chose 5e-4 (top of its grid) and 2e-4 (README, "Benchmarks: convergence").
+        # default lrs: SmolLM2-135M-Instruct on Rotten Tomatoes, batch 8, cosine, seed 0: PiSSA 5e-5 and LoRA 2e-4
+        # (150 steps, rank 16); benchmarks/results/convergence.md's 30-step validation sweep chooses 5e-4 (the top
+        # of its grid) and 2e-4 (docs/benchmarks.md).
         Method("pissa", pissa_init, svd_only=True, qpissa=True, default_lr=5e-5),
         Method("lora", lora_init, default_lr=2e-4, export_rank="r"),
         Method("milora", milora_init),

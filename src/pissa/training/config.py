@@ -69,9 +69,9 @@ class RunConfig:
     max_new_tokens: int = 80
     """Most tokens generated per example by --eval generate (the embedded arithmetic answers take at most 64)."""
     eval_batch_size: int = resume_safe_field(default=64)
-    """Held-out examples per evaluation batch. Decoding a few rows at a time reads every weight per token
-    for little work: 200 generated answers took 206 s at 64 rows against 317 s at 16 on one CPU thread
-    (benchmarks/results/generation_eval.md); lower it when evaluation runs out of memory."""
+    """Held-out examples per evaluation batch; generation decodes this many rows together, so each token step
+    reads the weights once for all of them (benchmarks/results/generation_eval.md). Lower it when evaluation
+    runs out of memory."""
     warmup: int = 10
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"

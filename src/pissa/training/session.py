@@ -93,7 +93,7 @@ class Session:
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
 
     def metric_weights(self, items: Sequence[Encoded]) -> tuple[float, float]:
-        """What :func:`~pissa.objective.evaluate` averages over: (loss terms, accuracy terms) of ``items``."""
+        """What :func:`~pissa.training.evaluation.evaluate` averages over: (loss terms, accuracy terms) of ``items``."""
         if self.kind == "seq-cls":
             return len(items), len(items)
         if self.eval_kind == "generate":  # target tokens for the loss, examples for exact match
@@ -111,7 +111,7 @@ class Session:
 
 def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = False) -> Session:
     """Load, encode and adapt (``checkpoint``: restore its adapter instead of a fresh attach);
-    ``sharded``: then shard the model over the processes (:func:`pissa.distributed.shard`).
+    ``sharded``: then shard the model over the processes (:func:`pissa.runtime.distributed.shard`).
 
     Every user error surfaces here, before any output exists.
     """
@@ -183,7 +183,7 @@ def batch_loss(model: nn.Module, batch: Batch, kind: Kind, dtype: torch.dtype) -
 
 def start_check(cfg: RunConfig, base: float, adapted: float) -> dict[str, float]:
     """Compare the first batch's loss before and after attach; a PissaError when a method that promises
-    an exact start (:attr:`~pissa.decompose.Method.exact_start`, without ``quantize``) moved it by more
+    an exact start (:attr:`~pissa.methods.registry.Method.exact_start`, without ``quantize``) moved it by more
     than the dtype allows. A 4-bit residual or a method that starts elsewhere by design (LoRA-SB)
     reports its measured distance instead."""
     gap = abs(adapted - base) / max(abs(base), 1e-8)
@@ -227,6 +227,6 @@ def mark_head_trainable(model: nn.Module) -> list[str]:
 def starts_at_base(cfg: RunConfig) -> bool:
     """Whether the run's model before training computes what the float32 base computes (to float32
     rounding, which the start check bounds by 1e-4): full fine-tuning, or an exact-start method
-    (:attr:`~pissa.decompose.Method.exact_start`) on a float32 base without ``quantize``."""
+    (:attr:`~pissa.methods.registry.Method.exact_start`) on a float32 base without ``quantize``."""
     exact = not METHODS[cfg.method].adapter or (METHODS[cfg.method].exact_start and cfg.adapter.quantize is None)
     return exact and cfg.dtype == "float32"

@@ -30,7 +30,7 @@ def test_transformer_outputs_unchanged_at_init(make) -> None:
 
 @pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 def test_half_precision_init_error_is_bounded(dtype, bound) -> None:
-    """bf16/fp16 bases: the only error is rounding the residual to the base dtype (bound stated in README)."""
+    """bf16/fp16 bases: the only error is rounding the residual to the base dtype (benchmarks/results/init_exactness.md)."""
     model = mlp(dtype)
     x = torch.randn(16, 24).to(dtype)
     before = model(x).detach()

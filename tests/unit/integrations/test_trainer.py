@@ -26,7 +26,7 @@ MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "config.json")
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread per test (the trainers keep torch's default, a thread per core, which on a CPU
-    loaded by other jobs made the SmolLM2 test 4x slower; README "Step time in a trainer")."""
+    loaded by other jobs slowed the SmolLM2 test down 4x; benchmarks/results/trainer_step_time.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

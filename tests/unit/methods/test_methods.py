@@ -2,7 +2,7 @@
 
 For every method: outputs unchanged at init, the trainable-parameter formula, training moves
 only the method's trainable parts, a bad rank is refused; save/load and the PEFT export of every
-method are covered by tests/test_io.py (parametrized over the registry). Then each method's
+method are covered by tests/unit/adapter/test_save_load.py (parametrized over the registry). Then each method's
 init formula, the scaling rule with a core, and SORSA's regularizer.
 """
 
