@@ -43,20 +43,32 @@ def start(cls: type[RunConfig], args: argparse.Namespace) -> tuple[RunConfig, La
     return cfg, launch, explicit
 
 
-def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``pissa finetune``: one method; writes OUT/{config.yaml, metrics.json, loss.png, adapter/}."""
-    add_options(parser, RunConfig)
+def training_command(parser: argparse.ArgumentParser, cls: type[RunConfig],
+                     body: Callable[[RunConfig, Launch, dict[str, Any]], None],
+                     skip: frozenset[str] = frozenset()) -> Callable[[argparse.Namespace], int]:
+    """A command that trains (finetune, compare): ``cls``'s options and the launch options; ``--nproc N``
+    relaunches it under torchrun, otherwise ``body(cfg, launch, explicit)`` runs in this process."""
+    add_options(parser, cls, skip)
     add_options(parser, Launch)
 
     def run(args: argparse.Namespace) -> int:
-        cfg, launch, explicit = start(RunConfig, args)
+        cfg, launch, explicit = start(cls, args)
         if launch.nproc > 1:
             return relaunch(args.argv, launch.nproc, "threads" in explicit, cfg.threads)
         distributed.init_from_env()
+        body(cfg, launch, explicit)
+        return 0
+
+    return run
+
+
+def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``pissa finetune``: one method; writes OUT/{config.yaml, metrics.json, loss.png, adapter/}."""
+
+    def body(cfg: RunConfig, launch: Launch, explicit: dict[str, Any]) -> None:
         out, metrics = finetune(cfg, launch.out, resume=launch.resume, explicit=explicit, sharded=launch.fsdp)
         if distributed.is_main():
             saved = "adapter" if METHODS[metrics.method].adapter else "model"
             print(f"wrote {out}/config.yaml, metrics.json, loss.png, {saved}/")
-        return 0
 
-    return run
+    return training_command(parser, RunConfig, body)

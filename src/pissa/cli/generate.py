@@ -62,7 +62,7 @@ def chat(model: nn.Module, tokenizer: Any, cfg: GenerateConfig, messages: list[T
             messages.pop()
 
 
-def generate(cfg: GenerateConfig) -> int:
+def talk(cfg: GenerateConfig) -> int:
     """``pissa generate``: one streamed reply to the prompt, or the ``--chat`` loop; returns the exit code."""
     first = None if cfg.prompt == "-" else cfg.prompt
     if first is None and not cfg.chat:
@@ -99,4 +99,4 @@ def generate(cfg: GenerateConfig) -> int:
 def command_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa generate [--model M] [--adapter DIR] [--chat] [PROMPT]``: options from :class:`GenerateConfig`."""
     add_options(parser, GenerateConfig)
-    return lambda args: generate(resolve(GenerateConfig, args)[0])
+    return lambda args: talk(resolve(GenerateConfig, args)[0])
