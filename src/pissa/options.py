@@ -1,16 +1,13 @@
-"""Command-line options and config files generated from config dataclasses.
+"""Config dataclasses as data: field docstrings, flattening, building from flat values, config files.
 
-One field, one option: ``rank: int = 16`` with its attribute docstring becomes ``--rank RANK``
-whose help is that docstring. Nested config dataclasses (``RunConfig.adapter: AdapterConfig``)
-are flattened, so ``--dropout`` sets ``RunConfig.adapter.dropout``. Values resolve in one order:
-
-    dataclass defaults  <  --config FILE (.json / .yaml)  <  options given on the command line
-
-Options are added with ``default=SUPPRESS``, so the parsed namespace holds exactly the options
-the user typed (:func:`given`): a resumed run can refuse every one of them that changes the run,
-whatever its value. Types come from the annotations: ``int``, ``float``, ``str``, ``bool``
-(``--x`` / ``--no-x``), ``Literal`` (choices), ``X | None`` (``none`` gives None), lists
-(comma-separated), dicts (JSON).
+Every option of pissa is one field of a config dataclass (``AdapterConfig``, ``RunConfig``, ...); the
+string literal after a field is its documentation (:func:`field_docs`), which the command line shows
+as ``--help`` (:mod:`pissa.cli.parser` builds argparse from these classes). Nested config dataclasses
+(``RunConfig.adapter: AdapterConfig``) are flattened, so every field has one flat name. Values
+resolve in one order: dataclass defaults < a config file (.json / .yaml, :func:`read_config_file`)
+< what the caller sets; a run writes its resolved config (:func:`config_text`) for ``--config`` and
+``--resume`` to read back. Field metadata marks options that cannot change a run's result
+(:data:`RESUME_SAFE`), positional ones and text choices.
 """
 
 from __future__ import annotations
