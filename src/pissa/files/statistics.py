@@ -15,7 +15,7 @@ The file is a safetensors file: tensors ``{input}.cov``, ``{input}.mean``, ``{la
 (float32) and one JSON metadata entry (:data:`META_KEY`) with the format, each layer's input key,
 shape and weight digest, the model's fingerprint, the data's digest and the token counts. It is
 read lazily (:class:`Calibration`), one layer's tensors at a time; the per-batch record the
-init functions take is :class:`pissa.decompose.Stats`.
+init functions take is :class:`pissa.methods.inputs.Stats`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from pissa.errors import PissaError
+from pissa.files.atomic import atomic_file
 from pissa.files.digests import model_fingerprint, weight_digest
 from pissa.methods.data_aware import principal_directions
 from pissa.methods.inputs import Need, Stats, calibration_hint
@@ -126,7 +126,7 @@ class Calibration:
         return Stats(*(stack([getattr(p, f) for p in parts]) for f in ("cov", "mean", "grad", "components")))
 
     def explained_variance(self, names: Sequence[str], k: int | None = None) -> dict[str, Tensor]:
-        """Each layer's ``k`` leading explained-variance ratios, descending (:func:`pissa.decompose.explained_variance`),
+        """Each layer's ``k`` leading explained-variance ratios, descending (:func:`pissa.methods.data_aware.explained_variance`),
         computed once per distinct input; the directions are kept (:attr:`components`) for :meth:`layer_stats`."""
         if not self.has_covariance:
             raise PissaError(f"{self.path or 'these statistics'} hold gradients only; " + calibration_hint())
@@ -145,16 +145,9 @@ class Calibration:
         path = Path(path)
         if path.is_dir():
             raise PissaError(f"{path} is a folder; pass a file name for the statistics, e.g. {path / 'stats.safetensors'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "version": VERSION, "layers": self.layers, **self.info}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             write_safetensors(tmp, self.keys(), self._get, {META_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self.path = path
         return path
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pissa.files.atomic import atomic_file
 from pissa.training.metrics import RunMetrics
 
 REPORT_STEPS = (10, 50)
@@ -47,10 +48,11 @@ def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.Pat
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from pissa import options
 from pissa.adapter.save_load import save_adapter
 from pissa.errors import PissaError
-from pissa.files.atomic import atomic_write_text, replace_dir
+from pissa.files.atomic import atomic_write_text, publish_dir
 from pissa.methods.registry import METHODS
 from pissa.runtime import distributed
 from pissa.runtime.devices import grad_scaler
@@ -147,7 +147,7 @@ def output_folder(out: Path, resume: bool) -> Iterator[Path]:
         if work.exists() and not any(work.rglob(f"{CHECKPOINT}/state.json")):
             shutil.rmtree(work, ignore_errors=True)
         raise
-    replace_dir(work, out)  # replaces an older OUT
+    publish_dir(work, out)  # replaces an older OUT
 
 
 RUN_CONFIG = "config.yaml"
