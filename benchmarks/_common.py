@@ -5,7 +5,7 @@ Variants (:data:`OURS`, :data:`PEFT_LORA`, :data:`PEFT_PISSA`, :data:`FLOOR`) ar
 :func:`build` for one :class:`Setting` (base dtype, activation checkpointing) on one device:
 
 - ours: ``load_model(dtype=...)`` then ``pissa.attach`` (factors in float32 whatever the base
-  dtype) and, with checkpointing, ``pissa.devices.enable_gradient_checkpointing``;
+  dtype) and, with checkpointing, ``pissa.runtime.devices.enable_gradient_checkpointing``;
 - PEFT: the same load, then ``get_peft_model`` (its default ``autocast_adapter_dtype=True`` keeps
   the LoRA weights of a half-precision model in float32) and, with checkpointing, what a PEFT user
   does: ``gradient_checkpointing_enable()`` with Hugging Face's defaults (``activation_checkpointing_enable``
@@ -14,7 +14,7 @@ Variants (:data:`OURS`, :data:`PEFT_LORA`, :data:`PEFT_PISSA`, :data:`FLOOR`) ar
 - the floor: the frozen base alone, its embedding output made to require grad so that backward
   runs through every layer (the part of a step that no adapter layer can avoid).
 
-Every variant steps through :func:`pissa.train.train_step` (forward under ``pissa.devices.autocast``
+Every variant steps through :func:`pissa.training.loop.train_step` (forward under ``pissa.runtime.devices.autocast``
 for a half base, completion-only loss, backward, clipping, AdamW); the floor does the forward and
 the backward only. Whole runs (:func:`measure`) start from a small wrapper interpreter, so the
 child's peak RSS (``os.wait4``) is its own and not the benchmark process's (Linux carries a
@@ -137,7 +137,7 @@ def training_batch(model_name: str, batch_size: int, max_length: int, device: to
 
 
 def step_config(setting: Setting, batch: Batch, threads: int) -> RunConfig:
-    """The RunConfig :func:`pissa.train.train_step` reads (dtype, clipping, regularizer)."""
+    """The RunConfig :func:`pissa.training.loop.train_step` reads (dtype, clipping, regularizer)."""
     return RunConfig(dtype=setting.dtype, batch_size=batch.input_ids.shape[0], lr=1e-5, threads=threads)  # type: ignore[arg-type]
 
 

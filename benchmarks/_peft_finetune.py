@@ -1,5 +1,5 @@
 """The PEFT equivalent of ``pissa finetune``, for the memory benchmarks: same options, model, data,
-batches, training loop (``pissa.train.train``) and evaluations; only the adapter is PEFT's LoRA,
+batches, training loop (``pissa.training.loop.train``) and evaluations; only the adapter is PEFT's LoRA,
 set up as a PEFT user does (``get_peft_model``; with ``--gradient-checkpointing``,
 Hugging Face's checkpointing plus ``enable_input_require_grads``, :func:`_common.peft_checkpointing`).
 
@@ -37,7 +37,7 @@ INIT = {"lora": PEFT_INIT[PEFT_LORA], "pissa": PEFT_INIT[PEFT_PISSA]}
 
 
 def peft_session(cfg: RunConfig) -> Session:
-    """:func:`pissa.train.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
+    """:func:`pissa.training.session.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
     if cfg.method not in INIT:
         raise SystemExit(f"--method must be lora or pissa, got {cfg.method}")
     torch.set_num_threads(cfg.threads)

@@ -1,7 +1,7 @@
 """Runs of the learning-rate sweeps, cached in a work folder so an interrupted benchmark resumes.
 
 A sweep run is scored on a validation split carved from the training data
-(``RunConfig.val_size``, :func:`pissa.train.load_data`): it trains on the training data minus
+(``RunConfig.val_size``, :func:`pissa.data.datasets.load_data`): it trains on the training data minus
 that split and evaluates on it, never reading the test split. The runs that report test metrics
 (each method at its chosen rate) are ordinary runs (``val_size=0``).
 """
@@ -21,7 +21,7 @@ __all__ = ["VAL_SEED", "run_cached"]
 
 
 def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> dict[str, Any]:
-    """One ``pissa.train.run`` into ``workdir``, or its metrics when a finished run with the same
+    """One ``pissa.training.run.run`` into ``workdir``, or its metrics when a finished run with the same
     config is there already.
 
     ``val_size``: train on the training data minus a validation split of that size and score it

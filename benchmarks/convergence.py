@@ -10,7 +10,7 @@
    ``--eval-size`` held-out test reviews, and a plot of the loss curves.
 
 Data-aware methods (``Method.needs`` covariance or gradient) get their statistics as ``pissa compare``
-makes them (:func:`pissa.train.own_calibration`): one pass over the first 256 examples of the very
+makes them (:func:`pissa.training.compare.own_calibration`): one pass over the first 256 examples of the very
 training split the runs train on (so the sweep's calibration never sees its validation reviews),
 with gradients when one of the methods reads them.
 
@@ -86,7 +86,7 @@ def main() -> None:
         if aware:
             res.add(f"Data-aware methods ({', '.join(aware)}) read statistics of the first {CALIBRATION_SAMPLES} examples of "
                     "the training "
-                    "split their runs train on (pissa.train.own_calibration, as `pissa compare` makes them), "
+                    "split their runs train on (pissa.training.compare.own_calibration, as `pissa compare` makes them), "
                     "gradients included.")
 
         best: dict[str, float | None] = {m: None for m in methods}
@@ -135,7 +135,7 @@ def main() -> None:
             res.add(f"Each method at {chosen}, {args.threads} thread(s), the methods run one after the other in this "
                     "process.")
             res.add(write_report(results).split("\n", 2)[2])
-            res.add("time (s): each run's whole wall time as `pissa.train.run` reports it (model load, init, training, "
+            res.add("time (s): each run's whole wall time as `pissa.training.run.run` reports it (model load, init, training, "
                     "both evaluations).")
             plot = res.artifact(f"{args.name}.png")
             plot_losses({m: r["train_loss"] for m, r in results.items()}, plot,

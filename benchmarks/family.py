@@ -7,7 +7,7 @@
    reviews. The test split is not read.
 2. Each method at its chosen rate, an ordinary run (the whole training split, same steps):
    test loss and accuracy before and after on ``--eval-size`` held-out test reviews, and the
-   intruder dimensions of its adapter (:mod:`pissa.intruders`: top-10 singular vectors of
+   intruder dimensions of its adapter (:mod:`pissa.analysis.spectra`: top-10 singular vectors of
    W + ΔW whose max |cos| with every singular vector of W is < 0.5, summed over the layers).
 3. With ``--default-lr-steps N``: every method at its default learning rate
    (``pissa.METHODS[name].default_lr``) for N steps, same options otherwise, with intruders.

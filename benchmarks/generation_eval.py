@@ -7,7 +7,7 @@ embedded ``arithmetic`` test split, greedy decoding for at most ``--max-new-toke
 - ``anchor``: what a user writes with transformers: a teacher-forced loss pass over each batch
   (right-padded prompt + reference answer, loss on the answer tokens), then
   ``model.generate(do_sample=False)`` on the left-padded prompts, adapted layers unmerged.
-- ``pissa``: :func:`pissa.generation.evaluate_generation` (one forward gives the loss and the prompts'
+- ``pissa``: :func:`pissa.training.evaluation.evaluate_generation` (one forward gives the loss and the prompts'
   KV cache, finished rows leave the batch, float32 adapted layers merged while it runs), at each
   of ``--batch-sizes``.
 

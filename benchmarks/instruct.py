@@ -1,7 +1,7 @@
 """Instruction tuning on the embedded generative task: PiSSA vs LoRA vs full fine-tuning, QPiSSA vs QLoRA.
 
 SmolLM2-135M-Instruct on ``--data arithmetic`` (chat word problems, ``#### N`` answers), scored by
-exact match of greedily generated answers (``pissa.generation``). A small-scale check sized for a
+exact match of greedily generated answers (``pissa.inference.decoding``). A small-scale check sized for a
 small CPU; the sizes are options and the results file states them.
 
 1. Sweep: every method at each of its ``--lrs-*`` rates, seed 0, ``--steps`` steps, trained on the
@@ -13,7 +13,7 @@ small CPU; the sizes are options and the results file states them.
    the first ``--test-size`` problems of the test split. The untrained model is scored on the same
    problems.
 
-LoftQ: pissa has no LoftQ training init (``pissa.qpissa.loftq_iterates`` only serves the
+LoftQ: pissa has no LoftQ training init (``pissa.methods.qpissa.loftq_iterates`` only serves the
 quantization-error analysis), so the quantized comparison is QPiSSA vs QLoRA.
 
     .venv/bin/python benchmarks/instruct.py --update-results
@@ -178,7 +178,7 @@ def main() -> None:
                 "prompt, seed 1); every run, final ones included, trains on that same reduced split. Test: the "
                 f"first {args.test_size} problems of the held-out test split, scored by greedy generation "
                 f"(at most {args.max_new_tokens} new tokens, exact match of the `#### N` / last-number answer). "
-                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.qpissa.loftq_iterates` only "
+                "LoftQ is not compared: pissa has no LoftQ training init (`pissa.methods.qpissa.loftq_iterates` only "
                 "serves `pissa analyze quant-error`), so the 4-bit comparison is QPiSSA (5 iterations) vs QLoRA.")
         res.heading("Learning-rate sweep (validation)")
         res.add(f"Seed 0, {args.steps} steps; score: teacher-forced loss of the {meta['val_examples']} validation "

@@ -1,7 +1,7 @@
 """NF4 quantization-error reduction of QLoRA, LoftQ and QPiSSA on the embedded models.
 
 For every "all-linear" layer of each model and each rank, the paper's ratio
-``(1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) * 100`` (see :mod:`pissa.quant_error`) for LoftQ and
+``(1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) * 100`` (see :mod:`pissa.analysis.quant_error`) for LoftQ and
 QPiSSA after 1 and 5 iterations (both on their final pair ``(Q_T, B_T A_T)``: the last step is
 the SVD step), exact rank-r SVDs; per model and rank the mean over layers,
 the margin QPiSSA-5 - LoftQ-5 (done-criterion: >= 2 points) and the wall time. Per-projection

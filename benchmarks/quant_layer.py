@@ -1,7 +1,7 @@
 """The 4-bit residual layer vs the dense one: stored bytes, forward and forward+backward time.
 
 Layer rows: a frozen residual of SmolLM2-135M's MLP shapes as ``nn.Linear`` (float32 and
-bfloat16) and as :class:`pissa.nf4.NF4Linear` (dequantized on the fly, in forward and again in
+bfloat16) and as :class:`pissa.adapter.quantized.NF4Linear` (dequantized on the fly, in forward and again in
 backward), on a batch of tokens; backward is the input gradient (what flows through a frozen
 layer). Model row: bytes of all parameters and buffers of SmolLM2-135M after ``pissa.attach``
 (rank 16) with a dense vs a 4-bit residual. Each dense layer and its NF4 counterpart (same

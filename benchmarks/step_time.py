@@ -6,8 +6,8 @@ four variants of the same model (SmolLM2-135M-Instruct by default) at the same r
 projection (see ``benchmarks/_common.py``): ours (``pissa.attach``, float32 factors), PEFT LoRA,
 PEFT PiSSA (``pissa_niter_4``) and the frozen base alone (the floor: its forward and backward,
 gradients to every layer's input, no adapter and no optimizer; the part of a step no adapter
-layer can avoid). All take the same step (``pissa.train.train_step``: forward under
-``pissa.devices.autocast`` for a half base, completion-only loss, backward, clipping, AdamW; the
+layer can avoid). All take the same step (``pissa.training.loop.train_step``: forward under
+``pissa.runtime.devices.autocast`` for a half base, completion-only loss, backward, clipping, AdamW; the
 floor stops after backward) on the same batch of Rotten Tomatoes reviews, alternately: one
 untimed warm-up round, then ``--rounds`` rounds, each variant once per round, the order rotated
 every round so that a changing load hits all alike. Reported: median step time per variant and,

@@ -7,7 +7,7 @@ are interleaved over ``--rounds`` rounds in rotating order (the machine's load c
 first step of each run is left out (warm-up). Settings:
 
 - pissa's step: AdamW, clipping, the completion-only loss with logits at completion positions only
-  (``pissa.objective.loss_sum``, what ``pissa finetune`` runs);
+  (``pissa.data.loss.loss_sum``, what ``pissa finetune`` runs);
 - the same step with the model's own loss (logits at every position);
 - ``transformers.Trainer`` with ``TrainingArguments`` defaults (float32);
 - ``trl.SFTTrainer`` with ``SFTConfig`` defaults (bf16 autocast and activation checkpointing on);
