@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers, rebuild
 from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight
 from pissa.adapter.config import AdapterConfig
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import HEAD_FILE, base_description, read_adapter, write_adapter
+from pissa.files.adapter_dir import LAYER_TENSORS, AdapterFiles, base_description, write_adapter
 from pissa.files.digests import weight_digest
 from pissa.methods.factors import Factors
 from pissa.runtime import distributed
@@ -82,13 +81,9 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """One adapted layer's share of an adapter directory: its tensors ``{name}.{key}`` and its "layers" entry."""
     tensors: dict[str, Tensor] = {}
-    parts = [("lora_A", layer.lora_A), ("lora_B", layer.lora_B), ("A0", layer.A0), ("B0", layer.B0)]
-    if layer.lora_core is not None:
-        parts += [("lora_core", layer.lora_core), ("core0", layer.core0)]
-    if layer.Ar is not None:
-        parts += [("Ar", layer.Ar), ("Br", layer.Br)]
-    for key, t in parts:
-        tensors[f"{name}.{key}"] = distributed.full(t.detach()).contiguous().cpu()
+    for key in LAYER_TENSORS:  # the parts the layer has (a core and residual factors only for some methods)
+        if (t := getattr(layer, key)) is not None:
+            tensors[f"{name}.{key}"] = distributed.full(t.detach()).contiguous().cpu()
     meta = {
         "in": layer.in_features,
         "out": layer.out_features,
@@ -109,7 +104,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     A base on the meta device is taken as that residual model, to be filled later
     (:func:`pissa.load_sharded` does both and checks the residual's digests).
     """
-    doc, tensors = read_adapter(path)
+    adapter = AdapterFiles(path)  # validated and checked against its recorded digests
+    doc, tensors = adapter.doc, adapter.tensors()
     cfg = AdapterConfig.from_dict(doc["config"])
     factors: dict[str, Factors] = {}
     digests: dict[str, str] = {}
@@ -159,17 +155,13 @@ def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])
             if layer.lora_core is not None:
                 layer.lora_core.copy_(tensors[f"{name}.lora_core"])
-    if doc.get("head"):
-        _load_head(base, Path(path), doc["head"])
+    if adapter.head_names:
+        _load_head(base, Path(path), adapter.head_names, adapter.head())
     return base
 
 
-def _load_head(model: nn.Module, path: Path, names: list[str]) -> None:
-    """Copy the saved head parameters (``HEAD_FILE``) into ``model`` and make them trainable."""
-    try:
-        head = load_file(str(path / HEAD_FILE))
-    except Exception as e:  # missing or corrupt file
-        raise PissaError(f"{path / HEAD_FILE} cannot be read ({e}); re-save the adapter") from None
+def _load_head(model: nn.Module, path: Path, names: list[str], head: dict[str, Tensor]) -> None:
+    """Copy the saved head parameters (``HEAD_FILE``, read into ``head``) into ``model`` and make them trainable."""
     params = dict(model.named_parameters())
     for n in names:
         if n not in params or n not in head or params[n].shape != head[n].shape:

@@ -14,10 +14,23 @@ A layer's entry in "layers" also records ``train`` (its trainable parts) and ``o
 (absent in older files: A and B train, no core).
 
 The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
-base weights (the same :func:`~pissa.decompose.residual_of` as at attach), so no residual
+base weights (the same :func:`~pissa.methods.factors.residual_of` as at attach), so no residual
 model needs to be stored; a QPiSSA layer rebuilds its 4-bit residual ``nf4(W - s * Br @ Ar)``
 from its residual factors instead (files without them load as before). No pickle anywhere; every
 file and directory appears atomically.
+
+Integrity: the document's ``"integrity"`` entry records what the folder held when it was written,
+
+    "integrity": {"algorithm": "xxh3-128",
+                  "tensors": {"adapter.safetensors": digest, "head.safetensors": digest (when present)},
+                  "config": digest}
+
+each tensor file's :func:`~pissa.files.digests.tensors_digest` (every tensor's name, dtype, shape and bytes)
+and the :func:`~pissa.files.digests.doc_digest` of the document without that entry. :class:`AdapterFiles`
+(the one reader: ``load_adapter``, the streamed merge and ``load_sharded`` all open folders through it)
+refuses a folder whose tensors or config disagree with it, in one line naming the file. Folders written
+before the entry existed (no ``"integrity"``) are read with the checks they always had (headers, byte
+ranges, the base digests): accepted, unverified; saving them again adds the entry.
 """
 
 from __future__ import annotations
@@ -28,12 +41,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
-from pissa.files.digests import model_fingerprint
+from pissa.files.digests import ALGORITHM, doc_digest, model_fingerprint, tensors_digest
+from pissa.files.safetensors import Entry, read_tensor, shard_entries
 
 FORMAT = "pissa-adapter"
 VERSION = 2
@@ -41,6 +55,12 @@ CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter.safetensors"
 HEAD_FILE = "head.safetensors"
 """Trainable parameters outside the adapters (a classifier head), when the model has any."""
+INTEGRITY = "integrity"
+"""The document's entry of digests (see the module docstring)."""
+
+LAYER_TENSORS = ("lora_A", "lora_B", "A0", "B0", "lora_core", "core0", "Ar", "Br")
+"""The tensors of one adapted layer in ``TENSORS_FILE`` (``{name}.{part}``), in the order they are written: the
+first four always, then the core pair (methods with a core), then the QPiSSA residual factors."""
 
 
 def write_adapter(
@@ -62,8 +82,18 @@ def write_adapter(
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         if head:
             save_file(head, str(tmp / HEAD_FILE), metadata={"format": FORMAT})
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+        write_config(tmp, doc)
     return Path(path)
+
+
+def write_config(folder: Path, doc: dict[str, Any]) -> None:
+    """Write ``CONFIG_FILE`` into the (temporary) adapter folder ``folder`` once its tensor files are there:
+    ``doc`` with the ``"integrity"`` digests of those files and of ``doc`` itself added."""
+    doc = json.loads(json.dumps(doc))  # the document as it reads back (tuples as lists), for its digest
+    files = [TENSORS_FILE] + ([HEAD_FILE] if doc.get("head") else [])
+    digests = {name: tensors_digest(folder / name, _entries(folder, name)) for name in files}
+    doc[INTEGRITY] = {"algorithm": ALGORITHM, "tensors": digests, "config": doc_digest(doc)}
+    (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
 
 
 def adapter_doc(
@@ -91,28 +121,93 @@ def adapter_doc(
 
 
 def read_adapter_doc(path: str | os.PathLike) -> dict[str, Any]:
-    """The validated config document (``CONFIG_FILE``) of an adapter directory."""
+    """The validated config document (``CONFIG_FILE``) of an adapter directory; one whose recorded config
+    digest disagrees with it (edited or damaged after it was saved) raises PissaError."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
         raise PissaError(f"{path} is not a pissa adapter directory (needs {CONFIG_FILE} and {TENSORS_FILE}); "
                          "pass the folder save_adapter wrote")
     try:
         doc = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PissaError(f"{path / CONFIG_FILE} is not valid JSON ({e}); re-save the adapter") from None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise PissaError(f"{path} has format {doc.get('format')!r} v{doc.get('version')}; this pissa reads {FORMAT} v{VERSION}")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        found = (doc.get("format"), doc.get("version")) if isinstance(doc, dict) else (None, None)
+        raise PissaError(f"{path} has format {found[0]!r} v{found[1]}; this pissa reads {FORMAT} v{VERSION}")
+    if INTEGRITY in doc:
+        recorded = doc[INTEGRITY]
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("tensors"), dict):
+            raise PissaError(f"{CONFIG_FILE} in {path} has a malformed {INTEGRITY!r} entry; restore the file or re-save "
+                             "the adapter")
+        if recorded.get("config") != doc_digest({k: v for k, v in doc.items() if k != INTEGRITY}):
+            raise PissaError(f"{CONFIG_FILE} in {path} does not match the digest it records (edited or damaged after "
+                             "it was saved); restore the file or re-save the adapter (its tensors belong to the recorded config)")
     return doc
 
 
+class AdapterFiles:
+    """An adapter directory opened for reading: its validated document (:func:`read_adapter_doc`) and tensor
+    headers, checked against the recorded ``"integrity"`` digests (each file streamed in 16 MiB pieces) when
+    it has them; tensors are read on demand, a layer at a time (:meth:`layer`), with plain reads.
+
+    Raises PissaError, naming the file, for a missing, truncated, corrupt or changed file, or a layer that
+    lacks one of its first four :data:`LAYER_TENSORS`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.doc = read_adapter_doc(self.path)
+        self.layers: dict[str, dict[str, Any]] = self.doc["layers"]
+        self.entries = _entries(self.path, TENSORS_FILE)
+        for name in self.layers:
+            if missing := [p for p in LAYER_TENSORS[:4] if f"{name}.{p}" not in self.entries]:
+                raise PissaError(f"{self.path / TENSORS_FILE} lacks {name}.{missing[0]}; re-save the adapter")
+        self.head_names: list[str] = list(self.doc.get("head") or [])
+        self.head_entries: dict[str, Entry] = {}
+        if self.head_names:
+            if not (self.path / HEAD_FILE).is_file():
+                raise PissaError(f"{self.path / HEAD_FILE} is missing (the adapter lists head parameters); re-save the adapter")
+            self.head_entries = _entries(self.path, HEAD_FILE)
+            if missing := [n for n in self.head_names if n not in self.head_entries]:
+                raise PissaError(f"{self.path / HEAD_FILE} lacks the head parameter {missing[0]!r}; re-save the adapter")
+        if INTEGRITY in self.doc:
+            self._verify()
+
+    def _verify(self) -> None:
+        recorded = self.doc[INTEGRITY]["tensors"]
+        for name, entries in [(TENSORS_FILE, self.entries)] + ([(HEAD_FILE, self.head_entries)] if self.head_names else []):
+            if recorded.get(name) != tensors_digest(self.path / name, entries):
+                raise PissaError(f"{name} in {self.path} does not match the digest its {CONFIG_FILE} records (changed "
+                                 "or damaged after it was saved); re-save the adapter or restore the file")
+
+    def layer(self, name: str) -> dict[str, Tensor]:
+        """Layer ``name``'s tensors by part (those of :data:`LAYER_TENSORS` it has), read from the file now."""
+        with open(self.path / TENSORS_FILE, "rb", buffering=0) as f:
+            return {p: read_tensor(f, self.entries[k]) for p in LAYER_TENSORS if (k := f"{name}.{p}") in self.entries}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of ``TENSORS_FILE`` by its key ``{name}.{part}``."""
+        with open(self.path / TENSORS_FILE, "rb", buffering=0) as f:
+            return {k: read_tensor(f, e) for k, e in self.entries.items()}
+
+    def head(self) -> dict[str, Tensor]:
+        """The saved head parameters (a classifier head: small); empty when there are none."""
+        if not self.head_names:
+            return {}
+        with open(self.path / HEAD_FILE, "rb", buffering=0) as f:
+            return {n: read_tensor(f, self.head_entries[n]) for n in self.head_names}
+
+
+def _entries(folder: Path, name: str) -> dict[str, Entry]:
+    """The checked header of tensor file ``name`` in an adapter folder; PissaError naming it if unreadable."""
+    path = folder / name
+    return shard_entries(path, f"{path} cannot be read ({{}}); re-save the adapter")
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The config document and tensors of an adapter directory, validated."""
-    doc = read_adapter_doc(path)
-    try:
-        tensors = load_file(str(Path(path) / TENSORS_FILE))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise PissaError(f"{Path(path) / TENSORS_FILE} cannot be read ({e}); re-save the adapter") from None
-    return doc, tensors
+    """The config document and tensors of an adapter directory, validated (see :class:`AdapterFiles`)."""
+    adapter = AdapterFiles(path)
+    return adapter.doc, adapter.tensors()
 
 
 def base_description(doc: dict[str, Any]) -> str:
