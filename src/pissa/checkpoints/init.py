@@ -4,6 +4,10 @@
     OUT/residual/   the same architecture and shard layout (config, tokenizer files, shards,
                     index): every target weight replaced by its residual; ``from_pretrained`` loads it
     OUT/adapter/    the save_adapter format, identical to ``attach`` + ``save_adapter`` in memory
+    OUT/residual/residual_digests.json
+                    the XXH3-128 of every residual shard file as written
+                    (:data:`~pissa.files.digests.SHARD_DIGESTS`): ``load_sharded`` and
+                    ``merge_checkpoint`` refuse a shard changed since (an embedding or norm too)
 
 How: a residual has its weight's dtype and shape, so it occupies the same bytes of the same
 shard. Each input shard is copied (a kernel copy: no user memory, nothing mapped), then each
@@ -37,7 +41,7 @@ shared filesystem); rank 0 writes the adapter and the index.
 Merging (:func:`merge_checkpoint` on disk, :func:`merge_state_dict` in memory) gives every
 adapted weight W the trained layer's merged weight, computed as :func:`pissa.merge` computes it
 in memory, bit for bit: ``residual + s * B @ core @ A`` in the factors' dtype, cast to W's dtype,
-where ``residual = W - s * B0 @ core0 @ A0`` (:func:`~pissa.factors.residual_of`, the bytes attach
+where ``residual = W - s * B0 @ core0 @ A0`` (:func:`~pissa.methods.factors.residual_of`, the bytes attach
 gives the residual), or W itself when the checkpoint is the residual checkpoint ``pissa init``
 wrote. Mathematically that is ``W + s (B A - B0 A0)``. QPiSSA adapters (residual factors Ar, Br)
 give ``W - s * Br @ Ar + s * B @ A``: the *unquantized* merge. ``pissa.merge`` of the 4-bit model
@@ -68,9 +72,9 @@ from pissa.adapter.targets import matches
 from pissa.checkpoints.architecture import architecture, architecture_name
 from pissa.checkpoints.folder import Checkpoint, copy_other_files, open_checkpoint, tensor_key
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import CONFIG_FILE, FORMAT, TENSORS_FILE, adapter_doc
-from pissa.files.atomic import atomic_dir
-from pissa.files.digests import weight_digest
+from pissa.files.adapter_dir import FORMAT, TENSORS_FILE, adapter_doc, write_config
+from pissa.files.atomic import atomic_dir, publish_dir
+from pissa.files.digests import file_digest, weight_digest, write_shard_digests
 from pissa.files.safetensors import Entry, Reader, concat_safetensors, read_header, write_at
 from pissa.methods.factors import residual_of
 from pissa.methods.nf4 import check_quantizable
@@ -253,18 +257,20 @@ def _prepare(work: Path, job: dict[str, Any]) -> None:
     job_file.write_text(json.dumps(job))
 
 
-def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: Path, out: Path) -> None:
+def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: Path, out: Path,
+            shard_digests: dict[str, str]) -> None:
     """Rank 0: the adapter from the records (one in memory at a time), the index and non-weight files, the rename to ``out``."""
     records = [_record_path(work / "state", t) for t in targets]
     meta = {t.name: _record_meta(record) for t, record in zip(targets, records)}
     with atomic_dir(work / "adapter") as tmp:
         concat_safetensors(tmp / TENSORS_FILE, records, {"format": FORMAT}, Reader())
-        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_doc(cfg.to_dict(), meta), indent=2))
+        write_config(tmp, adapter_doc(cfg.to_dict(), meta))
     copy_other_files(ckpt.root, work / "residual")
+    write_shard_digests(work / "residual", shard_digests)  # after the copy: replaces an input's own record
     shutil.rmtree(work / "state")
     if out.exists():
         raise PissaError(f"{out} appeared while initializing; the result is in {work}, rename it yourself")
-    os.replace(work, out)
+    publish_dir(work, out, exist_ok=False)
 
 
 def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: AdapterConfig, *, progress: bool = True,
@@ -315,8 +321,9 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
         raise
     bar.close()
     distributed.barrier()
+    shard_digests = dict(distributed.shared_map(ckpt.shards, lambda s: file_digest(residual_dir / s), shard_sizes))
     if rank == 0:
-        _finish(ckpt, targets, cfg, work, out)
+        _finish(ckpt, targets, cfg, work, out, shard_digests)
     distributed.barrier()
     return out
 

@@ -4,7 +4,9 @@ Every adapted weight W becomes the trained layer's merged weight, bit for bit wh
 ``residual + s * B @ core @ A`` in the factors' dtype, cast to W's dtype, where ``residual = W - s * B0 @ core0 @ A0``
 (:func:`~pissa.methods.factors.residual_of`) or W itself when the checkpoint is the residual one ``pissa init`` wrote.
 QPiSSA adapters (residual factors Ar, Br) give ``W - s Br Ar + s B A``, the unquantized merge. The weights are
-checked against the adapter's recorded digests first.
+checked against the adapter's recorded digests first, the adapter's files against their own (its
+``"integrity"`` entry), and the shards of a residual checkpoint against the digests ``pissa init`` recorded
+(:data:`~pissa.files.digests.SHARD_DIGESTS`: one more streamed read of the checkpoint before merging).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from pissa.checkpoints.architecture import architecture
 from pissa.checkpoints.folder import INDEX, copy_other_files, open_checkpoint, tensor_key
 from pissa.checkpoints.init import DECOMPOSABLE
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import HEAD_FILE, TENSORS_FILE, base_description, read_adapter_doc
-from pissa.files.digests import weight_digest
+from pissa.files.adapter_dir import AdapterFiles, base_description
+from pissa.files.atomic import atomic_dir
+from pissa.files.digests import SHARD_DIGESTS, check_shards, weight_digest
 from pissa.files.safetensors import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -36,51 +38,18 @@ from pissa.files.safetensors import (
     header_bytes,
     raw_bytes,
     read_header,
-    read_tensor,
-    shard_entries,
     write_all,
 )
 from pissa.methods.factors import merged_weight, residual_of
 
-FACTOR_PARTS = ("lora_A", "lora_B", "A0", "B0", "lora_core", "core0", "Ar", "Br")
-"""The per-layer tensors of an adapter file (``{name}.{part}``); the first four are always there."""
 
-
-class _Adapter:
-    """An adapter directory opened for streaming: its validated document; tensors read on demand."""
+class _Adapter(AdapterFiles):
+    """An adapter directory opened for streaming (:class:`~pissa.files.adapter_dir.AdapterFiles`: validated and
+    checked against its digests; tensors read a layer at a time), with its AdapterConfig."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.doc = read_adapter_doc(self.path)
+        super().__init__(path)
         self.config = AdapterConfig.from_dict(self.doc["config"])
-        self.layers: dict[str, dict[str, Any]] = self.doc["layers"]
-        tensors = self.path / TENSORS_FILE
-        self.entries = shard_entries(tensors, f"{tensors} cannot be read ({{}}); re-save the adapter")
-        for name in self.layers:
-            missing = [p for p in FACTOR_PARTS[:4] if f"{name}.{p}" not in self.entries]
-            if missing:
-                raise PissaError(f"{self.path / TENSORS_FILE} lacks {name}.{missing[0]}; re-save the adapter")
-        self.head_names: list[str] = list(self.doc.get("head") or [])
-        self.head_entries: dict[str, Entry] = {}
-        if self.head_names:
-            head_file = self.path / HEAD_FILE
-            if not head_file.is_file():
-                raise PissaError(f"{head_file} is missing (the adapter lists head parameters); re-save the adapter")
-            self.head_entries = shard_entries(head_file, f"{head_file} cannot be read ({{}}); re-save the adapter")
-            if missing := [n for n in self.head_names if n not in self.head_entries]:
-                raise PissaError(f"{head_file} lacks the head parameter {missing[0]!r}; re-save the adapter")
-
-    def factors(self, name: str) -> dict[str, Tensor]:
-        """Layer ``name``'s tensors by part (:data:`FACTOR_PARTS`), read from the file now."""
-        with open(self.path / TENSORS_FILE, "rb", buffering=0) as f:
-            return {p: read_tensor(f, self.entries[k]) for p in FACTOR_PARTS if (k := f"{name}.{p}") in self.entries}
-
-    def head(self) -> dict[str, Tensor]:
-        """The saved head parameters (a classifier head: small)."""
-        if not self.head_names:
-            return {}
-        with open(self.path / HEAD_FILE, "rb", buffering=0) as f:
-            return {n: read_tensor(f, self.head_entries[n]) for n in self.head_names}
 
     def wrong_base(self, name: str) -> PissaError:
         return PissaError(
@@ -140,8 +109,8 @@ def _merged_weight(
     None when ``stored`` has neither digest (not the weight the adapter was made from).
 
     ``stored`` may be the base weight W or the residual ``pissa init`` wrote in its place. The
-    residual is the one attach or load_adapter builds (:func:`~pissa.factors.residual_of`) and the
-    merge :func:`~pissa.factors.merged_weight`, as in :meth:`pissa.layer.PissaLinear.merged`, so the
+    residual is the one attach or load_adapter builds (:func:`~pissa.methods.factors.residual_of`) and the
+    merge :func:`~pissa.methods.factors.merged_weight`, as in :meth:`pissa.adapter.layer.PissaLinear.merged`, so the
     result is bit-identical to ``pissa.merge``.
     """
     digest = weight_digest(stored)
@@ -167,7 +136,7 @@ def _merge_layer(adapter: _Adapter, name: str, stored: Tensor, conv1d: bool) -> 
     meta = adapter.layers[name]
     made_on = getattr(torch, meta.get("base_dtype", "float32"))
     scaling = adapter.config.scaling_for(adapter.entries[f"{name}.A0"].shape[0])  # alpha / the layer's rank
-    merged = _merged_weight(stored.to(made_on), conv1d, adapter.factors(name), scaling, meta["base_digest"],
+    merged = _merged_weight(stored.to(made_on), conv1d, adapter.layer(name), scaling, meta["base_digest"],
                             meta["residual_digest"])
     if merged is None:
         raise adapter.wrong_base(name)
@@ -302,14 +271,15 @@ def merge_checkpoint(
     Memory: one adapted weight and its merge arithmetic plus a 16 MiB copy buffer, whatever the
     checkpoint's size; nothing is memory-mapped and every range read is dropped from the page cache
     once used (see the module docstring). All-or-nothing: the result is written in
-    ``.OUT.tmp-merge`` next to ``out_dir`` and renamed into place at the end; on any error (a weight
-    that is not the adapter's base: PissaError) that folder is removed. ``out_dir`` must not exist.
+    ``.OUT.tmp-XXXX`` next to ``out_dir`` (:func:`~pissa.files.atomic.atomic_dir`) and renamed into place at the
+    end; on any error (a weight that is not the adapter's base: PissaError) that folder is removed. ``out_dir`` must not exist.
     """
     out = Path(out_dir)
     if out.exists():
         raise PissaError(f"{out} already exists; choose a new output folder or remove it")
     ckpt = open_checkpoint(model_dir)
     adapter = _Adapter(adapter_dir)
+    check_shards(ckpt.root, ckpt.shards)  # a residual checkpoint pissa init wrote: every shard as written
     arch = architecture(ckpt.root)
     prefix = arch["prefix"] if arch is not None else None
     keys = _layer_keys(adapter, ckpt.entries, str(ckpt.root), prefix)
@@ -329,12 +299,7 @@ def merge_checkpoint(
     work.update({key: head[name].to(TORCH_DTYPES[ckpt.entries[key].dtype]) for key, name in replace.items()})
     added = {name: head[name].contiguous() for name in add}
 
-    tmp = out.parent / f".{out.name}.tmp-merge"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a killed earlier merge: nothing there is worth keeping
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, exist_ok=False) as tmp:
         reader = Reader()
         total = sum(e.end - e.start for e in ckpt.entries.values())
         with torch.no_grad(), tqdm(total=total, desc="merging", unit="B", unit_scale=True, disable=not progress) as bar:
@@ -344,6 +309,7 @@ def merge_checkpoint(
                 entries = {k: e for k, e in ckpt.entries.items() if e.shard == shard}
                 grown += _merge_shard(ckpt.root / shard, tmp / shard, entries, work, added if last else {}, reader, bar)
         copy_other_files(ckpt.root, tmp)
+        (tmp / SHARD_DIGESTS).unlink(missing_ok=True)  # the residual's record, not the merged shards'
         if added and ckpt.indexed:
             index = json.loads((ckpt.root / INDEX).read_text())
             index["weight_map"].update({name: ckpt.shards[-1] for name in added})
@@ -355,8 +321,4 @@ def merge_checkpoint(
             (tmp / "config.json").write_text(json.dumps(_classifier_config(config, adapter), indent=2))
         if out.exists():
             raise PissaError(f"{out} appeared while merging; choose a new output folder or remove it")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -9,7 +9,7 @@ into the adapted, FSDP2-sharded model, under torchrun::
     pissa.load_sharded(model, "OUT/residual", "OUT/adapter")   # every rank
 
 1. :func:`pissa.load_adapter` adapts the meta model (the factors are read; the residuals stay meta);
-2. the model is sharded (:func:`pissa.distributed.shard`: one FSDP2 unit per decoder block) and
+2. the model is sharded (:func:`pissa.runtime.distributed.shard`: one FSDP2 unit per decoder block) and
    materialized empty, each rank allocating its ``1/world`` of every parameter only;
 3. each rank reads from the checkpoint's files exactly the rows of every tensor it holds (FSDP2
    shards dim 0, so a shard is one contiguous byte range, read with plain reads, no mmap); the
@@ -17,7 +17,9 @@ into the adapted, FSDP2-sharded model, under torchrun::
    recomputed by the model's own initializer;
 4. the residual weights are checked against the digests the adapter recorded, each rank hashing a
    share of the layers while streaming it in 16 MiB pieces, so an adapter never runs on another
-   checkpoint.
+   checkpoint; then every shard file against the digests ``pissa init`` recorded next to them
+   (:data:`~pissa.files.digests.SHARD_DIGESTS`; embeddings and norms too), each rank hashing a share
+   of the shards. A residual folder without that record (older) gets the per-layer check only.
 
 No rank ever holds a whole weight it does not own, let alone the whole base. In a single process
 (no torchrun) nothing is sharded and the model is filled whole: the same route loads a model
@@ -35,14 +37,11 @@ from pissa.adapter.attach import adapted_layers
 from pissa.adapter.save_load import load_adapter
 from pissa.checkpoints.folder import Checkpoint, open_checkpoint, tensor_key
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import read_adapter, read_adapter_doc
-from pissa.files.digests import digest_hasher
-from pissa.files.safetensors import CHUNK, TORCH_DTYPES, Entry, read_into
+from pissa.files.adapter_dir import LAYER_TENSORS, AdapterFiles
+from pissa.files.digests import check_shards, entry_digest
+from pissa.files.safetensors import TORCH_DTYPES, Entry, read_into
 from pissa.runtime import distributed
 from pissa.runtime.devices import resolve_device
-
-ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_core", "A0", "B0", "core0", "Ar", "Br")
-"""A PissaLinear's own tensors, read from the adapter file (everything else comes from the checkpoint)."""
 
 
 def load_sharded(model: nn.Module, checkpoint: str | os.PathLike, adapter: str | os.PathLike,
@@ -60,15 +59,16 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike, adapter: str |
         raise PissaError(f"load_sharded needs a model built on the meta device ({real[0]} is not): build it under "
                          "`with torch.device('meta'):` from the checkpoint's config")
     ckpt = open_checkpoint(checkpoint)
-    doc = read_adapter_doc(adapter)
+    files = AdapterFiles(adapter)  # validated and checked against its recorded digests
     load_adapter(model, adapter)
     model.to("meta")  # the factors too: every tensor is filled below, after sharding
     if distributed.world()[1] > 1:
         distributed.shard(model, device)
     model.to_empty(device=device)
-    _check_residuals(ckpt, doc["layers"])
-    _fill(model, ckpt, read_adapter(adapter)[1])
-    model.pissa_base = doc.get("base_model")  # type: ignore[assignment]
+    _check_residuals(ckpt, files.layers)
+    check_shards(ckpt.root, ckpt.shards)
+    _fill(model, ckpt, files.tensors())
+    model.pissa_base = files.doc.get("base_model")  # type: ignore[assignment]
     return model
 
 
@@ -81,7 +81,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, adapter: dict[str, Tensor]) -> Non
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             owner, _, leaf = name.rpartition(".")
-            if owner in layers and leaf in ADAPTER_TENSORS:
+            if owner in layers and leaf in LAYER_TENSORS:
                 _local(t).copy_(_rows_of(adapter[name], t))
                 continue
             layer, _, part = owner.rpartition(".")
@@ -160,22 +160,9 @@ def _check_residuals(ckpt: Checkpoint, layers: dict[str, dict]) -> None:
         entries[name] = ckpt.entries[key]
     owners = distributed.assign([entries[n].end - entries[n].start for n in names], distributed.world()[1])
     rank = distributed.world()[0]
-    wrong = [float(owner == rank and _digest(ckpt, entries[n]) != layers[n]["residual_digest"])
+    wrong = [float(owner == rank and entry_digest(ckpt.root / entries[n].shard, entries[n]) != layers[n]["residual_digest"])
              for n, owner in zip(names, owners)]
     first = next((n for n, w in zip(names, distributed.all_sum(wrong)) if w), None)
     if first is not None:
         raise PissaError(f"{ckpt.root} is not the residual checkpoint of this adapter (weights of {first!r} differ); "
                          "pass the OUT/residual that pissa init wrote together with OUT/adapter")
-
-
-def _digest(ckpt: Checkpoint, entry: Entry) -> str:
-    """:func:`~pissa.fingerprint.weight_digest` of ``entry``'s tensor, read in ``CHUNK`` pieces."""
-    h = digest_hasher(TORCH_DTYPES[entry.dtype], tuple(entry.shape))
-    buf = torch.empty(min(CHUNK, entry.end - entry.start), dtype=torch.uint8)
-    with open(ckpt.root / entry.shard, "rb", buffering=0) as f:
-        for at in range(entry.start, entry.end, CHUNK):
-            part = buf[: min(CHUNK, entry.end - at)]
-            read_into(f, part, at)
-            h.update(part.numpy().data)
-    return h.hexdigest()
-
