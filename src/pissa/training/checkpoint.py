@@ -1,5 +1,11 @@
 """Checkpoints of a run (no pickle: safetensors + JSON): the adapter (or trained weights), the optimizer moments,
 the RNG states and the loop's progress, written atomically; a sharded run's are gathered whole.
+
+``state.json`` records ``"integrity": {"algorithm": "xxh3-128", "files": {"state.safetensors": digest,
+"weights.safetensors": digest (full fine-tuning)}, "state": digest}``: each file's
+:func:`~pissa.files.digests.file_digest` and the :func:`~pissa.files.digests.doc_digest` of ``state.json``
+without that entry; the adapter inside carries its own (:mod:`pissa.files.adapter_dir`). A resume refuses a
+checkpoint that disagrees (:func:`verify_checkpoint`); one written before the record existed is resumed unchecked.
 """
 
 from __future__ import annotations
@@ -17,10 +23,15 @@ from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers
 from pissa.adapter.save_load import AdapterContents, gather_adapter, load_adapter
+from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
+from pissa.files.digests import ALGORITHM, doc_digest, file_digest
 from pissa.runtime import distributed
 
 CHECKPOINT = "checkpoint"
+STATE = "state.safetensors"
+"""Optimizer moments and RNG states of a checkpoint."""
+INTEGRITY = "integrity"
 
 
 @dataclass
@@ -75,8 +86,32 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             trained.write(tmp / "adapter")
         else:
             save_file(trained, str(tmp / WEIGHTS))
-        save_file(tensors, str(tmp / "state.safetensors"))
+        save_file(tensors, str(tmp / STATE))
+        doc = json.loads(json.dumps(doc))  # as it reads back (tuples as lists), for its digest
+        files = {name: file_digest(tmp / name) for name in (STATE, WEIGHTS) if (tmp / name).is_file()}
+        doc[INTEGRITY] = {"algorithm": ALGORITHM, "files": files, "state": doc_digest(doc)}
         (tmp / "state.json").write_text(json.dumps(doc))
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """``state.json`` of the checkpoint at ``path``, after checking it and its files against the digests it
+    records (see the module docstring); PissaError in one line naming a changed or damaged file."""
+    fix = f"restore it, or delete {path} and start again without `resume`"
+    try:
+        doc = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PissaError(f"state.json in {path} cannot be read ({e}); {fix}") from None
+    recorded = doc.get(INTEGRITY) if isinstance(doc, dict) else None
+    if recorded is None:
+        return doc  # written before checkpoints recorded digests
+    if not isinstance(recorded, dict) or recorded.get("state") != doc_digest({k: v for k, v in doc.items() if k != INTEGRITY}):
+        raise PissaError(f"state.json in {path} does not match the digest it records (changed or damaged after it "
+                         f"was saved); {fix}")
+    for name, digest in (recorded.get("files") or {}).items():
+        if not (path / name).is_file() or file_digest(path / name) != digest:
+            raise PissaError(f"{name} in {path} does not match the digest its state.json records (changed or damaged "
+                             f"after it was saved); {fix}")
+    return doc
 
 
 WEIGHTS = "weights.safetensors"
@@ -92,7 +127,9 @@ def gather_trained(model: nn.Module) -> AdapterContents | dict[str, Tensor]:
 
 
 def restore_trained(model: nn.Module, checkpoint: Path) -> None:
-    """Put a checkpoint's adapter (or fully fine-tuned weights) into the freshly loaded base ``model``."""
+    """Put a checkpoint's adapter (or fully fine-tuned weights) into the freshly loaded base ``model``,
+    once the checkpoint agrees with its recorded digests (:func:`verify_checkpoint`)."""
+    verify_checkpoint(checkpoint)
     if (checkpoint / "adapter").is_dir():
         load_adapter(model, checkpoint / "adapter")
         return
@@ -118,8 +155,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, scaler: torch.
 
     The moments of a sharded parameter are cut to this rank's shard.
     """
-    doc = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+    doc = verify_checkpoint(path)
+    tensors = load_file(str(path / STATE))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Tensor]] = {}
     for key, t in tensors.items():
