@@ -35,7 +35,15 @@ from pissa.files.atomic import atomic_write_text, publish_dir
 from pissa.methods.registry import METHODS
 from pissa.runtime import distributed
 from pissa.runtime.devices import grad_scaler
-from pissa.training.checkpoint import CHECKPOINT, Progress, checkpoint_step, load_checkpoint, save_checkpoint, save_model
+from pissa.training.checkpoint import (
+    CHECKPOINT,
+    Progress,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+    verify_checkpoint,
+)
 from pissa.training.config import RunConfig
 from pissa.training.loop import Abort, make_optimizer, train
 from pissa.training.metrics import Evaluation, RunMetrics
@@ -57,6 +65,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     """
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
+    if resume:
+        verify_checkpoint(ckpt)  # before anything is loaded: a damaged checkpoint is refused at once
     session = prepare(cfg, ckpt if resume else None, sharded)
     warning = lr_warning(cfg)
     if warning and distributed.is_main():
