@@ -18,6 +18,7 @@ from torch import nn
 import pissa
 from pissa.cli import main
 from pissa.methods.registry import ADAPTERS, METHODS
+from pissa.training import loop
 
 WEIGHT_ONLY = sorted(m for m in ADAPTERS if METHODS[m].needs == ("weight",))
 """The adapter methods that read the weight alone (data-aware ones are tested with statistics in test_data_aware.py)."""
@@ -208,3 +209,16 @@ def fsdp_steps(model, rows: slice, steps: int = 3) -> None:
 
 
 IDS = torch.arange(24).reshape(2, 12) % 100
+
+
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """Make training steps after the first ``steps`` raise KeyboardInterrupt (a Ctrl-C between steps)."""
+    real, calls = loop.train_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > steps:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from helpers import finetune
+from helpers import finetune, interrupt_after
 from pissa import options
 from pissa.adapter.config import AdapterConfig
 from pissa.checkpoints.config import InitConfig
@@ -95,20 +95,6 @@ def test_written_config_reruns_the_same_run(tiny: Path, tmp_path: Path) -> None:
     assert (first / "config.yaml").read_text() == (second / "config.yaml").read_text()
 
 
-def _interrupt_after(monkeypatch, steps: int) -> None:
-    from pissa.training import loop
-
-    real, calls = loop.train_step, [0]
-
-    def step(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > steps:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-
-
 @pytest.mark.parametrize("changed, message", [
     (["--rank", "8"], "--rank 8 differs from the interrupted run's 4"),
     (["--dropout", "0.5"], "--dropout 0.5 differs from the interrupted run's 0.0"),
@@ -117,7 +103,7 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
 ])
 def test_resume_refuses_a_changed_option(tiny: Path, tmp_path: Path, monkeypatch, capsys, changed, message) -> None:
     out = tmp_path / "run"
-    _interrupt_after(monkeypatch, 2)
+    interrupt_after(monkeypatch, 2)
     assert finetune(tiny, out, "--save-every", "1") == 130
     monkeypatch.undo()
     capsys.readouterr()

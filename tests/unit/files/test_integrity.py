@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import pissa
-from helpers import TOKENS, finetune, lm_loss, mlp, tiny_llama, train_steps
+from helpers import TOKENS, finetune, interrupt_after, lm_loss, mlp, tiny_llama, train_steps
 from pissa.checkpoints.init import init_checkpoint
 from pissa.checkpoints.merge import merge_checkpoint, merge_state_dict
 from pissa.files.adapter_dir import CONFIG_FILE, INTEGRITY, TENSORS_FILE
@@ -159,23 +159,9 @@ def test_an_unchanged_residual_checkpoint_loads_and_merges(initialized, tmp_path
     assert not (out / SHARD_DIGESTS).exists()  # the merged shards are not the residual's
 
 
-def _interrupt_after(monkeypatch, steps: int) -> None:
-    from pissa.training import loop
-
-    real, calls = loop.train_step, [0]
-
-    def step(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] > steps:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step)
-
-
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "run"
-    _interrupt_after(monkeypatch, 2)
+    interrupt_after(monkeypatch, 2)
     assert finetune(tiny, out, "--save-every", "1") == 130
     monkeypatch.undo()
     checkpoint = tmp_path / "run.partial" / "checkpoint"
