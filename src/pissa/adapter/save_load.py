@@ -97,14 +97,16 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def load_adapter(base: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Adapt ``base`` (the original model, unmodified) with the adapter at ``path``, in place.
+def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles) -> nn.Module:
+    """Adapt ``base`` (the original model, unmodified) with the adapter at ``path`` (a folder, or one already
+    opened as :class:`~pissa.files.adapter_dir.AdapterFiles`), in place.
 
     The base may also be the residual model that ``pissa init`` wrote. Refuses any other model.
     A base on the meta device is taken as that residual model, to be filled later
     (:func:`pissa.load_sharded` does both and checks the residual's digests).
     """
-    adapter = AdapterFiles(path)  # validated and checked against its recorded digests
+    adapter = path if isinstance(path, AdapterFiles) else AdapterFiles(path)  # validated, checked against its digests
+    path = adapter.path
     doc, tensors = adapter.doc, adapter.tensors()
     cfg = AdapterConfig.from_dict(doc["config"])
     factors: dict[str, Factors] = {}

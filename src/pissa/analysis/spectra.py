@@ -38,7 +38,7 @@ from pissa.adapter.targets import matches
 from pissa.analysis.config import IntrudersConfig, SpectrumConfig
 from pissa.analysis.tables import Report, to_csv, to_markdown
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import read_adapter, recorded_base
+from pissa.files.adapter_dir import read_adapter_doc, recorded_base
 from pissa.methods.registry import METHODS
 from pissa.runtime import hub
 from pissa.runtime.devices import resolve_device
@@ -125,7 +125,7 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
 
     Raises PissaError (before any work) for a bad adapter folder or patterns that match nothing.
     """
-    doc, _ = read_adapter(adapter)
+    doc = read_adapter_doc(adapter)
     names = list(doc["layers"])
     if patterns:
         names = [n for n in names if any(matches(n, p) for p in patterns)]

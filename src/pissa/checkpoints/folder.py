@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.errors import PissaError
+from pissa.files.digests import SHARD_DIGESTS
 from pissa.files.safetensors import Entry, shard_entries
 
 INDEX = "model.safetensors.index.json"
@@ -80,8 +81,9 @@ def tensor_key(name: str, keys: dict[str, Any] | set[str], prefix: str | None = 
 
 
 def not_copied(folder: str | os.PathLike, names: list[str]) -> list[str]:
-    """Names never copied to OUT/residual: hidden files and weight files (a ``shutil.copytree`` ignore)."""
-    return [n for n in names if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES)]
+    """Names never copied to OUT/residual or a merged checkpoint: hidden files, weight files and a residual
+    checkpoint's shard digests, which describe only its own shards (a ``shutil.copytree`` ignore)."""
+    return [n for n in names if n.startswith(".") or n.endswith(WEIGHT_SUFFIXES) or n == SHARD_DIGESTS]
 
 
 def copy_other_files(src: Path, dst: Path) -> None:

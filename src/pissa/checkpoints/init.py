@@ -266,7 +266,7 @@ def _finish(ckpt: Checkpoint, targets: list[Target], cfg: AdapterConfig, work: P
         concat_safetensors(tmp / TENSORS_FILE, records, {"format": FORMAT}, Reader())
         write_config(tmp, adapter_doc(cfg.to_dict(), meta))
     copy_other_files(ckpt.root, work / "residual")
-    write_shard_digests(work / "residual", shard_digests)  # after the copy: replaces an input's own record
+    write_shard_digests(work / "residual", shard_digests)
     shutil.rmtree(work / "state")
     if out.exists():
         raise PissaError(f"{out} appeared while initializing; the result is in {work}, rename it yourself")

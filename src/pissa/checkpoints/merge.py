@@ -29,7 +29,7 @@ from pissa.checkpoints.init import DECOMPOSABLE
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import AdapterFiles, base_description
 from pissa.files.atomic import atomic_dir
-from pissa.files.digests import SHARD_DIGESTS, check_shards, weight_digest
+from pissa.files.digests import check_shards, weight_digest
 from pissa.files.safetensors import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -309,7 +309,6 @@ def merge_checkpoint(
                 entries = {k: e for k, e in ckpt.entries.items() if e.shard == shard}
                 grown += _merge_shard(ckpt.root / shard, tmp / shard, entries, work, added if last else {}, reader, bar)
         copy_other_files(ckpt.root, tmp)
-        (tmp / SHARD_DIGESTS).unlink(missing_ok=True)  # the residual's record, not the merged shards'
         if added and ckpt.indexed:
             index = json.loads((ckpt.root / INDEX).read_text())
             index["weight_map"].update({name: ckpt.shards[-1] for name in added})

@@ -60,7 +60,7 @@ def load_sharded(model: nn.Module, checkpoint: str | os.PathLike, adapter: str |
                          "`with torch.device('meta'):` from the checkpoint's config")
     ckpt = open_checkpoint(checkpoint)
     files = AdapterFiles(adapter)  # validated and checked against its recorded digests
-    load_adapter(model, adapter)
+    load_adapter(model, files)
     model.to("meta")  # the factors too: every tensor is filled below, after sharding
     if distributed.world()[1] > 1:
         distributed.shard(model, device)

@@ -204,12 +204,6 @@ def _entries(folder: Path, name: str) -> dict[str, Entry]:
     return shard_entries(path, f"{path} cannot be read ({{}}); re-save the adapter")
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The config document and tensors of an adapter directory, validated (see :class:`AdapterFiles`)."""
-    adapter = AdapterFiles(path)
-    return adapter.doc, adapter.tensors()
-
-
 def base_description(doc: dict[str, Any]) -> str:
     """The base an adapter document records, for messages: ``smollm2 (causal-lm, fingerprint ...)``."""
     base = doc.get("base_model") or {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import Tensor
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_file
 from pissa.files.digests import model_fingerprint, weight_digest
+from pissa.files.safetensors import SAFETENSORS_DTYPES, header_bytes
 from pissa.methods.data_aware import principal_directions
 from pissa.methods.inputs import Need, Stats, calibration_hint
 
@@ -158,9 +158,6 @@ class Calibration:
         return keys + ([f"{n}.grad" for n in self.layers] if self.has_gradients else [])
 
 
-_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
 def write_safetensors(path: str | os.PathLike, keys: Sequence[str], get: Callable[[str], Tensor],
                       metadata: dict[str, str]) -> None:
     """A safetensors file of the tensors ``get(k)`` for ``keys``, written one tensor at a time (``save_file``
@@ -172,12 +169,10 @@ def write_safetensors(path: str | os.PathLike, keys: Sequence[str], get: Callabl
     for k in keys:
         t = get(k)
         size = t.numel() * t.element_size()
-        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + size]}
+        header[k] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + size]}
         at += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
+        f.write(header_bytes(header))
         for k in keys:
             f.write(get(k).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
