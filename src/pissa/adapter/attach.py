@@ -1,8 +1,9 @@
 """attach / merge: put adapters into a model and take them out again.
 
 ``attach`` finds the target layers, decomposes their weights (equal shapes batched together),
-and swaps each layer for a :class:`~pissa.adapter.layer.PissaLinear` whose residual is
-``W - scaling * B0 @ A0``. Everything but the factors is frozen.
+and swaps each layer for a :class:`~pissa.adapter.layer.PissaLinear` of the method's adapter shape
+(:mod:`pissa.adapter.shapes`) whose residual is ``W - initial`` (low-rank: ``W - scaling * B0 @ A0``).
+Everything but the trainable tensors is frozen.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pissa.adapter.base_layers import dense_weight, native_weight, set_dense_wei
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.layer import PissaLinear
 from pissa.adapter.quantized import quantize_residual
+from pissa.adapter.shapes import SHAPES
 from pissa.adapter.targets import find_targets
 from pissa.errors import PissaError
 from pissa.files.digests import weight_digest
 from pissa.files.statistics import Calibration, open_calibration
 from pissa.methods.data_aware import eva_ranks
-from pissa.methods.factors import Factors, as_factors, orthonormality, residual_of
+from pissa.methods.factors import Factors, Init
 from pissa.methods.inputs import InitOptions, Need, Stats, calibration_hint, layer_seed
 from pissa.methods.nf4 import check_quantizable, nf4
 from pissa.methods.qpissa import refine
@@ -100,7 +102,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     batches = list(_batches(names, weights, ranks))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
-    def factorize(batch: list[str]) -> Factors:
+    def factorize(batch: list[str]) -> Init:
         stats = calibration.stats(batch, needs) if calibration is not None and needs else None
         return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch],
                                rank=ranks[batch[0]], stats=stats)
@@ -149,22 +151,26 @@ def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration |
 
 
 def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
-                    stats: Stats | None = None) -> Factors:
-    """The initial factors of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
-    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.methods.factors.Factors.scaled`),
-    in float32 (float64 for float64 weights). With ``cfg.quantize`` they are refined against the 4-bit
-    residual (QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats`` has
-    a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
+                    stats: Stats | None = None) -> Init:
+    """The initial adapter of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
+    at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.adapter.shapes.Shape.scaled`),
+    in float32 (float64 for float64 weights). With ``cfg.quantize`` low-rank factors are refined against the
+    4-bit residual (QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats``
+    has a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
     r = cfg.rank if rank is None else rank
     opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,
                       first_lr=cfg.first_lr)
     if cfg.quantize is None:
-        return init_structured(W, r, cfg.method, opt).scaled(cfg.scaling_for(r))
-    stacked = stack(W, compute_dtype(W[0].dtype))
-    init = init_structured(stacked, r, cfg.method, opt)
-    if stats is not None:
-        opt = dataclasses.replace(opt, stats=stats.to(stacked.dtype, stacked.device))
-    return refine(stacked, init, cfg.method, cfg.quant_iters, opt).scaled(cfg.scaling_for(r))
+        result = init_structured(W, r, cfg.method, opt)
+    else:
+        stacked = stack(W, compute_dtype(W[0].dtype))
+        result = init_structured(stacked, r, cfg.method, opt)
+        if stats is not None:
+            opt = dataclasses.replace(opt, stats=stats.to(stacked.dtype, stacked.device))
+        if isinstance(result, Factors):
+            result = refine(stacked, result, cfg.method, cfg.quant_iters, opt)
+    init = result.init() if isinstance(result, Factors) else result
+    return SHAPES[init.shape].scaled(init, cfg.scaling_for(init.rank))
 
 
 def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | None = None, stats: Stats | None = None,
@@ -179,28 +185,31 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
     ``stats``: the layer's calibration statistics for data-aware methods (``cov (in, in)``, ``mean (in,)``,
     ``grad (out, in)``). LoRA-SB does not offset the base: its residual is the weight itself and
     ``residual + B @ A`` is where its model starts, one approximated update away from the weight.
+    A method of another adapter shape has no ``(A, B)``: a PissaError says to use :func:`attach`.
     """
     check_weight(weight, rank)
     cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]
     if quantize is not None:
         check_quantizable(quantize)
     init = initial_factors(weight.unsqueeze(0), cfg, [cfg.seed], stats=None if stats is None else stats.batched()).layer(0)
-    A, B, core = init.residual_factors()
-    residual = residual_of(weight, A, B, cfg.scaling, core)
+    shape = SHAPES[init.shape]
+    scaling = cfg.scaling_for(init.rank)
+    t = shape.start(init)
+    if (pair := shape.pair(t, scaling)) is None:
+        raise PissaError(f"method {method!r} makes a {init.shape} adapter, not factors B @ A; use pissa.attach")
+    residual = shape.residual(weight, t, scaling)
     if quantize is not None:
         residual = nf4(residual)
-    A, B = init.folded()
-    root = cfg.scaling**0.5  # report the update s * B0 A0 as one pair
-    return Decomposition(A=A * root, B=B * root, residual=residual)
+    return Decomposition(A=pair[0], B=pair[1], residual=residual)
 
 
 def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Make the adapter factors the only trainable parameters and record the config on the model."""
+    """Make the adapters' trainable tensors the only trainable parameters and record the config on the model."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in adapted_layers(model):
-        for part in layer.train_parts:
-            layer.factor(part).requires_grad_(True)
+        for p in layer.trainable():
+            p.requires_grad_(True)
     model.pissa_config = cfg  # type: ignore[assignment]
     for hook in ADAPT_HOOKS:
         hook(model, True)
@@ -208,49 +217,41 @@ def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
 
 def _make_layer(
-    module: nn.Module, W: Tensor, init: Factors, cfg: AdapterConfig, digest: str, is_residual: bool = False,
-    residual_digest: str | None = None,
+    module: nn.Module, W: Tensor, init: Init, cfg: AdapterConfig, digest: str, is_residual: bool = False,
+    residual_digest: str | None = None, tensors: dict[str, Tensor] | None = None,
 ) -> PissaLinear:
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
-    ``init`` holds the initial factors (A0, B0, core0) and, for QPiSSA, the residual factors
-    (Ar, Br): the residual is ``W - s * Br @ Ar`` then, else ``W - s * B0 @ core0 @ A0``.
+    ``init`` holds the method's initial tensors of the layer (scaled); ``tensors``: the layer's whole state
+    instead (a saved adapter: trained values and frozen initial copies), which rebuilds the same residual.
     ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it
     (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
     """
-    A, B, core = init.residual_factors()
-    # B0 = 0 (LoRA) or core0 = 0 (LoRA-XS): W - 0 is W bit for bit, so W is kept, not copied
-    unchanged = is_residual or not bool(B.any()) or (core is not None and not bool(core.any()))
-    residual = W if unchanged else residual_of(W, A, B, cfg.scaling_for(init.A.shape[-2]), core)
+    shape = SHAPES[init.shape]
+    t = shape.start(init) if tensors is None else tensors
+    scaling = cfg.scaling_for(init.rank)
+    residual = W if is_residual else shape.residual(W, t, scaling)
     if cfg.quantize is not None:
         module = quantize_residual(module, residual, cfg.quantize)
-    elif not unchanged:
+    elif residual is not W:
         set_dense_weight(module, residual)
-    layer = _wrap(module, init, cfg, digest, residual_digest if is_residual and cfg.quantize is None else None)
-    layer.base_dtype = W.dtype
-    return layer
-
-
-def _wrap(residual: nn.Module, init: Factors, cfg: AdapterConfig, digest: str, residual_digest: str | None = None) -> PissaLinear:
-    """The adapted layer with its digests: ``digest`` of the base weight; ``residual_digest`` of
-    the residual (computed here when not given; a 4-bit residual's is its dense source's)."""
-    layer = PissaLinear(
-        residual, init.A, init.B, cfg.scaling_for(init.A.shape[-2]), cfg.dropout, init.core, init.train, init.orthonormal,
-        init.Ar, init.Br,
-    )
+    layer = PissaLinear(module, shape, t, init.train, scaling, init.rank, cfg.dropout, init.meta)
     layer.base_digest = digest
-    layer.residual_digest = residual_digest or getattr(residual, "source_digest", None) or weight_digest(native_weight(residual))
+    known = residual_digest if is_residual and cfg.quantize is None else None
+    layer.residual_digest = known or getattr(module, "source_digest", None) or weight_digest(native_weight(module))
+    layer.base_dtype = W.dtype
     return layer
 
 
 def rebuild(
     model: nn.Module,
     cfg: AdapterConfig,
-    factors: Mapping[str, Factors | tuple[Tensor, Tensor]],
+    layers: Mapping[str, tuple[Init, dict[str, Tensor]]],
     digests: Mapping[str, str],
     residual_ready: Mapping[str, str] | AbstractSet[str] = frozenset(),
 ) -> nn.Module:
-    """Adapt ``model`` from known initial factors ``{name: Factors or (A0, B0)}`` (used by load_adapter).
+    """Adapt ``model`` from saved layers ``{name: (facts as an Init without tensors, the layer's tensors)}``
+    (used by load_adapter): each residual is rebuilt from the frozen tensors, bit-identical to attach's.
 
     Layers named in ``residual_ready`` already hold their residual and are wrapped as they are
     (a mapping gives each one's residual digest, which is then not recomputed: the weight may be
@@ -258,10 +259,11 @@ def rebuild(
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
-    for n, init in factors.items():
+    for n, (init, tensors) in layers.items():
         module = model.get_submodule(n)
         known = residual_ready.get(n) if isinstance(residual_ready, Mapping) else None
-        layer = _make_layer(module, dense_weight(module).detach(), as_factors(init), cfg, digests[n], n in residual_ready, known)
+        layer = _make_layer(module, dense_weight(module).detach(), init, cfg, digests[n], n in residual_ready, known,
+                            tensors)
         set_module(model, n, layer)
     return _freeze_base(model, cfg)
 
@@ -287,15 +289,15 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def regularization(model: nn.Module) -> Tensor:
-    """SORSA's orthonormality penalty: the sum over layers with orthonormal factors of
-    ``||B^T B - I||_F + ||A A^T - I||_F``: a 0-d tensor, differentiable when some layer has
-    orthonormal factors, a constant zero (``requires_grad=False``) otherwise.
+    """The sum over adapted layers of their shape's penalty (:meth:`~pissa.adapter.shapes.Shape.penalty`; SORSA's
+    orthonormality ``||B^T B - I||_F + ||A A^T - I||_F`` for layers with orthonormal factors): a 0-d tensor,
+    differentiable when some layer has a penalty, a constant zero (``requires_grad=False``) otherwise.
 
     Add ``weight * pissa.regularization(model)`` to the loss (``pissa finetune --reg-weight``).
     """
     layers = [layer for _, layer in adapted_layers(model)]
-    total = torch.zeros((), device=layers[0].lora_A.device if layers else None)
+    total = torch.zeros((), device=layers[0].weight.device if layers else None)
     for layer in layers:
-        if layer.orthonormal:
-            total = total + orthonormality(layer.lora_A, layer.lora_B).float()
+        if (term := layer.shape.penalty(layer.tensors(), layer.facts)) is not None:
+            total = total + term
     return total

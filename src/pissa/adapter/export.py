@@ -1,7 +1,8 @@
 """The PEFT export: a trained adapter as a Hugging Face PEFT LoRA of rank 2r (or r) on the original base.
 
-For a layer whose residual subtracts ``s B0 A0`` from W, the trained layer computes
-``W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]``: a LoRA on W that every LoRA server loads.
+For a low-rank layer whose residual subtracts ``s B0 A0`` from W, the trained layer computes
+``W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]``: a LoRA on W that every LoRA server loads. Each shape
+says whether it has such a form (:meth:`pissa.adapter.shapes.Shape.peft`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -25,32 +25,20 @@ from pissa.adapter.layer import PissaLinear
 from pissa.adapter.save_load import _layers_or_fail, head_parameters
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
-from pissa.methods.factors import fold_core, truncate
+from pissa.methods.factors import truncate
 from pissa.methods.registry import METHODS
 
 
 def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[Tensor, Tensor]:
-    """PEFT LoRA factors of one layer's update ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``.
-
-    ``export_rank`` is the method's (:attr:`pissa.methods.registry.Method.export_rank`). A core is folded
-    into the B side (``B C A - B0 C0 A0 = [B C | -B0 C0] [A ; A0]``). Rank r suffices when A is
-    frozen, so A = A0 (SVFit, LoRA-XS: ``(B C - B0 C0) A``), or when ``B0 C0 = 0`` (LoRA: ``B A``).
-    With residual factors (QPiSSA) the residual subtracts ``Br Ar`` instead of ``B0 A0``:
-    ``s [B | -Br] [A ; Ar]``; a 4-bit LoRA (QLoRA) has ``Br Ar`` = 0 and stays rank r.
-    Returns ``(lora_A (2r or r, in), lora_B (out, 2r or r))`` in float32; PEFT's scaling stays s.
-    """
-    core = None if layer.lora_core is None else layer.lora_core.detach().float()
-    A, BC = layer.lora_A.detach().float(), fold_core(layer.lora_B.detach().float(), core)
-    A0, B0, core0 = layer.residual_factors()
-    A0, B0, core0 = A0.float(), B0.float(), None if core0 is None else core0.float()
-    BC0 = fold_core(B0, core0)
-    if export_rank == "2r":
-        return torch.cat([A, A0], 0), torch.cat([BC, -BC0], 1)
-    if "A" not in layer.train_parts:
-        return A, BC - BC0
-    if BC0.any():
-        raise PissaError("a rank-r export needs B0 = 0 or a frozen A; this layer has neither (a method record is wrong)")
-    return A, BC
+    """PEFT LoRA factors ``(lora_A (k, in), lora_B (out, k))`` of one layer's update, in float32; PEFT's scaling
+    stays the layer's s (:meth:`pissa.adapter.shapes.Shape.peft`; low-rank: ``s [B | -B0] [A ; A0]`` of rank 2r,
+    or r where the method's ``export_rank`` says so). A shape without a LoRA form is a PissaError saying to
+    export the merged model instead."""
+    factors = layer.shape.peft(layer.tensors(), layer.scaling, layer.train_parts, export_rank)
+    if factors is None:
+        raise PissaError(f"a {layer.shape.name} adapter has no LoRA form for PEFT; merge it instead "
+                         "(pissa.merge, or pissa merge --adapter DIR --out DIR) and serve the merged model")
+    return factors
 
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pissa.adapter.base_layers import is_conv1d
+from pissa.adapter.base_layers import dense_weight, is_conv1d
 from pissa.errors import PissaError
 from pissa.files.digests import weight_digest
 from pissa.methods.nf4 import BLOCKSIZE, QUANT_TYPES, nf4_dequantize, nf4_quantize, require_bnb
@@ -106,6 +107,24 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={BLOCKSIZE}, dtype={self.weight_dtype}"
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized frozen residual layer (it has no dense weight; ``to_dense`` makes one)."""
+    return isinstance(module, NF4Linear)
+
+
+def dense_copy(module: nn.Module) -> nn.Module:
+    """A plain copy of a residual layer: the dense layer of a quantized one, a deep copy of any other."""
+    return module.to_dense() if isinstance(module, NF4Linear) else copy.deepcopy(module)
+
+
+def dense_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a residual layer's weight matrix (``in * kh * kw`` for a Conv2d), quantized or not."""
+    if isinstance(module, NF4Linear):
+        return module.out_features, module.in_features
+    out, inp = dense_weight(module).shape
+    return int(out), int(inp)
 
 
 def quantize_residual(module: nn.Module, residual: Tensor, kind: str) -> nn.Module:

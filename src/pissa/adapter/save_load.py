@@ -1,8 +1,8 @@
 """Adapters of a model to and from an adapter directory (:mod:`pissa.files.adapter_dir`).
 
-``save_adapter`` gathers each adapted layer's trained and initial factors and digests; ``load_adapter`` checks
-the base weights against the recorded digests, rebuilds every residual bit-exactly from the initial factors
-and puts the trained factors back.
+``save_adapter`` gathers each adapted layer's tensors (of its shape, :mod:`pissa.adapter.shapes`: trained values and
+frozen initial copies) and digests; ``load_adapter`` checks the base weights against the recorded digests and
+rebuilds every layer from its saved tensors, its residual bit-exactly from the frozen ones.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from torch import Tensor, nn
 from pissa.adapter.attach import adapted_layers, rebuild
 from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight
 from pissa.adapter.config import AdapterConfig
+from pissa.adapter.layer import PissaLinear
+from pissa.adapter.shapes import layer_facts
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import LAYER_TENSORS, AdapterFiles, base_description, write_adapter
+from pissa.files.adapter_dir import TENSORS_FILE, AdapterFiles, base_description, write_adapter
 from pissa.files.digests import weight_digest
-from pissa.methods.factors import Factors
+from pissa.methods.factors import Init
 from pissa.runtime import distributed
 
 
@@ -78,12 +80,9 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter}
 
 
-def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def layer_entry(name: str, layer: PissaLinear) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """One adapted layer's share of an adapter directory: its tensors ``{name}.{key}`` and its "layers" entry."""
-    tensors: dict[str, Tensor] = {}
-    for key in LAYER_TENSORS:  # the parts the layer has (a core and residual factors only for some methods)
-        if (t := getattr(layer, key)) is not None:
-            tensors[f"{name}.{key}"] = distributed.full(t.detach()).contiguous().cpu()
+    tensors = {f"{name}.{key}": distributed.full(t.detach()).contiguous().cpu() for key, t in layer.tensors().items()}
     meta = {
         "in": layer.in_features,
         "out": layer.out_features,
@@ -91,8 +90,10 @@ def layer_entry(name: str, layer) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "base_dtype": str(layer.base_dtype).removeprefix("torch."),
         # a 4-bit residual records the digest of the dense residual it was quantized from (what `pissa init` writes)
         "residual_digest": layer.residual_digest,
+        "shape": layer.shape.name,
         "train": list(layer.train_parts),
-        "orthonormal": layer.orthonormal,
+        "rank": layer.rank,
+        "facts": layer.facts,
     }
     return tensors, meta
 
@@ -107,9 +108,9 @@ def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles) -> nn.
     """
     adapter = path if isinstance(path, AdapterFiles) else AdapterFiles(path)  # validated, checked against its digests
     path = adapter.path
-    doc, tensors = adapter.doc, adapter.tensors()
+    doc = adapter.doc
     cfg = AdapterConfig.from_dict(doc["config"])
-    factors: dict[str, Factors] = {}
+    layers: dict[str, tuple[Init, dict[str, Tensor]]] = {}
     digests: dict[str, str] = {}
     residual_ready: dict[str, str] = {}
     for name, meta in doc["layers"].items():
@@ -140,23 +141,11 @@ def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles) -> nn.
                 f"adapter at {path} was made from a different base model (weights of {name!r} differ); "
                 f"load it onto {base_description(doc)}"
             )
-        factors[name] = Factors(
-            A=tensors[f"{name}.A0"],
-            B=tensors[f"{name}.B0"],
-            core=tensors.get(f"{name}.core0"),
-            train=tuple(meta.get("train", ("A", "B"))),
-            orthonormal=bool(meta.get("orthonormal", False)),
-            Ar=tensors.get(f"{name}.Ar"),
-            Br=tensors.get(f"{name}.Br"),
-        )
+        tensors = adapter.layer(name)
+        shape, train, rank, facts = layer_facts(meta, tensors, f"{adapter.path / TENSORS_FILE} ({name})")
+        layers[name] = Init(shape.name, {}, train, facts, rank), tensors
         digests[name] = meta["base_digest"]
-    rebuild(base, cfg, factors, digests, residual_ready)
-    with torch.no_grad():
-        for name, layer in adapted_layers(base):
-            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-            if layer.lora_core is not None:
-                layer.lora_core.copy_(tensors[f"{name}.lora_core"])
+    rebuild(base, cfg, layers, digests, residual_ready)
     if adapter.head_names:
         _load_head(base, Path(path), adapter.head_names, adapter.head())
     return base

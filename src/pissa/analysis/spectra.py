@@ -1,7 +1,7 @@
 """Spectral diagnostics of a trained adapter: singular values before/after and intruder dimensions.
 
-For a layer with base weight ``W (out, in)`` and trained update ``ΔW = s (B C A - B0 C0 A0)``
-(:func:`pissa.peft_factors`), the fine-tuned weight is ``W' = W + ΔW``.
+For a layer with base weight ``W (out, in)`` and trained update ``ΔW`` (:meth:`pissa.adapter.shapes.Shape.update`;
+low-rank: ``s (B C A - B0 C0 A0)``), the fine-tuned weight is ``W' = W + ΔW``.
 
 Intruder dimensions (Shuttleworth et al., 2024, "LoRA vs Full Fine-tuning: An Illusion of
 Equivalence", arXiv 2410.21228, Algorithm 1): among the top-k left singular vectors ``u'_j`` of
@@ -32,14 +32,12 @@ from tqdm.auto import tqdm
 
 from pissa.adapter.attach import adapted_layers
 from pissa.adapter.base_layers import dense_weight
-from pissa.adapter.export import peft_factors
 from pissa.adapter.save_load import load_adapter
 from pissa.adapter.targets import matches
 from pissa.analysis.config import IntrudersConfig, SpectrumConfig
 from pissa.analysis.tables import Report, to_csv, to_markdown
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import read_adapter_doc, recorded_base
-from pissa.methods.registry import METHODS
 from pissa.runtime import hub
 from pissa.runtime.devices import resolve_device
 
@@ -140,8 +138,7 @@ def load_layers(model_name: str | None, adapter: str, patterns: list[str] | None
     out = []
     for name, layer in adapted_layers(model):
         if name in base:
-            A, B = peft_factors(layer, METHODS[doc["config"]["method"]].export_rank)
-            update = layer.scaling * (B.double() @ A.double())
+            update = layer.shape.update(layer.tensors(), layer.scaling)
             out.append(LayerWeights(name, base[name].to(device), update.to(device), layer.rank))
     return out
 

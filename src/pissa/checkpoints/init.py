@@ -76,7 +76,6 @@ from pissa.files.adapter_dir import FORMAT, TENSORS_FILE, adapter_doc, write_con
 from pissa.files.atomic import atomic_dir, publish_dir
 from pissa.files.digests import file_digest, weight_digest, write_shard_digests
 from pissa.files.safetensors import Entry, Reader, concat_safetensors, read_header, write_at
-from pissa.methods.factors import residual_of
 from pissa.methods.nf4 import check_quantizable
 from pissa.runtime import distributed
 
@@ -179,8 +178,8 @@ def adapt_tensor(weight: Tensor, target: Target, cfg: AdapterConfig,
     if cfg.quantize is None:
         residual = layer.weight.detach().cpu()  # the residual module's weight, as stored
     else:  # the 4-bit layer keeps no dense copy: the same formula on the same inputs gives it bit-exactly
-        A, B, core = layer.residual_factors()  # QPiSSA: the residual factors (Ar, Br), saved in the adapter too
-        dense = residual_of(weight.T if target.conv1d else weight, A, B, layer.scaling, core)
+        # QPiSSA: from the residual factors (Ar, Br), saved in the adapter too
+        dense = layer.shape.residual(weight.T if target.conv1d else weight, layer.tensors(), layer.scaling)
         residual = (dense.T.contiguous() if target.conv1d else dense).cpu()
     if weight_digest(residual) != meta["residual_digest"]:
         raise RuntimeError(f"internal error: the residual of {name} does not match its digest")

@@ -1,9 +1,11 @@
 """Merging without loading the model: :func:`merge_checkpoint` (on disk, shard by shard) and :func:`merge_state_dict` (in memory).
 
 Every adapted weight W becomes the trained layer's merged weight, bit for bit what :func:`pissa.merge` gives:
-``residual + s * B @ core @ A`` in the factors' dtype, cast to W's dtype, where ``residual = W - s * B0 @ core0 @ A0``
-(:func:`~pissa.methods.factors.residual_of`) or W itself when the checkpoint is the residual one ``pissa init`` wrote.
-QPiSSA adapters (residual factors Ar, Br) give ``W - s Br Ar + s B A``, the unquantized merge. The weights are
+:meth:`~pissa.adapter.shapes.Shape.merged` of its residual (low-rank: ``residual + s * B @ core @ A`` in the factors'
+dtype, cast to W's dtype), where the residual is :meth:`~pissa.adapter.shapes.Shape.residual` of W (low-rank:
+``W - s * B0 @ core0 @ A0``) or W itself when the checkpoint is the residual one ``pissa init`` wrote.
+QPiSSA adapters (residual factors Ar, Br) give ``W - s Br Ar + s B A``, the unquantized merge. A Conv2d kernel
+``(out, in, kh, kw)`` is merged as its ``(out, in * kh * kw)`` matrix. The weights are
 checked against the adapter's recorded digests first, the adapter's files against their own (its
 ``"integrity"`` entry), and the shards of a residual checkpoint against the digests ``pissa init`` recorded
 (:data:`~pissa.files.digests.SHARD_DIGESTS`: one more streamed read of the checkpoint before merging).
@@ -23,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pissa.adapter.config import AdapterConfig
+from pissa.adapter.shapes import layer_facts
 from pissa.checkpoints.architecture import architecture
 from pissa.checkpoints.folder import INDEX, copy_other_files, open_checkpoint, tensor_key
 from pissa.checkpoints.init import DECOMPOSABLE
@@ -40,7 +43,6 @@ from pissa.files.safetensors import (
     read_header,
     write_all,
 )
-from pissa.methods.factors import merged_weight, residual_of
 
 
 class _Adapter(AdapterFiles):
@@ -103,30 +105,27 @@ def _layouts(adapter: _Adapter, shapes: dict[str, tuple[int, ...]], conv1d: bool
 
 
 def _merged_weight(
-    stored: Tensor, conv1d: bool, factors: dict[str, Tensor], scaling: float, base_digest: str, residual_digest: str
+    stored: Tensor, conv1d: bool, tensors: dict[str, Tensor], meta: dict[str, Any], scaling: float,
 ) -> Tensor | None:
     """The trained layer's merged weight in ``stored``'s layout and dtype (see the module docstring);
     None when ``stored`` has neither digest (not the weight the adapter was made from).
 
-    ``stored`` may be the base weight W or the residual ``pissa init`` wrote in its place. The
-    residual is the one attach or load_adapter builds (:func:`~pissa.methods.factors.residual_of`) and the
-    merge :func:`~pissa.methods.factors.merged_weight`, as in :meth:`pissa.adapter.layer.PissaLinear.merged`, so the
-    result is bit-identical to ``pissa.merge``.
+    ``stored`` may be the base weight W or the residual ``pissa init`` wrote in its place; ``tensors`` and ``meta``
+    are the layer's in the adapter. The residual is the one attach or load_adapter builds and the merge the
+    shape's, as in :meth:`pissa.adapter.layer.PissaLinear.merged`, so the result is bit-identical to ``pissa.merge``.
     """
     digest = weight_digest(stored)
-    W = stored.T if conv1d else stored
-    parts = {k: t.to(W.device) for k, t in factors.items()}
-    if digest == residual_digest:
+    W = stored.T if conv1d else stored.flatten(1)
+    shape = layer_facts(meta, tensors)[0]
+    t = {k: v.to(W.device) for k, v in tensors.items()}
+    if digest == meta["residual_digest"]:
         residual = W
-    elif digest == base_digest:
-        if "Ar" in parts and "Br" in parts:  # QPiSSA: the dense residual its 4-bit one is quantized from
-            residual = residual_of(W, parts["Ar"], parts["Br"], scaling)
-        else:
-            residual = residual_of(W, parts["A0"], parts["B0"], scaling, parts.get("core0"))
+    elif digest == meta["base_digest"]:
+        residual = shape.residual(W, t, scaling)  # QPiSSA: the dense residual its 4-bit one is quantized from
     else:
         return None
-    merged = merged_weight(residual, parts["lora_A"], parts["lora_B"], scaling, parts.get("lora_core"))
-    return merged.T.contiguous() if conv1d else merged
+    merged = shape.merged(residual, t, scaling)
+    return merged.T.contiguous() if conv1d else merged.reshape(stored.shape)
 
 
 def _merge_layer(adapter: _Adapter, name: str, stored: Tensor, conv1d: bool) -> Tensor:
@@ -135,9 +134,9 @@ def _merge_layer(adapter: _Adapter, name: str, stored: Tensor, conv1d: bool) -> 
     as the trained model held it, and the result is stored back in the checkpoint's dtype."""
     meta = adapter.layers[name]
     made_on = getattr(torch, meta.get("base_dtype", "float32"))
-    scaling = adapter.config.scaling_for(adapter.entries[f"{name}.A0"].shape[0])  # alpha / the layer's rank
-    merged = _merged_weight(stored.to(made_on), conv1d, adapter.layer(name), scaling, meta["base_digest"],
-                            meta["residual_digest"])
+    tensors = adapter.layer(name)
+    rank = layer_facts(meta, tensors, f"adapter at {adapter.path} ({name})")[2]
+    merged = _merged_weight(stored.to(made_on), conv1d, tensors, meta, adapter.config.scaling_for(rank))
     if merged is None:
         raise adapter.wrong_base(name)
     return merged.to(stored.dtype)

@@ -37,7 +37,7 @@ from pissa.adapter.attach import adapted_layers
 from pissa.adapter.save_load import load_adapter
 from pissa.checkpoints.folder import Checkpoint, open_checkpoint, tensor_key
 from pissa.errors import PissaError
-from pissa.files.adapter_dir import LAYER_TENSORS, AdapterFiles
+from pissa.files.adapter_dir import AdapterFiles
 from pissa.files.digests import check_shards, entry_digest
 from pissa.files.safetensors import TORCH_DTYPES, Entry, read_into
 from pissa.runtime import distributed
@@ -81,7 +81,7 @@ def _fill(model: nn.Module, ckpt: Checkpoint, adapter: dict[str, Tensor]) -> Non
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             owner, _, leaf = name.rpartition(".")
-            if owner in layers and leaf in LAYER_TENSORS:
+            if owner in layers:  # a tensor of the layer's adapter shape
                 _local(t).copy_(_rows_of(adapter[name], t))
                 continue
             layer, _, part = owner.rpartition(".")

@@ -5,18 +5,20 @@ An adapter directory holds
     adapter_config.json      {"format": "pissa-adapter", "version": 2, "config": AdapterConfig,
                               "layers": {name: {"in", "out", "base_digest", "residual_digest"}},
                               "base_fingerprint", "residual_fingerprint"}
-    adapter.safetensors      {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
+    adapter.safetensors      {name}.{tensor} for every tensor of each adapted layer's shape, e.g. the low-rank
+                             {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
                              {name}.A0 (r, in),     {name}.B0 (out, r)       initial factors
                              {name}.lora_core, {name}.core0 ((r,) or (r, r)) methods with a core
                              {name}.Ar (r, in),     {name}.Br (out, r)       QPiSSA residual factors
 
-A layer's entry in "layers" also records ``train`` (its trainable parts) and ``orthonormal``
-(absent in older files: A and B train, no core).
+A layer's entry in "layers" also records its ``shape`` (:mod:`pissa.adapter.shapes`; tensor names never
+contain a dot), ``train`` (its trainable tensors), ``rank`` and ``facts`` (the shape's; older files have none
+of these: low-rank, A and B train, ``orthonormal`` instead of facts). This module reads and writes the
+tensors by layer without knowing what they are.
 
-The initial factors rebuild the residual ``W - s * B0 @ A0`` bit-exactly from the original
-base weights (the same :func:`~pissa.methods.factors.residual_of` as at attach), so no residual
-model needs to be stored; a QPiSSA layer rebuilds its 4-bit residual ``nf4(W - s * Br @ Ar)``
-from its residual factors instead (files without them load as before). No pickle anywhere; every
+The frozen tensors rebuild the residual (low-rank: ``W - s * B0 @ A0``) bit-exactly from the original
+base weights (the same formula as at attach), so no residual model needs to be stored; a QPiSSA layer
+rebuilds its 4-bit residual ``nf4(W - s * Br @ Ar)`` from its residual factors. No pickle anywhere; every
 file and directory appears atomically.
 
 Integrity: the document's ``"integrity"`` entry records what the folder held when it was written,
@@ -58,9 +60,10 @@ HEAD_FILE = "head.safetensors"
 INTEGRITY = "integrity"
 """The document's entry of digests (see the module docstring)."""
 
-LAYER_TENSORS = ("lora_A", "lora_B", "A0", "B0", "lora_core", "core0", "Ar", "Br")
-"""The tensors of one adapted layer in ``TENSORS_FILE`` (``{name}.{part}``), in the order they are written: the
-first four always, then the core pair (methods with a core), then the QPiSSA residual factors."""
+def layer_of(key: str) -> tuple[str, str]:
+    """``(layer, tensor)`` of a key ``{layer}.{tensor}`` in ``TENSORS_FILE`` (tensor names have no dot)."""
+    layer, _, tensor = key.rpartition(".")
+    return layer, tensor
 
 
 def write_adapter(
@@ -150,8 +153,8 @@ class AdapterFiles:
     headers, checked against the recorded ``"integrity"`` digests (each file streamed in 16 MiB pieces) when
     it has them; tensors are read on demand, a layer at a time (:meth:`layer`), with plain reads.
 
-    Raises PissaError, naming the file, for a missing, truncated, corrupt or changed file, or a layer that
-    lacks one of its first four :data:`LAYER_TENSORS`.
+    Raises PissaError, naming the file, for a missing, truncated, corrupt or changed file, or a layer without
+    tensors.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -159,9 +162,12 @@ class AdapterFiles:
         self.doc = read_adapter_doc(self.path)
         self.layers: dict[str, dict[str, Any]] = self.doc["layers"]
         self.entries = _entries(self.path, TENSORS_FILE)
-        for name in self.layers:
-            if missing := [p for p in LAYER_TENSORS[:4] if f"{name}.{p}" not in self.entries]:
-                raise PissaError(f"{self.path / TENSORS_FILE} lacks {name}.{missing[0]}; re-save the adapter")
+        self.layer_keys: dict[str, list[str]] = {name: [] for name in self.layers}
+        for key in self.entries:
+            if (owner := layer_of(key)[0]) in self.layer_keys:
+                self.layer_keys[owner].append(key)
+        if missing := [name for name, keys in self.layer_keys.items() if not keys]:
+            raise PissaError(f"{self.path / TENSORS_FILE} has no tensors of layer {missing[0]}; re-save the adapter")
         self.head_names: list[str] = list(self.doc.get("head") or [])
         self.head_entries: dict[str, Entry] = {}
         if self.head_names:
@@ -181,12 +187,12 @@ class AdapterFiles:
                                  "or damaged after it was saved); re-save the adapter or restore the file")
 
     def layer(self, name: str) -> dict[str, Tensor]:
-        """Layer ``name``'s tensors by part (those of :data:`LAYER_TENSORS` it has), read from the file now."""
+        """Layer ``name``'s tensors by their names, read from the file now."""
         with open(self.path / TENSORS_FILE, "rb", buffering=0) as f:
-            return {p: read_tensor(f, self.entries[k]) for p in LAYER_TENSORS if (k := f"{name}.{p}") in self.entries}
+            return {layer_of(k)[1]: read_tensor(f, self.entries[k]) for k in self.layer_keys[name]}
 
     def tensors(self) -> dict[str, Tensor]:
-        """Every tensor of ``TENSORS_FILE`` by its key ``{name}.{part}``."""
+        """Every tensor of ``TENSORS_FILE`` by its key ``{name}.{tensor}``."""
         with open(self.path / TENSORS_FILE, "rb", buffering=0) as f:
             return {k: read_tensor(f, e) for k, e in self.entries.items()}
 

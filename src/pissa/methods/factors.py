@@ -13,8 +13,9 @@ so that the adapted layer starts exactly where the base layer was.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -47,30 +48,47 @@ class Factors:
         core, Ar, Br = (None if t is None else t[i] for t in (self.core, self.Ar, self.Br))
         return dataclasses.replace(self, A=self.A[i], B=self.B[i], core=core, Ar=Ar, Br=Br)
 
-    def residual_factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(A, B, core)`` of the term the residual subtracts: ``(Ar, Br, None)`` if set, else ``(A, B, core)``."""
-        return (self.Ar, self.Br, None) if self.Ar is not None and self.Br is not None else (self.A, self.B, self.core)
-
     def folded(self) -> tuple[Tensor, Tensor]:
         """``(A, B @ core)``: two factors with the same product."""
         return self.A, fold_core(self.B, self.core)
 
-    def scaled(self, scaling: float) -> Factors:
-        """Initial factors for an update scaled by ``s``: ``s * B0 @ core0 @ A0 == B @ core @ A``.
-
-        Without a core A and B are divided by ``sqrt(s)`` (balanced, as PiSSA's sqrt(S) split);
-        with a core only the core is divided by ``s``, so orthonormal A and B stay orthonormal.
-        Residual factors (no core) are divided by ``sqrt(s)``: ``s * Br0 @ Ar0 == Br @ Ar``.
-        """
-        root = scaling**0.5
-        Ar, Br = (None if t is None else t / root for t in (self.Ar, self.Br))
-        if self.core is not None:
-            return dataclasses.replace(self, core=self.core / scaling, Ar=Ar, Br=Br)
-        return dataclasses.replace(self, A=self.A / root, B=self.B / root, Ar=Ar, Br=Br)
-
     def to(self, dtype: torch.dtype) -> Factors:
         core, Ar, Br = (None if t is None else t.to(dtype) for t in (self.core, self.Ar, self.Br))
         return dataclasses.replace(self, A=self.A.to(dtype), B=self.B.to(dtype), core=core, Ar=Ar, Br=Br)
+
+    def init(self) -> Init:
+        """The factors as the low-rank shape's :class:`Init` (``lora_A``, ``lora_B``[, ``lora_core``][, ``Ar``, ``Br``])."""
+        names = {"A": "lora_A", "B": "lora_B", "core": "lora_core"}
+        tensors = {names[p]: t for p, t in (("A", self.A), ("B", self.B), ("core", self.core)) if t is not None}
+        tensors.update({k: t for k, t in (("Ar", self.Ar), ("Br", self.Br)) if t is not None})
+        return Init("lowrank", tensors, tuple(names[p] for p in self.train), {"orthonormal": self.orthonormal},
+                    rank=self.A.shape[-2])
+
+
+@dataclass(frozen=True)
+class Init:
+    """A method's initial adapter for a batch of L weights, in any shape (see :mod:`pissa.adapter.shapes`).
+
+    ``tensors``: the shape's tensors by name, each with a leading batch dim ``(L, ...)``, holding the values
+    the trainable ones start from (the shape adds their frozen initial copies); ``train``: the names that
+    train; ``meta``: JSON-able facts of the shape (the same for every matrix of the batch; saved with each
+    layer); ``rank``: the rank that sets the scaling ``alpha / rank``.
+    """
+
+    shape: str
+    tensors: Mapping[str, Tensor]
+    train: tuple[str, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    rank: int = 1
+
+    def layer(self, i: int) -> Init:
+        """Matrix ``i`` of the batch."""
+        return dataclasses.replace(self, tensors={k: t[i] for k, t in self.tensors.items()})
+
+    def to(self, dtype: torch.dtype) -> Init:
+        """Floating-point tensors cast to ``dtype`` (index tensors stay integers)."""
+        return dataclasses.replace(
+            self, tensors={k: t.to(dtype) if t.is_floating_point() else t for k, t in self.tensors.items()})
 
 
 def fold_core(B: Tensor, core: Tensor | None) -> Tensor:
@@ -81,7 +99,7 @@ def fold_core(B: Tensor, core: Tensor | None) -> Tensor:
 
 
 def as_factors(result: tuple[Tensor, Tensor] | Factors) -> Factors:
-    """An init function's result as :class:`Factors` (a plain ``(A, B)`` pair: both train)."""
+    """A low-rank init function's result as :class:`Factors` (a plain ``(A, B)`` pair: both train)."""
     return result if isinstance(result, Factors) else Factors(A=result[0], B=result[1])
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -76,7 +77,7 @@ def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOption
     m = METHODS[method]
     r = factors.A.shape[-2]
     if m.compensates:
-        comp = as_factors(m.init(W - nf4(W), r, opt))
+        comp = as_factors(cast("tuple[Tensor, Tensor] | Factors", m.init(W - nf4(W), r, opt)))
         return dataclasses.replace(comp, Ar=torch.zeros_like(comp.A), Br=torch.zeros_like(comp.B))
     if not m.qpissa:
         return factors

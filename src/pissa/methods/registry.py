@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pissa.errors import PissaError
 from pissa.methods.data_aware import corda_init, corda_kpm_init, eora_init, eva_init, lora_ga_init, lora_sb_init
-from pissa.methods.factors import Factors, as_factors
+from pissa.methods.factors import Factors, Init, as_factors
 from pissa.methods.inits import (
     full_init,
     loldu_init,
@@ -44,10 +44,11 @@ from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
-"""``init(W (L, out, in), r, opt) -> (A (L, r, in), B (L, out, r))`` or :class:`~pissa.methods.factors.Factors`."""
+InitFn = Callable[[Tensor, int, InitOptions], "tuple[Tensor, Tensor] | Factors | Init"]
+"""``init(W (L, out, in), r, opt) -> (A (L, r, in), B (L, out, r))``, :class:`~pissa.methods.factors.Factors`
+(the low-rank shape) or an :class:`~pissa.methods.factors.Init` of another adapter shape."""
 
-BatchInitFn = Callable[[MatrixBatch, int, InitOptions], "tuple[Tensor, Tensor] | Factors"]
+BatchInitFn = Callable[[MatrixBatch, int, InitOptions], "tuple[Tensor, Tensor] | Factors | Init"]
 """The init of a :attr:`Method.svd_only` method: it also takes W as any :data:`~pissa.methods.svd.MatrixBatch`."""
 
 
@@ -159,13 +160,18 @@ def check_weight(W: Tensor, rank: int, name: str = "weight") -> None:
         raise PissaError(f"{name} contains NaN or Inf; fix or reload the model weights before adapting")
 
 
-def init_structured(W: MatrixBatch, rank: int, method: str, opt: InitOptions) -> Factors:
-    """Run the registered method on a batch of ``(out, in)`` weights; its factors are in float32
-    (float64 for float64 weights). Methods that are not :attr:`Method.svd_only` get W stacked in that dtype."""
+def init_structured(W: MatrixBatch, rank: int, method: str, opt: InitOptions) -> Factors | Init:
+    """Run the registered method on a batch of ``(out, in)`` weights: low-rank :class:`Factors`, or the
+    :class:`Init` of another shape; in float32 (float64 for float64 weights). Methods that are not
+    :attr:`Method.svd_only` get W stacked in that dtype."""
     m = get_method(method)
     if m.svd_only:  # its init reads W only through InitOptions.top_svd, which takes any MatrixBatch
-        return as_factors(cast(BatchInitFn, m.init)(W, rank, opt))
+        return _result(cast(BatchInitFn, m.init)(W, rank, opt))
     stacked = stack(W, compute_dtype(W[0].dtype))
     if opt.stats is not None:
         opt = dataclasses.replace(opt, stats=opt.stats.to(stacked.dtype, stacked.device))
-    return as_factors(m.init(stacked, rank, opt))
+    return _result(m.init(stacked, rank, opt))
+
+
+def _result(result: tuple[Tensor, Tensor] | Factors | Init) -> Factors | Init:
+    return result if isinstance(result, Init) else as_factors(result)

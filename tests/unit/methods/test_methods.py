@@ -82,7 +82,7 @@ def test_core_methods_save_load_and_merge(tmp_path, method) -> None:
     for (_, a), (_, b) in zip(pissa.adapted_layers(loaded), pissa.adapted_layers(model)):
         assert torch.equal(a.lora_core, b.lora_core) and torch.equal(a.core0, b.core0)
         assert torch.equal(a.residual.weight, b.residual.weight)
-        assert a.train_parts == b.train_parts and a.orthonormal == b.orthonormal
+        assert a.train_parts == b.train_parts and a.facts == b.facts
     assert pissa.trainable_parameters(loaded) == pissa.trainable_parameters(model)
     trained = logits(model)
     assert relative_error(logits(loaded), trained) <= 1e-6

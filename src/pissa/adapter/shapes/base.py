@@ -1,0 +1,90 @@
+"""The adapter-shape protocol (:class:`Shape`); see :mod:`pissa.adapter.shapes` for what a shape provides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pissa.methods.factors import Init
+
+Tensors = Mapping[str, Tensor]
+
+
+def pass_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32: the dtype residuals and merges are formed in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class Shape:
+    """The protocol (see the module docstring); the defaults fit any shape whose ``delta`` is cheap to form."""
+
+    name: ClassVar[str]
+    variables: ClassVar[Mapping[str, str]]
+    """Trainable-capable tensor name -> the name of its frozen initial copy."""
+    required: ClassVar[tuple[str, ...]]
+    """The tensors every layer of the shape has (a saved layer without one is refused)."""
+
+    def start(self, init: Init) -> dict[str, Tensor]:
+        """The layer's tensors at the start: ``init.tensors`` (contiguous copies) plus the frozen copies of the variables."""
+        # contiguous copies: SVD factors are often transposed views, and FSDP2 shards contiguous parameters only
+        t = {k: v.clone(memory_format=torch.contiguous_format) for k, v in init.tensors.items()}
+        t.update({self.variables[k]: v.clone() for k, v in init.tensors.items() if k in self.variables})
+        return t
+
+    def initial(self, t: Tensors, s: float) -> Tensor | None:
+        """The term ``(out, in)`` that the residual subtracts from W (from frozen tensors only); None when it is zero."""
+        raise NotImplementedError
+
+    def residual(self, W: Tensor, t: Tensors, s: float) -> Tensor:
+        """``W - initial`` formed in float32 (float64 if any input is) and cast to W's dtype; W itself when the
+        term is zero (kept, not copied)."""
+        term = self.initial(t, s)
+        if term is None:
+            return W
+        dt = pass_dtype(W, term)
+        return (W.to(dt) - term.to(dt)).to(W.dtype)
+
+    def delta(self, t: Tensors, s: float) -> Tensor:
+        """The current term ``(out, in)`` in the variables' dtype, differentiable in the trainable tensors."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensors, s: float) -> Tensor:
+        """``x (..., in) @ delta^T``: the adapter path of a linear layer, ``(..., out)``."""
+        return F.linear(x, self.delta(t, s))
+
+    def merged(self, residual: Tensor, t: Tensors, s: float) -> Tensor:
+        """``residual + delta`` formed in the variables' dtype, cast to residual's dtype (every merge calls this)."""
+        update = self.delta({k: v.detach() for k, v in t.items()}, s)
+        return update.add_(residual.to(update.dtype)).to(residual.dtype)
+
+    def update(self, t: Tensors, s: float) -> Tensor:
+        """What training changed: ``delta - initial`` (out, in), in float64 (the analyses)."""
+        t = {k: v.detach() for k, v in t.items()}
+        term = self.initial(t, s)
+        now = self.delta(t, s).double()
+        return now if term is None else now - term.double()
+
+    def peft(self, t: Tensors, s: float, train: tuple[str, ...],
+             export_rank: Literal["r", "2r"]) -> tuple[Tensor, Tensor] | None:
+        """PEFT LoRA factors ``(A (k, in), B (out, k))`` with ``s * B @ A == update``, or None (no LoRA form)."""
+        return None
+
+    def pair(self, t: Tensors, s: float) -> tuple[Tensor, Tensor] | None:
+        """The current term as one pair ``(A (k, in), B (out, k))``, ``B @ A == delta``; None for a shape without one."""
+        return None
+
+    def penalty(self, t: Tensors, meta: Mapping[str, Any]) -> Tensor | None:
+        """A regularizer of the layer's tensors (0-d), or None when the shape has none for these facts."""
+        return None
+
+    def scaled(self, init: Init, s: float) -> Init:
+        """``init`` for an update scaled by ``s``: the delta of the result times s is the delta of ``init``."""
+        raise NotImplementedError
+
+    def describe(self, t: Tensors) -> str:
+        """A short description for ``repr``."""
+        return ", ".join(f"{k}={tuple(v.shape)}" for k, v in t.items() if k in self.variables)
