@@ -69,15 +69,17 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> nn.Module:
-    """Adapt ``model`` in place and return it; only the adapter factors remain trainable.
+    """Adapt ``model`` in place and return it; only the adapters' trainable tensors remain trainable.
 
-    For each target layer with weight ``W (out, in)``: ``(A, B) = method(W)`` in float32
+    A Conv2d kernel ``(out, in, kh, kw)`` is adapted as its matrix ``W (out, in * kh * kw)``. Low-rank methods:
+    for each target layer with weight ``W (out, in)``: ``(A, B) = method(W)`` in float32
     (float64 for float64 weights), stored as ``A0 = A / sqrt(s)``, ``B0 = B / sqrt(s)`` in
     ``cfg.factor_dtype`` (``s = alpha / rank``) so that ``s * B0 @ A0 = B @ A``; the residual
     ``W - s * B0 @ A0`` is cast back to W's dtype. At init the outputs equal the base's up to
     the rounding of that cast (fp32: ~1e-7 relative; bf16: a few 1e-2 on SmolLM2). Methods with a core
     (``B @ core @ A``) keep A and B as returned and store ``core0 = core / s`` instead
-    (:meth:`~pissa.methods.factors.Factors.scaled`); only the parts the method names train.
+    (:meth:`~pissa.adapter.shapes.Shape.scaled`); only the parts the method names train. Other shapes: the same
+    with their own tensors (:mod:`pissa.adapter.shapes`).
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
@@ -97,6 +99,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         raise PissaError("every target layer has rank 0 (rank_pattern); nothing to adapt")
     for n in sorted(names, key=lambda n: min(weights[n].shape)):  # a too-large rank names the smallest layer
         check_weight(weights[n], ranks[n], f"layer {n!r}")
+    if cfg.quantize is not None and (conv := next((n for n in names if isinstance(modules[n], nn.Conv2d)), None)):
+        raise PissaError(f"layer {conv!r} is a Conv2d and quantize={cfg.quantize!r} makes linear residuals only; "
+                         "leave convolutions out of `targets` or drop `quantize`")
     if cfg.quantize is not None:
         check_quantizable(cfg.quantize)
     batches = list(_batches(names, weights, ranks))

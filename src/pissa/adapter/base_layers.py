@@ -20,6 +20,11 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or Hugging Face ``Conv1D``: what "all-linear" targets (never a convolution)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def native_weight(module: nn.Module) -> Tensor:
     """The weight of a Linear, Conv1D or Conv2d as stored: (out, in), (in, out) for Conv1D, (out, in, kh, kw) for Conv2d."""
     W = module.weight

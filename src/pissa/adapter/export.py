@@ -107,7 +107,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
     alpha = scalings[next(n for n, k in ranks.items() if k == r)] * r
     alpha_pattern = {name: a for name, a in alphas.items() if a != alpha}
     tensors = {}
+    kernels = {name: layer.residual.weight.shape for name, layer in layers if isinstance(layer.residual, nn.Conv2d)}
     for name, (A, B) in factors.items():
+        if name in kernels:  # PEFT's Conv2d LoRA: lora_A a conv of the layer's kernel size, lora_B a 1x1 conv
+            A, B = A.reshape(A.shape[0], *kernels[name][1:]), B[:, :, None, None]
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     head = head_parameters(model)

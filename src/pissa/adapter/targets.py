@@ -8,7 +8,7 @@ import re
 
 from torch import nn
 
-from pissa.adapter.base_layers import is_adaptable
+from pissa.adapter.base_layers import is_adaptable, is_linear
 from pissa.errors import PissaError
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -41,11 +41,12 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Names of the Linear/Conv1D layers selected by ``targets`` (see AdapterConfig.targets)."""
+    """Names of the layers selected by ``targets`` (see AdapterConfig.targets): "all-linear" picks every Linear/Conv1D
+    but the output head; names or patterns pick Linear, Conv1D and (one-group) Conv2d layers."""
     layers = [name for name, m in model.named_modules() if name and is_adaptable(m)]
     if targets == "all-linear":
         heads = _head_names(model)
-        chosen = [n for n in layers if n not in heads]
+        chosen = [n for n in layers if n not in heads and is_linear(model.get_submodule(n))]
         if not chosen:
             raise PissaError("the model has no Linear or Conv1D layer besides its output head; nothing to adapt")
         return chosen
@@ -54,7 +55,7 @@ def find_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers})
         raise PissaError(
-            f"targets {patterns} matched no Linear/Conv1D layer; available names end in: {', '.join(suffixes[:20])}"
+            f"targets {patterns} matched no Linear/Conv1D/Conv2d layer; available names end in: {', '.join(suffixes[:20])}"
             + (f" (e.g. {layers[0]})" if layers else "")
         )
     return chosen

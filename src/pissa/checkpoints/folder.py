@@ -16,9 +16,9 @@ from pissa.files.digests import SHARD_DIGESTS
 from pissa.files.safetensors import Entry, shard_entries
 
 INDEX = "model.safetensors.index.json"
-
-
 SINGLE = "model.safetensors"
+WEIGHT_FILES = ((SINGLE, INDEX), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"))
+"""``(single file, index)`` names of a checkpoint's weights: transformers' ``save_pretrained``, then diffusers'."""
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -32,7 +32,12 @@ class Checkpoint:
     root: Path
     shards: list[str]
     entries: dict[str, Entry]
-    indexed: bool
+    index: str | None
+    """The name of its shard index (None: one file)."""
+
+    @property
+    def indexed(self) -> bool:
+        return self.index is not None
 
 
 def open_checkpoint(root: str | os.PathLike) -> Checkpoint:
@@ -42,17 +47,19 @@ def open_checkpoint(root: str | os.PathLike) -> Checkpoint:
         raise PissaError(f"{root} is not a folder; pass a Hugging Face model folder with config.json and *.safetensors")
     if not (root / "config.json").is_file():
         raise PissaError(f"{root} has no config.json; pass a Hugging Face model folder (save_pretrained writes one)")
-    if (root / INDEX).is_file():
+    index = next((i for _, i in WEIGHT_FILES if (root / i).is_file()), None)
+    single = next((f for f, _ in WEIGHT_FILES if (root / f).is_file()), None)
+    if index is not None:
         try:
-            weight_map: dict[str, str] = json.loads((root / INDEX).read_text())["weight_map"]
+            weight_map: dict[str, str] = json.loads((root / index).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise PissaError(f"{root / INDEX} is not a valid safetensors index; re-save the checkpoint") from None
+            raise PissaError(f"{root / index} is not a valid safetensors index; re-save the checkpoint") from None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
-            raise PissaError(f"{root} lacks shard {missing[0]} named in {INDEX}; copy or re-download it")
-    elif (root / SINGLE).is_file():
-        weight_map, shards = {}, [SINGLE]
+            raise PissaError(f"{root} lacks shard {missing[0]} named in {index}; copy or re-download it")
+    elif single is not None:
+        weight_map, shards = {}, [single]
     else:
         found = sorted(p.name for p in root.glob("*.safetensors"))
         hint = f" (found {', '.join(found[:3])} but no {INDEX})" if found else ""
@@ -64,8 +71,8 @@ def open_checkpoint(root: str | os.PathLike) -> Checkpoint:
         entries.update(shard_entries(root / shard))
     for key, shard in weight_map.items():
         if key not in entries or entries[key].shard != shard:
-            raise PissaError(f"{INDEX} places {key} in {shard}, which does not hold it; re-save the checkpoint")
-    return Checkpoint(root, shards, entries, bool(weight_map))
+            raise PissaError(f"{index} places {key} in {shard}, which does not hold it; re-save the checkpoint")
+    return Checkpoint(root, shards, entries, index)
 
 
 def tensor_key(name: str, keys: dict[str, Any] | set[str], prefix: str | None = None) -> str | None:

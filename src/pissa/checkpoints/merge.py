@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.shapes import layer_facts
 from pissa.checkpoints.architecture import architecture
-from pissa.checkpoints.folder import INDEX, copy_other_files, open_checkpoint, tensor_key
+from pissa.checkpoints.folder import copy_other_files, open_checkpoint, tensor_key
 from pissa.checkpoints.init import DECOMPOSABLE
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import AdapterFiles, base_description
@@ -74,7 +74,8 @@ def _layer_keys(adapter: _Adapter, keys: dict[str, Any], where: str, prefix: str
 
 
 def _layouts(adapter: _Adapter, shapes: dict[str, tuple[int, ...]], conv1d: bool | dict[str, bool] | None) -> dict[str, bool]:
-    """Whether each layer's weight is stored (in, out) (Hugging Face Conv1D) rather than (out, in).
+    """Whether each layer's weight is stored (in, out) (Hugging Face Conv1D) rather than (out, in) (or as a Conv2d
+    kernel ``(out, in, kh, kw)``, never Conv1D).
 
     ``conv1d``: True/False for every layer, or per layer (from the model's modules); otherwise the
     stored shape tells unless the weight is square, and a square one follows the others (Conv1D if
@@ -83,6 +84,9 @@ def _layouts(adapter: _Adapter, shapes: dict[str, tuple[int, ...]], conv1d: bool
     known: dict[str, bool] = {}
     for name, meta in adapter.layers.items():
         shape, dense = shapes[name], (meta["out"], meta["in"])
+        if len(shape) == 4 and (shape[0], shape[1] * shape[2] * shape[3]) == dense:  # a Conv2d kernel (out, in, kh, kw)
+            known[name] = False
+            continue
         if len(shape) != 2 or shape not in (dense, dense[::-1]):
             raise PissaError(
                 f"adapter at {adapter.path} was made for another model: layer {name!r} has shape {list(shape)}, "
@@ -97,7 +101,7 @@ def _layouts(adapter: _Adapter, shapes: dict[str, tuple[int, ...]], conv1d: bool
     square = any(known.values())
     layouts = {name: known.get(name, square) for name in adapter.layers}
     for name, meta in adapter.layers.items():
-        if shapes[name] != ((meta["in"], meta["out"]) if layouts[name] else (meta["out"], meta["in"])):
+        if len(shapes[name]) == 2 and shapes[name] != ((meta["in"], meta["out"]) if layouts[name] else (meta["out"], meta["in"])):
             raise PissaError(
                 f"adapter at {adapter.path} was made for another model: layer {name!r} has shape {list(shapes[name])}"
             )
@@ -308,12 +312,12 @@ def merge_checkpoint(
                 entries = {k: e for k, e in ckpt.entries.items() if e.shard == shard}
                 grown += _merge_shard(ckpt.root / shard, tmp / shard, entries, work, added if last else {}, reader, bar)
         copy_other_files(ckpt.root, tmp)
-        if added and ckpt.indexed:
-            index = json.loads((ckpt.root / INDEX).read_text())
+        if added and ckpt.index is not None:
+            index = json.loads((ckpt.root / ckpt.index).read_text())
             index["weight_map"].update({name: ckpt.shards[-1] for name in added})
             if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                 index["metadata"]["total_size"] += grown
-            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+            (tmp / ckpt.index).write_text(json.dumps(index, indent=2))
         if adapter.head_names:
             config = json.loads((ckpt.root / "config.json").read_text())
             (tmp / "config.json").write_text(json.dumps(_classifier_config(config, adapter), indent=2))

@@ -102,7 +102,7 @@ def test_bf16_factors_option() -> None:
 
 
 def test_no_match_lists_available_names() -> None:
-    with pytest.raises(pissa.PissaError, match="matched no Linear/Conv1D layer; available names end in: .*q_proj"):
+    with pytest.raises(pissa.PissaError, match="matched no Linear/Conv1D/Conv2d layer; available names end in: .*q_proj"):
         pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=2, targets=["query"]))
 
 

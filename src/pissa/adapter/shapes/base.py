@@ -30,9 +30,10 @@ class Shape:
 
     def start(self, init: Init) -> dict[str, Tensor]:
         """The layer's tensors at the start: ``init.tensors`` (contiguous copies) plus the frozen copies of the variables."""
-        # contiguous copies: SVD factors are often transposed views, and FSDP2 shards contiguous parameters only
+        # contiguous copies: SVD factors are often transposed views, FSDP2 shards contiguous parameters only, and a
+        # residual formed from them is bit-identical to one formed from the same tensors loaded from a file
         t = {k: v.clone(memory_format=torch.contiguous_format) for k, v in init.tensors.items()}
-        t.update({self.variables[k]: v.clone() for k, v in init.tensors.items() if k in self.variables})
+        t.update({self.variables[k]: t[k].clone() for k in init.tensors if k in self.variables})
         return t
 
     def initial(self, t: Tensors, s: float) -> Tensor | None:
