@@ -35,7 +35,7 @@ def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> di
     if metrics_file.is_file() and record_file.is_file() and json.loads(record_file.read_text()) == record:
         return json.loads(metrics_file.read_text())
     record_file.unlink(missing_ok=True)
-    metrics = run(cfg, workdir, show=False)
+    metrics = run(cfg, workdir, show=False).to_dict()
     assert metrics["eval_split"] == ("validation" if val_size else "test")
     record_file.write_text(json.dumps(record, indent=2))
     return metrics
