@@ -29,9 +29,9 @@ from pissa.files.statistics import Calibration, open_calibration
 from pissa.methods.data_aware import eva_ranks
 from pissa.methods.factors import Factors, Init
 from pissa.methods.inputs import InitOptions, Need, Stats, calibration_hint, layer_seed
-from pissa.methods.nf4 import check_quantizable, nf4
 from pissa.methods.qpissa import refine
-from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured
+from pissa.methods.quantize import check_quantizable, quantizer
+from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
 
@@ -93,7 +93,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
     if calibration is not None:
         for n in names:
             calibration.check(n, weights[n])
-    cfg, ranks = layer_ranks(cfg, names, calibration)
+    cfg, ranks = layer_ranks(cfg, {n: tuple(weights[n].shape) for n in names}, calibration)
     names = [n for n in names if ranks[n] > 0]
     if not names:
         raise PissaError("every target layer has rank 0 (rank_pattern); nothing to adapt")
@@ -142,11 +142,14 @@ def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, 
     return (open_calibration(cfg.calibration), needs) if needs else (None, ())
 
 
-def layer_ranks(cfg: AdapterConfig, names: list[str], calibration: Calibration | None) -> tuple[AdapterConfig, dict[str, int]]:
-    """Each target layer's rank (:meth:`AdapterConfig.layer_rank`; 0: not adapted) and the config that
+def layer_ranks(cfg: AdapterConfig, shapes: Mapping[str, tuple[int, ...]],
+                calibration: Calibration | None) -> tuple[AdapterConfig, dict[str, int]]:
+    """Each target layer's rank (:meth:`AdapterConfig.layer_rank`; 0: not adapted; a full-rank method's layer:
+    ``min(out, in)`` of its matrix in ``shapes``, :func:`~pissa.methods.registry.method_rank`) and the config that
     reproduces them. A method that allocates ranks from the statistics (EVA, :func:`~pissa.methods.data_aware.eva_ranks`)
     redistributes them: the returned config then holds the resulting ``rank_pattern`` and ``eva_rho = 1``."""
-    ranks = {n: cfg.layer_rank(n) for n in names}
+    names = list(shapes)
+    ranks = {n: method_rank(cfg.method, shapes[n], cfg.layer_rank(n)) for n in names}
     if not get_method(cfg.method).allocates_ranks or calibration is None or cfg.eva_rho == 1:
         return cfg, ranks
     offered = max(int(round(cfg.eva_rho * r)) for r in ranks.values())
@@ -160,7 +163,7 @@ def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: 
     """The initial adapter of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
     at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.adapter.shapes.Shape.scaled`),
     in float32 (float64 for float64 weights). With ``cfg.quantize`` low-rank factors are refined against the
-    4-bit residual (QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats``
+    quantized residual (nf4 or int8: QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats``
     has a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
     r = cfg.rank if rank is None else rank
     opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,
@@ -173,7 +176,7 @@ def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: 
         if stats is not None:
             opt = dataclasses.replace(opt, stats=stats.to(stacked.dtype, stacked.device))
         if isinstance(result, Factors):
-            result = refine(stacked, result, cfg.method, cfg.quant_iters, opt)
+            result = refine(stacked, result, cfg.method, cfg.quant_iters, opt, quantizer(cfg.quantize))
     init = result.init() if isinstance(result, Factors) else result
     return SHAPES[init.shape].scaled(init, cfg.scaling_for(init.rank))
 
@@ -183,7 +186,7 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
     """Split ``weight (out, in)`` into trainable ``B (out, rank)``, ``A (rank, in)`` and a frozen residual.
 
     ``weight ≈ residual + B @ A`` (equal up to the residual's rounding to weight's dtype; with
-    ``quantize="nf4"``, up to the 4-bit rounding of the residual, returned dequantized). The same
+    ``quantize="nf4"`` or ``"int8"``, up to the rounding of the quantized residual, returned dequantized). The same
     code path as :func:`attach` for one layer: ``options`` are any other :class:`AdapterConfig`
     fields (``svd``, ``niter``, ``block``, ``seed``, ``quant_iters``, ``alpha``...). A core is
     folded into B. Factors are float32 (float64 for a float64 weight); the residual has weight's dtype.
@@ -192,6 +195,7 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
     ``residual + B @ A`` is where its model starts, one approximated update away from the weight.
     A method of another adapter shape has no ``(A, B)``: a PissaError says to use :func:`attach`.
     """
+    rank = method_rank(method, tuple(weight.shape), rank)
     check_weight(weight, rank)
     cfg = AdapterConfig(method=method, rank=rank, quantize=quantize, **options)  # type: ignore[arg-type]
     if quantize is not None:
@@ -204,7 +208,7 @@ def decompose(weight: Tensor, rank: int, method: str = "pissa", quantize: str | 
         raise PissaError(f"method {method!r} makes a {init.shape} adapter, not factors B @ A; use pissa.attach")
     residual = shape.residual(weight, t, scaling)
     if quantize is not None:
-        residual = nf4(residual)
+        residual = quantizer(quantize)(residual)
     return Decomposition(A=pair[0], B=pair[1], residual=residual)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pissa.adapter.targets import matches
 from pissa.errors import PissaError
+from pissa.methods.quantize import quantizer
 from pissa.methods.registry import METHODS, get_method
 from pissa.methods.svd import BLOCK, SVDMethod
 from pissa.options import CHOICES
@@ -29,11 +30,12 @@ class AdapterConfig:
     """Scaling numerator: the update is (alpha / rank) B A. None means alpha = rank (scaling 1)."""
     targets: str | list[str] = "all-linear"
     """"all-linear" (every Linear/Conv1D except the output head) or module-name suffixes / regexes."""
-    quantize: Literal["nf4"] | None = None
-    """None, or "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA)."""
+    quantize: Literal["nf4", "int8"] | None = None
+    """None; "nf4" to hold the frozen residual in 4-bit NF4 (QPiSSA); "int8" for LLM.int8 (8-bit rows, outlier
+    columns in 16 bits). LoRA with either is QLoRA."""
     quant_iters: int = 5
-    """QPiSSA iterations with quantize="nf4", from PiSSA's B A: each quantizes W - B A,
-    then B A = rank-r SVD of W - nf4(W - B A)."""
+    """QPiSSA iterations with quantize, from PiSSA's B A: each quantizes W - B A,
+    then B A = rank-r SVD of W - q(W - B A)."""
     seed: int = 0
     """Seed of the random parts of the init (randomized SVD sketch, LoRA's A)."""
     svd: SVDMethod = "krylov"
@@ -52,7 +54,7 @@ class AdapterConfig:
     its exact name, else of the first key that matches it, else --rank; rank 0 leaves the layer unadapted."""
     calibration: str | None = None
     """Statistics file written by pissa calibrate, read by the data-aware methods (corda, corda-kpm, eva,
-    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize nf4); pissa compare without it calibrates
+    eora, lora-ga, lora-sb) and by QPiSSA's last step (quantize); pissa compare without it calibrates
     on its own training split into OUT/calibration.safetensors."""
     damping: float = 0.01
     """Data-aware methods: the activation covariance C gets damping * mean(diag C) added to its diagonal
@@ -70,8 +72,8 @@ class AdapterConfig:
             raise PissaError(f"rank must be an integer >= 1, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise PissaError(f"alpha must be > 0 (or None for alpha = rank), got {self.alpha!r}")
-        if self.quantize not in (None, "nf4"):
-            raise PissaError(f"unsupported quantize={self.quantize!r}; use None or 'nf4'")
+        if self.quantize is not None:
+            quantizer(self.quantize)
         if not isinstance(self.quant_iters, int) or isinstance(self.quant_iters, bool) or self.quant_iters < 1:
             raise PissaError(f"quant_iters must be an integer >= 1, got {self.quant_iters!r}")
         if self.svd not in ("krylov", "exact"):

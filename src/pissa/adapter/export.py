@@ -132,7 +132,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         "alpha_pattern": {re.escape(n): a for n, a in alpha_pattern.items()},
         "lora_dropout": cfg.dropout,
         "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
-        # a 4-bit residual (nf4.NF4Linear) remembers whether its base was a Conv1D
+        # a quantized residual (quantized.QuantizedLinear) remembers whether its base was a Conv1D
         "fan_in_fan_out": all(is_conv1d(layer.residual) or getattr(layer.residual, "conv1d", False) for _, layer in layers),
         "bias": "none",
         "use_rslora": False,

@@ -15,12 +15,22 @@ HEAD_NAMES = ("lm_head", "score", "classifier")
 """Module names treated as output heads (never adapted by "all-linear"), as in PEFT."""
 
 
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.<getter>()`` (``get_input_embeddings`` / ``get_output_embeddings``), None when the model has none:
+    no such method, or transformers' NotImplementedError of a composite model (CLIPModel: two towers, two embeddings)."""
+    get = getattr(model, getter, None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except NotImplementedError:
+        return None
+
+
 def _head_names(model: nn.Module) -> set[str]:
     """Names of the output head and of any layer whose weight is the input embedding matrix."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    emb = get_in() if callable(get_in) else None
+    out = _embedding(model, "get_output_embeddings")
+    emb = _embedding(model, "get_input_embeddings")
     emb_weight = getattr(emb, "weight", None)
     heads = set()
     for name, module in model.named_modules():

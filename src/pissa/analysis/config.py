@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pissa.errors import PissaError
 from pissa.methods.svd import SVDMethod
@@ -11,7 +12,7 @@ from pissa.runtime.hub import HeadKind
 
 @dataclass
 class QuantErrorConfig:
-    """``pissa analyze quant-error``: NF4 error reduction of QPiSSA vs LoftQ vs QLoRA per projection."""
+    """``pissa analyze quant-error``: NF4 (or int8) error reduction of QPiSSA vs LoftQ vs QLoRA per projection."""
 
     model: str = "smollm2"
     """Embedded model (smollm2, minilm) or a local Hugging Face folder."""
@@ -21,6 +22,8 @@ class QuantErrorConfig:
     """Adapter rank r."""
     iters: list[int] = field(default_factory=lambda: [1, 5])
     """Comma-separated LoftQ / QPiSSA iteration counts to report."""
+    quantize: Literal["nf4", "int8"] = "nf4"
+    """The quantizer of every method and of the baseline QLoRA = q(W): nf4 (the paper's) or int8 (LLM.int8)."""
     svd: SVDMethod = "exact"
     """Rank-r SVD: exact (LAPACK) or krylov (block Lanczos)."""
     niter: int | None = None

@@ -1,4 +1,4 @@
-"""``pissa analyze quant-error``: how much of NF4's quantization error QPiSSA and LoftQ remove.
+"""``pissa analyze quant-error``: how much of NF4's (or LLM.int8's) quantization error QPiSSA and LoftQ remove.
 
 For every adapted layer ("all-linear") of a model and a rank r, the paper's reduction ratio
 (:func:`reduction_ratio`, nuclear norm; QLoRA = 0 by definition) of
@@ -9,8 +9,10 @@ For every adapted layer ("all-linear") of a model and a rank r, the paper's redu
 both measured on their final pair ``(Q_T, B_T A_T)``, whose last step is the SVD step (the
 pair a QPiSSA model holds at init, :func:`pissa.methods.qpissa.refine`).
 
-for each T in ``--iters``. With ``--calibration STATS`` (``pissa calibrate``) a second table gives the
-activation-weighted reduction ``(1 - ||(W - Q - B A) L||_F / ||(W - nf4(W)) L||_F) x 100``,
+for each T in ``--iters``. ``--quantize int8`` puts LLM.int8 (:mod:`pissa.methods.int8`) in place of nf4
+everywhere, the baseline included: the ratios are then against ``int8(W)``. With ``--calibration STATS``
+(``pissa calibrate``) a second table gives the activation-weighted reduction
+``(1 - ||(W - Q - B A) L||_F / ||(W - nf4(W)) L||_F) x 100``,
 ``L L^T = X^T X / n`` (so ``||M L||_F = ||M X^T||_F / sqrt(n)`` over the calibration inputs X), of the
 same methods plus EoRA on nf4(W) (``B A`` = :func:`~pissa.methods.data_aware.eora_fit` of ``W - nf4(W)``) and
 QPiSSA+EoRA-T (QPiSSA's ``Q_T`` with the activation-weighted last step, what ``quantize="nf4"``
@@ -42,8 +44,9 @@ from pissa.files.statistics import open_calibration
 from pissa.methods.data_aware import eora_fit
 from pissa.methods.inits import pissa_init
 from pissa.methods.inputs import InitOptions, Stats, layer_seed
-from pissa.methods.nf4 import nf4, require_bnb
+from pissa.methods.nf4 import nf4
 from pissa.methods.qpissa import loftq_iterates, qpissa_iterates
+from pissa.methods.quantize import Quantizer, check_quantizable, quantizer
 from pissa.methods.svd import SVDMethod
 from pissa.runtime import hub
 from pissa.runtime.devices import resolve_device
@@ -65,13 +68,15 @@ def nuclear_norm(E: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(M @ M.mT).clamp_min(0).sqrt().sum(-1)
 
 
-def reduction_ratio(W: Tensor, Q: Tensor, A: Tensor, B: Tensor, qlora_error: Tensor | None = None) -> Tensor:
-    """The paper's ``(1 - ||W - (Q + B A)||_* / ||W - nf4(W)||_*) * 100`` per matrix of ``W (..., out, in)``.
+def reduction_ratio(W: Tensor, Q: Tensor, A: Tensor, B: Tensor, qlora_error: Tensor | None = None,
+                    quantize: Quantizer = nf4) -> Tensor:
+    """The paper's ``(1 - ||W - (Q + B A)||_* / ||W - q(W)||_*) * 100`` per matrix of ``W (..., out, in)``,
+    ``q = quantize`` (nf4, the paper's; int8).
 
-    ``qlora_error``: ``||W - nf4(W)||_*`` if already known.
+    ``qlora_error``: ``||W - q(W)||_*`` if already known.
     """
     if qlora_error is None:
-        qlora_error = nuclear_norm(W - nf4(W))
+        qlora_error = nuclear_norm(W - quantize(W))
     return (1 - nuclear_norm(W - Q - B @ A) / qlora_error) * 100
 
 
@@ -99,21 +104,23 @@ def weighted_error(M: Tensor, cov: Tensor) -> Tensor:
     return torch.einsum("loi,lij,loj->l", M, cov.double(), M).clamp_min(0).sqrt()
 
 
-def batch_ratios(W: Tensor, rank: int, iters: Sequence[int], opt: InitOptions,
-                 cov: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Reduction ratios (%) of every method for a batch ``W (L, out, in)`` (float32): ``{method: (L,)}``,
-    and with the inputs' ``cov (L, in, in)`` the activation-weighted ones (else ``{}``)."""
-    qlora_error = nuclear_norm(W - nf4(W))
+def batch_ratios(W: Tensor, rank: int, iters: Sequence[int], opt: InitOptions, cov: Tensor | None = None,
+                 quantize: Quantizer = nf4) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Reduction ratios (%) of every method for a batch ``W (L, out, in)`` (float32) with the quantizer ``quantize``:
+    ``{method: (L,)}``, and with the inputs' ``cov (L, in, in)`` the activation-weighted ones (else ``{}``)."""
+    qlora_error = nuclear_norm(W - quantize(W))
     out = {"QLoRA": torch.zeros(W.shape[0], dtype=torch.float64)}
     weighted: dict[str, Tensor] = {}
     if cov is not None:
         wopt = dataclasses.replace(opt, stats=Stats(cov=cov))
-        Q0 = nf4(W)
+        Q0 = quantize(W)
         base = weighted_error(W - Q0, cov)
         ratio = lambda Q, A, B: (1 - weighted_error(W - Q - B @ A, cov) / base) * 100
         weighted["QLoRA"] = torch.zeros(W.shape[0], dtype=torch.float64)
         weighted["EoRA"] = ratio(Q0, *eora_fit(W - Q0, rank, wopt))
-    for label, steps in (("LoftQ", loftq_iterates(W, rank, opt)), ("QPiSSA", qpissa_iterates(W, *pissa_init(W, rank, opt), opt))):
+    runs = (("LoftQ", loftq_iterates(W, rank, opt, quantize)),
+            ("QPiSSA", qpissa_iterates(W, *pissa_init(W, rank, opt), opt, quantize)))
+    for label, steps in runs:
         for t in range(1, max(iters) + 1):
             Q, A, B = next(steps)
             if t in iters:
@@ -148,9 +155,11 @@ def layer_ratios(
     seed: int = 0,
     progress: bool = False,
     covariances: dict[str, Tensor] | None = None,
+    quantize: Quantizer = nf4,
 ) -> list[LayerRatios]:
     """The ratios of every layer ``{name: W (out, in)}``, equal shapes batched; in the input order.
-    ``covariances``: each layer's input ``X^T X / n`` (in, in) for the activation-weighted ratios."""
+    ``covariances``: each layer's input ``X^T X / n`` (in, in) for the activation-weighted ratios; ``quantize``: the
+    quantizer (nf4, int8)."""
     for name, W in weights.items():
         if not 1 <= rank <= min(W.shape):
             raise PissaError(
@@ -167,7 +176,7 @@ def layer_ratios(
             W = torch.stack([weights[n].detach().float() for n in chunk])
             opt = InitOptions(seeds=[layer_seed(seed, n) for n in chunk], svd=svd, niter=niter)
             cov = None if covariances is None else torch.stack([covariances[n] for n in chunk]).to(W)
-            ratios, weighted = batch_ratios(W, rank, iters, opt, cov)
+            ratios, weighted = batch_ratios(W, rank, iters, opt, cov, quantize)
             for j, n in enumerate(chunk):
                 results[n] = LayerRatios(n, shape, {m: float(v[j]) for m, v in ratios.items()},  # type: ignore[arg-type]
                                          {m: float(v[j]) for m, v in weighted.items()})
@@ -241,7 +250,7 @@ def model_weights(model_name: str, kind: str = "auto", sample: int | None = None
 
 def quant_error(args: QuantErrorConfig) -> Report:
     """``pissa analyze quant-error --model M --rank r [--iters 1,5] [--out DIR]``: tables, CSV and a bar chart."""
-    require_bnb()
+    check_quantizable(args.quantize)
     iters = sorted(set(args.iters))
     methods = method_names(iters)
     weights = model_weights(args.model, args.kind, args.sample, resolve_device(args.device))
@@ -252,15 +261,17 @@ def quant_error(args: QuantErrorConfig) -> Report:
             calibration.check(n, W)
         covariances = {n: calibration.stats([n], ["covariance"]).cov[0] for n in weights}  # type: ignore[index]
     start = time.perf_counter()
-    rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True, covariances=covariances)
+    rows = layer_ratios(weights, args.rank, iters, svd=args.svd, niter=args.niter, progress=True, covariances=covariances,
+                        quantize=quantizer(args.quantize))
     seconds = time.perf_counter() - start
     summary = summarize(rows, methods)
-    title = f"{args.model}, rank {args.rank}: NF4 error reduction (nuclear norm)"
+    q = args.quantize
+    title = f"{args.model}, rank {args.rank}: {q.upper()} error reduction (nuclear norm; QLoRA: {q}(W))"
     table = markdown_table(summary, methods)
     text = f"# {title}\n\n{len(rows)} layers, svd={args.svd}, {seconds:.0f} s\n\n{table}"
     wmethods = weighted_method_names(iters) if covariances is not None else []
     if wmethods:
-        text += (f"\n## Activation-weighted error reduction (%), 1 - ||(W - Q - BA) X^T||_F / ||(W - nf4(W)) X^T||_F\n\n"
+        text += (f"\n## Activation-weighted error reduction (%), 1 - ||(W - Q - BA) X^T||_F / ||(W - {q}(W)) X^T||_F\n\n"
                  f"Calibration statistics {args.calibration} ({calibration.info['tokens']} tokens).\n\n"
                  + markdown_table(summarize(rows, wmethods, weighted=True), wmethods))
     buf = _io.StringIO()

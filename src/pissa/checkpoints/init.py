@@ -76,7 +76,7 @@ from pissa.files.adapter_dir import FORMAT, TENSORS_FILE, adapter_doc, write_con
 from pissa.files.atomic import atomic_dir, publish_dir
 from pissa.files.digests import file_digest, weight_digest, write_shard_digests
 from pissa.files.safetensors import Entry, Reader, concat_safetensors, read_header, write_at
-from pissa.methods.nf4 import check_quantizable
+from pissa.methods.quantize import check_quantizable
 from pissa.runtime import distributed
 
 DECOMPOSABLE = ("F64", "F32", "BF16", "F16")
@@ -285,7 +285,7 @@ def init_checkpoint(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: A
     ckpt = open_checkpoint(model_dir)
     targets = resolve_targets(ckpt, cfg.targets)
     calibration, _ = statistics_for(cfg)  # per-layer ranks fixed here, from every target (EVA's allocation)
-    cfg, ranks = layer_ranks(cfg, [t.name for t in targets], calibration)
+    cfg, ranks = layer_ranks(cfg, {t.name: tuple(ckpt.entries[t.key].shape) for t in targets}, calibration)
     targets = [t for t in targets if ranks[t.name] > 0]
     if not targets:
         raise PissaError("every target has rank 0 (rank_pattern); nothing to decompose")

@@ -21,7 +21,7 @@ ANALYSES: dict[str, tuple[Callable[[Any], Report], type, str]] = {
                  "singular values of adapted layers before and after fine-tuning (table + PNG)"),
     "intruders": (intruders, IntrudersConfig, "intruder dimensions per layer of a fine-tuned adapter (table + PNG)"),
     "quant-error": (quant_error, QuantErrorConfig,
-                    "NF4 quantization error reduction of QPiSSA vs LoftQ vs QLoRA per projection (table + PNG)"),
+                    "NF4 (or int8) quantization error reduction of QPiSSA vs LoftQ vs QLoRA per projection (table + PNG)"),
 }
 
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from pissa.adapter.attach import adapted_layers, set_module
 from pissa.adapter.base_layers import dense_weight
 from pissa.adapter.layer import PissaLinear
-from pissa.adapter.quantized import NF4Linear
+from pissa.adapter.quantized import QuantizedLinear
 from pissa.data.encoding import Encoded
 from pissa.data.loss import accepts_logits_to_keep
 from pissa.errors import PissaError
@@ -230,5 +230,5 @@ def _float32_layer(layer: PissaLinear) -> bool:
     if any(hasattr(t, "device_mesh") for t in tensors):
         return False  # FSDP's DTensor shards
     residual = layer.residual
-    dtype = residual.weight_dtype if isinstance(residual, NF4Linear) else dense_weight(residual).dtype
+    dtype = residual.weight_dtype if isinstance(residual, QuantizedLinear) else dense_weight(residual).dtype
     return dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())

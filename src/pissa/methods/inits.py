@@ -69,6 +69,18 @@ def svfit_init(W: MatrixBatch, r: int, opt: InitOptions) -> Factors:
     return Factors(A=Vh, B=U, core=S, train=("core",))
 
 
+def clip_svd_init(W: Tensor, r: int, opt: InitOptions) -> Factors:
+    """CLIP-SVD (Koleilat et al., 2025, arXiv 2509.03740): train every singular value, nothing else.
+
+    The full SVD ``W = U diag(S) V^T`` with ``k = min(out, in)`` triplets: ``B = U (out, k)``, ``core = S (k,)``
+    (diagonal, trainable: k parameters per layer), ``A = V^T (k, in)``, U and V frozen. ``r`` is that k
+    (the record is :attr:`~pissa.methods.registry.Method.full_rank`); the residual ``W - U diag(S) V^T`` is
+    W's rounding error only. Always LAPACK (a randomized sketch does not reach full rank).
+    """
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return Factors(A=Vh[..., :r, :], B=U[..., :r], core=S[..., :r], train=("core",))
+
+
 def lora_xs_init(W: MatrixBatch, r: int, opt: InitOptions) -> Factors:
     """LoRA-XS (Bałazy et al., 2024, arXiv 2405.17604): a trainable ``r x r`` core between frozen SVD factors.
 

@@ -1,4 +1,4 @@
-"""NF4: the 4-bit codec (through bitsandbytes) and the frozen 4-bit residual layer.
+"""NF4: the 4-bit codec (through bitsandbytes).
 
 NF4 (Dettmers et al., 2023, QLoRA) splits a matrix into blocks of 64 consecutive weights
 (row-major), scales each block by its absolute maximum and rounds it to the nearest of 16
@@ -20,30 +20,21 @@ from pissa.errors import PissaError
 BLOCKSIZE = 64
 """Weights per NF4 block (one float32 absmax each), as QLoRA and bitsandbytes' Linear4bit."""
 
-QUANT_TYPES = ("nf4",)
-
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def require_bnb():
     """``bitsandbytes.functional``, or a PissaError saying how to install it."""
     # bitsandbytes warns at import that its optional fused CPU 4-bit matmul (package `kernels`) is
-    # missing; NF4Linear dequantizes and calls torch's matmul instead, so the warning is noise here
+    # missing; the quantized residual layers dequantize and calls torch's matmul instead, so the warning is noise here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
         raise PissaError(
-            "quantize='nf4' needs bitsandbytes; run: pip install 'bitsandbytes>=0.45' (or pip install 'pissa[quant]')"
+            "quantize='nf4' or 'int8' needs bitsandbytes; run: pip install 'bitsandbytes>=0.45' (or pip install 'pissa[quant]')"
         ) from None
     return bnb_functional
-
-
-def check_quantizable(quantize: str) -> None:
-    """Raise PissaError unless ``quantize`` names a supported type and bitsandbytes is importable."""
-    if quantize not in QUANT_TYPES:
-        raise PissaError(f"unsupported quantize={quantize!r}; use one of: {', '.join(QUANT_TYPES)}")
-    require_bnb()
 
 
 # ---------------------------------------------------------------- NF4 through bitsandbytes

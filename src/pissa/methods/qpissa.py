@@ -1,4 +1,4 @@
-"""QPiSSA: which factors to keep in full precision when the residual is 4-bit (and LoftQ, the baseline).
+"""QPiSSA: which factors to keep in full precision when the residual is quantized (and LoftQ, the baseline).
 
 QPiSSA (PiSSA paper, Algorithm 1) keeps the principal part ``B A`` in full precision and
 quantizes only the residual. It is LoftQ's alternation started from PiSSA's factors instead of
@@ -21,6 +21,8 @@ activation-weighted one, ``B_T A_T = argmin ||(W - Q_T - B A) L||_F`` with ``L L
 (:func:`pissa.methods.data_aware.eora_fit`): the factors are spent where the inputs are. A method that
 :attr:`~pissa.methods.registry.Method.compensates` (EoRA) is applied once to ``W - nf4(W)`` instead.
 
+The formulas name nf4, the paper's quantizer; every function takes the quantizer's round trip as ``quantize``
+(:mod:`pissa.methods.quantize`; default nf4): with int8, read int8 for nf4.
 The error metric of the paper is in :mod:`pissa.analysis.quant_error`.
 """
 
@@ -38,10 +40,12 @@ from pissa.methods.factors import Factors, as_factors
 from pissa.methods.inits import pissa_init
 from pissa.methods.inputs import InitOptions
 from pissa.methods.nf4 import nf4
+from pissa.methods.quantize import Quantizer
 from pissa.methods.registry import METHODS
 
 
-def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions,
+                    quantize: Quantizer = nf4) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """QPiSSA's iterates ``(Q_t, A_t, B_t)`` for t = 1, 2, ...: ``Q_t = nf4(W - B_{t-1} A_{t-1})``, then
     ``B_t A_t`` = best rank-r of ``W - Q_t``.
 
@@ -49,24 +53,25 @@ def qpissa_iterates(W: Tensor, A: Tensor, B: Tensor, opt: InitOptions) -> Iterat
     """
     r = A.shape[-2]
     while True:
-        Q = nf4(W - B @ A)
+        Q = quantize(W - B @ A)
         A, B = pissa_init(W - Q, r, opt)
         yield Q, A, B
 
 
-def loftq_iterates(W: Tensor, r: int, opt: InitOptions) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def loftq_iterates(W: Tensor, r: int, opt: InitOptions,
+                   quantize: Quantizer = nf4) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """LoftQ's iterates ``(Q, A, B)`` for t = 1, 2, ...: ``B A`` <- best rank-r of ``W - Q``,
     then ``Q = nf4(W - B A)``; ``Q`` starts as ``nf4(W)``."""
-    Q = nf4(W)
+    Q = quantize(W)
     while True:
         A, B = pissa_init(W - Q, r, opt)
         yield Q, A, B
-        Q = nf4(W - B @ A)
+        Q = quantize(W - B @ A)
 
 
-def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOptions) -> Factors:
-    """The factors for a 4-bit residual: QPiSSA's iteration ``T = iters`` for PiSSA, the compensation of
-    ``W - nf4(W)`` for EoRA, unchanged otherwise.
+def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOptions, quantize: Quantizer = nf4) -> Factors:
+    """The factors for a residual quantized by ``quantize`` (nf4, int8; written nf4 below): QPiSSA's iteration
+    ``T = iters`` for PiSSA, the compensation of ``W - nf4(W)`` for EoRA, unchanged otherwise (LoRA: QLoRA).
 
     ``W (L, out, in)`` in the compute dtype, ``factors`` the method's (unscaled) init of it
     (``A_0, B_0``). QPiSSA returns ``A, B = A_T, B_T`` (trainable) and the residual factors
@@ -77,7 +82,7 @@ def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOption
     m = METHODS[method]
     r = factors.A.shape[-2]
     if m.compensates:
-        comp = as_factors(cast("tuple[Tensor, Tensor] | Factors", m.init(W - nf4(W), r, opt)))
+        comp = as_factors(cast("tuple[Tensor, Tensor] | Factors", m.init(W - quantize(W), r, opt)))
         return dataclasses.replace(comp, Ar=torch.zeros_like(comp.A), Br=torch.zeros_like(comp.B))
     if not m.qpissa:
         return factors
@@ -85,6 +90,6 @@ def refine(W: Tensor, factors: Factors, method: str, iters: int, opt: InitOption
     A, B = factors.A, factors.B
     for t in range(iters):
         Ar, Br = A, B
-        E = W - nf4(W - Br @ Ar)
+        E = W - quantize(W - Br @ Ar)
         A, B = eora_fit(E, r, opt) if weighted and t == iters - 1 else pissa_init(E, r, opt)
     return dataclasses.replace(factors, A=A, B=B, Ar=Ar, Br=Br)

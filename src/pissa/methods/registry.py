@@ -28,6 +28,7 @@ from pissa.errors import PissaError
 from pissa.methods.data_aware import corda_init, corda_kpm_init, eora_init, eva_init, lora_ga_init, lora_sb_init
 from pissa.methods.factors import Factors, Init, as_factors
 from pissa.methods.inits import (
+    clip_svd_init,
     full_init,
     loldu_init,
     lora_init,
@@ -88,6 +89,9 @@ class Method:
     is ``nf4(W)`` (EoRA); see :func:`pissa.methods.qpissa.refine`."""
     allocates_ranks: bool = False
     """Its per-layer ranks come from the statistics (EVA: :func:`eva_ranks`, ``AdapterConfig.eva_rho``)."""
+    full_rank: bool = False
+    """Every adapted layer takes its full rank ``k = min(out, in)`` whatever ``rank`` says (:func:`method_rank`;
+    ``rank_pattern`` 0 still leaves a layer out); its scaling is then ``alpha / k`` (CLIP-SVD)."""
 
     @property
     def learning_rate(self) -> float:
@@ -106,6 +110,9 @@ METHODS: dict[str, Method] = {
         Method("milora", milora_init),
         Method("olora", olora_init),
         Method("svfit", svfit_init, svd_only=True, export_rank="r"),
+        # clip-svd: benchmarks/results/family_clip_svd.md (q_proj,v_proj, 15 steps), validation loss 4.421 / 1.383 / 0.679
+        # / 0.566 / 0.717 at 1e-3 / 1e-2 / 3e-2 / 1e-1 / 3e-1 (Adam steps on raw singular values: a large rate)
+        Method("clip-svd", clip_svd_init, export_rank="r", full_rank=True, default_lr=1e-1),
         Method("lora-xs", lora_xs_init, svd_only=True, export_rank="r"),
         Method("sorsa", sorsa_init, svd_only=True),
         # data-aware defaults: benchmarks/results/convergence_data_aware.md, validation loss after 20 steps at
@@ -142,6 +149,12 @@ class Decomposition:
     A: Tensor
     B: Tensor
     residual: Tensor
+
+
+def method_rank(method: str, shape: tuple[int, ...], rank: int) -> int:
+    """The rank a layer whose matrix is ``shape (out, in)`` gets from ``method`` at configured ``rank``: its full
+    rank ``min(out, in)`` for a :attr:`Method.full_rank` method (unless ``rank`` is 0: not adapted), else ``rank``."""
+    return min(shape) if get_method(method).full_rank and rank > 0 else rank
 
 
 def check_weight(W: Tensor, rank: int, name: str = "weight") -> None:

@@ -153,7 +153,7 @@ def test_merge_without_adapters_is_refused() -> None:
         pissa.merge(mlp())
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", [None, "nf4", "int8"])
 def test_merged_returns_a_new_layer_and_leaves_the_adapted_one_unchanged(quantize) -> None:
     model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, quantize=quantize))
     train_steps(model, [TOKENS], lm_loss, steps=2)

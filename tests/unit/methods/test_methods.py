@@ -16,15 +16,17 @@ import torch
 import pissa
 from helpers import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.methods.inputs import InitOptions
-from pissa.methods.registry import init_structured
+from pissa.methods.registry import METHODS, init_structured
 
 FAMILY = WEIGHT_ONLY
-TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",)}
+TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",), "clip-svd": ("core",)}
 
 
 def expected_params(method: str, r: int, n_in: int, n_out: int) -> int:
-    """Trainable parameters of one layer: r (in + out) for two full factors, r for SVFit, r^2 for LoRA-XS."""
-    return {"svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r, "loldu": r}.get(method, r * (n_in + n_out))
+    """Trainable parameters of one layer: r (in + out) for two full factors, r for SVFit, r^2 for LoRA-XS,
+    min(in, out) for CLIP-SVD (full rank whatever r)."""
+    return {"svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r, "loldu": r,
+            "clip-svd": min(n_in, n_out)}.get(method, r * (n_in + n_out))
 
 
 def init(W: torch.Tensor, r: int, method: str):
@@ -62,7 +64,7 @@ def test_training_changes_output_and_only_trainable_parts(method) -> None:
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("method", [m for m in FAMILY if not METHODS[m].full_rank])  # full rank: test_clip_svd.py
 def test_bad_rank_is_refused(method) -> None:
     model = mlp()
     with pytest.raises(pissa.PissaError, match=r"rank 13 does not fit layer '4'.*choose 1 <= rank <= 12"):

@@ -12,7 +12,7 @@ from torch import nn
 
 import pissa
 from helpers import DEVICES, TOKENS, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
-from pissa.adapter.quantized import NF4Linear, _NF4MatMul
+from pissa.adapter.quantized import NF4Linear, _DequantMatMul
 from pissa.analysis.quant_error import nuclear_norm, reduction_ratio
 from pissa.methods.factors import residual_of
 from pissa.methods.inits import pissa_init
@@ -276,8 +276,8 @@ def test_bad_quantization_input_is_refused(monkeypatch) -> None:
         pissa.AdapterConfig(quantize="fp4")
     with pytest.raises(pissa.PissaError, match="quant_iters must be an integer >= 1"):
         pissa.AdapterConfig(quantize="nf4", quant_iters=0)
-    with pytest.raises(pissa.PissaError, match="unsupported quantize='int8'"):
-        pissa.decompose(torch.randn(8, 8), 2, quantize="int8")
+    with pytest.raises(pissa.PissaError, match="unsupported quantize='int4'; use one of: nf4, int8"):
+        pissa.decompose(torch.randn(8, 8), 2, quantize="int4")
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # as if bitsandbytes were not installed
     model = mlp()
     with pytest.raises(pissa.PissaError, match="needs bitsandbytes; run: pip install"):
@@ -323,7 +323,7 @@ def test_bitsandbytes_4bit_matmul_reads_our_codes(device: str, shape: tuple[int,
     out_f, in_f = shape
     layer = NF4Linear(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))).to(device)
     x = torch.randn(7, in_f, device=device, requires_grad=True)
-    ref = _NF4MatMul.apply(x, layer)
+    ref = _DequantMatMul.apply(x, layer)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
     assert layer.quant_state(torch.float32).shape == (out_f, in_f)
     if device == "cpu" and in_f % 64:
