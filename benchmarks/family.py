@@ -1,7 +1,7 @@
 """The SVD-adapter family on the embedded task: each method at the lr chosen on validation data, with intruder dimensions.
 
-1. Sweep: every method x learning rate of its grid (``--lrs``; ``--core-lrs`` for SVFit and
-   LoRA-XS, whose only trainable part is a small core) for ``--steps`` steps, same data order,
+1. Sweep: every method x learning rate of its grid (``--lrs``; ``--core-lrs`` for SVFit, LoRA-XS
+   and CLIP-SVD, whose only trainable part is a small core or the singular values) for ``--steps`` steps, same data order,
    seed, batch, schedule and targets (``pissa compare``'s runs), trained on the training data
    minus ``--val-size`` reviews carved from it; score: validation loss after training on those
    reviews. The test split is not read.
@@ -35,7 +35,7 @@ from pissa.analysis.spectra import load_layers, max_cosines
 from pissa.training.config import RunConfig
 
 METHODS = "pissa,lora,milora,olora,svfit,lora-xs,sorsa"
-CORE_ONLY = {"svfit", "lora-xs"}
+CORE_ONLY = {"svfit", "lora-xs", "clip-svd"}
 
 
 def intruders(adapter: Path, k: int = 10, threshold: float = 0.5) -> tuple[int, int, int, float]:
@@ -61,7 +61,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--lrs", default="5e-5,2e-4,1e-3", help="sweep of methods that train full factors")
-    p.add_argument("--core-lrs", default="2e-4,1e-3,1e-2,1e-1", help="sweep of SVFit and LoRA-XS (a small trainable core)")
+    p.add_argument("--core-lrs", default="2e-4,1e-3,1e-2,1e-1",
+                   help="sweep of SVFit, LoRA-XS and CLIP-SVD (a small trainable core)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--steps", type=int, default=15)
