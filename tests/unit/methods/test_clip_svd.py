@@ -164,6 +164,26 @@ def test_peft_export_is_rank_k_and_reproduces_outputs(tmp_path) -> None:
     assert relative_error(logits(peft_model), logits(model)) <= 1e-5
 
 
+def test_pissa_init_stream_equals_attach(tmp_path, monkeypatch) -> None:
+    """pissa init gives each stored weight its full rank as attach does (ranks from the checkpoint's shapes)."""
+    from safetensors.torch import load_file
+
+    from pissa.checkpoints.init import init_checkpoint
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "llama")
+    cfg = pissa.AdapterConfig(rank=4, alpha=8.0, **CFG)
+    out = init_checkpoint(tmp_path / "llama", tmp_path / "out", cfg, progress=False)
+    monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)  # one layer per batch, as streaming decomposes
+    model = pissa.attach(copy.deepcopy(base), cfg)
+    pissa.save_adapter(model, tmp_path / "ref")
+    doc, ref_doc = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("out/adapter", "ref"))
+    assert doc == ref_doc
+    tensors, ref = (load_file(str(tmp_path / d / "adapter.safetensors")) for d in ("out/adapter", "ref"))
+    assert tensors.keys() == ref.keys() and all(torch.equal(tensors[k], ref[k]) for k in ref)
+    assert {v["rank"] for v in doc["layers"].values()} == set(full_ranks(model))
+
+
 @pytest.mark.slow
 def test_smollm2_starts_exactly_and_saves_loads_and_merges(tmp_path) -> None:
     from pissa.runtime.hub import load_model
