@@ -27,11 +27,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+import pissa
 from _common import Setting, finetune_options, whole_run
 from _results import Results, add_results_options
 from _validation import VAL_SEED, run_cached
-
-import pissa
 from pissa.adapter.config import AdapterConfig
 from pissa.training.config import RunConfig
 
