@@ -51,14 +51,16 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
             yield name, module
 
 
-def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int]) -> Iterator[list[str]]:
-    """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32."""
+def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int],
+             batched: bool = True) -> Iterator[list[str]]:
+    """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32
+    (to single layers when not ``batched``: :attr:`~pissa.methods.registry.Method.batched`)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for n in names:
         W = weights[n]
         groups[(tuple(W.shape), ranks[n], W.dtype, W.device)].append(n)
     for (shape, _, _, _), group in groups.items():
-        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1])) if batched else 1
         for i in range(0, len(group), per):
             yield group[i : i + per]
 
@@ -104,13 +106,13 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
                          "leave convolutions out of `targets` or drop `quantize`")
     if cfg.quantize is not None:
         check_quantizable(cfg.quantize)
-    batches = list(_batches(names, weights, ranks))
+    batches = list(_batches(names, weights, ranks, method.batched))
     bar = tqdm(total=len(names), desc="decomposing", unit="layer", disable=not progress)
 
     def factorize(batch: list[str]) -> Init:
         stats = calibration.stats(batch, needs) if calibration is not None and needs else None
         return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch],
-                               rank=ranks[batch[0]], stats=stats)
+                               rank=ranks[batch[0]], stats=stats, names=batch)
 
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
@@ -159,15 +161,17 @@ def layer_ranks(cfg: AdapterConfig, shapes: Mapping[str, tuple[int, ...]],
 
 
 def initial_factors(W: MatrixBatch, cfg: AdapterConfig, seeds: list[int], rank: int | None = None,
-                    stats: Stats | None = None) -> Init:
+                    stats: Stats | None = None, names: list[str] | None = None) -> Init:
     """The initial adapter of a batch of equal-shape weights ``W`` (L of ``(out, in)``) under ``cfg``
     at ``rank`` (default ``cfg.rank``), scaled for ``s = alpha / rank`` (:meth:`~pissa.adapter.shapes.Shape.scaled`),
     in float32 (float64 for float64 weights). With ``cfg.quantize`` low-rank factors are refined against the
     quantized residual (nf4 or int8: QPiSSA, :func:`pissa.methods.qpissa.refine`; its last step activation-weighted when ``stats``
-    has a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics."""
+    has a covariance). ``seeds[i]`` seeds matrix i's random draws; ``stats``: the batch's calibration statistics;
+    ``names``: the batch's layer names (for errors)."""
     r = cfg.rank if rank is None else rank
     opt = InitOptions(seeds=seeds, svd=cfg.svd, niter=cfg.niter, block=cfg.block, stats=stats, damping=cfg.damping,
-                      first_lr=cfg.first_lr)
+                      first_lr=cfg.first_lr, fraction=cfg.sparse_fraction, threshold=cfg.sparse_threshold,
+                      kron_shape=cfg.kron_shape, kron_rule=cfg.kron_rule, kron_tau=cfg.kron_tau, names=names or ())
     if cfg.quantize is None:
         result = init_structured(W, r, cfg.method, opt)
     else:

@@ -13,6 +13,7 @@ from pissa.adapter.targets import matches
 from pissa.errors import PissaError
 from pissa.methods.quantize import quantizer
 from pissa.methods.registry import METHODS, get_method
+from pissa.methods.sparse import check_fraction
 from pissa.methods.svd import BLOCK, SVDMethod
 from pissa.options import CHOICES
 from pissa.runtime.devices import DTYPES
@@ -65,6 +66,19 @@ class AdapterConfig:
     eva_rho: float = 2.0
     """EVA: a layer may take up to eva_rho * rank components; the budget rank x layers goes to the components
     explaining the most variance across layers (1: every layer keeps rank)."""
+    sparse_fraction: float = 0.1
+    """SaRA: the share of each weight's entries that train, those of least magnitude; in (0, 1)."""
+    sparse_threshold: float | None = None
+    """SaRA: train every entry with |w| below this instead of a fraction (None: use sparse_fraction)."""
+
+    kron_shape: tuple[int, int, int, int] | None = None
+    """SoKA: the factor shapes (m, n, p, q) of U (m x n) and V (p x q) for a weight (m*p x n*q); None: balanced
+    splits of out and in features (as PEFT's LoKr)."""
+    kron_rule: Literal["energy", "elbow"] = "energy"
+    """SoKA: how many Kronecker terms a layer keeps (at most rank): "energy" (the fewest holding kron_tau of the
+    squared spectrum) or "elbow" (the elbow of the spectrum)."""
+    kron_tau: float = 0.9
+    """SoKA: the energy share the kept Kronecker terms must hold (kron_rule "energy"), in (0, 1]."""
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -99,6 +113,19 @@ class AdapterConfig:
             raise PissaError(f"damping must be a number >= 0, got {self.damping!r}")
         if not (isinstance(self.first_lr, (int, float)) and self.first_lr > 0):
             raise PissaError(f"first_lr must be > 0, got {self.first_lr!r}")
+        check_fraction(self.sparse_fraction)
+        threshold = self.sparse_threshold
+        if threshold is not None and not (isinstance(threshold, (int, float)) and threshold > 0):
+            raise PissaError(f"sparse_threshold must be > 0 (or None for sparse_fraction), got {self.sparse_threshold!r}")
+        if self.kron_shape is not None:
+            if not (isinstance(self.kron_shape, (list, tuple)) and len(self.kron_shape) == 4 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.kron_shape)):
+                raise PissaError(f"kron_shape must be four integers >= 1 (m, n, p, q), got {self.kron_shape!r}")
+            self.kron_shape = (self.kron_shape[0], self.kron_shape[1], self.kron_shape[2], self.kron_shape[3])
+        if self.kron_rule not in ("energy", "elbow"):
+            raise PissaError(f"unknown kron_rule={self.kron_rule!r}; use 'energy' or 'elbow'")
+        if not (isinstance(self.kron_tau, (int, float)) and 0 < self.kron_tau <= 1):
+            raise PissaError(f"kron_tau must be in (0, 1], got {self.kron_tau!r}")
         if not (isinstance(self.eva_rho, (int, float)) and self.eva_rho >= 1):
             raise PissaError(f"eva_rho must be >= 1 (1: uniform ranks), got {self.eva_rho!r}")
 

@@ -72,6 +72,16 @@ class PissaLinear(nn.Module):
         """The shape's tensors by name (the parameters and buffers themselves, not copies)."""
         return {n: getattr(self, n) for n in self.tensor_names}
 
+    def set_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Replace the shape's tensors by ``tensors`` (new ones added; the variables become new parameters, those in
+        ``train`` trainable): a progressive step changes their shapes (:func:`pissa.adapter.progressive.shrink`)."""
+        for name, t in tensors.items():
+            if name in self.shape.variables:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=name in self.train_parts))
+            else:
+                self.register_buffer(name, t)
+        self.tensor_names = tuple(tensors)
+
     def trainable(self) -> list[nn.Parameter]:
         """The parameters that train (``train``)."""
         return [getattr(self, n) for n in self.train_parts]

@@ -20,6 +20,9 @@ Need = Literal["weight", "covariance", "gradient"]
 """What an init reads: the weight; the activation statistics (``X^T X / n`` and the mean, ``pissa
 calibrate``); the mean loss gradient w.r.t. the weight (``pissa calibrate --gradients``)."""
 
+KronRule = Literal["energy", "elbow"]
+"""How SoKA picks a layer's Kronecker terms (:func:`pissa.methods.kronecker.term_count`)."""
+
 
 def calibration_hint(need: Need = "covariance") -> str:
     """How to make the statistics of ``need``, in one sentence (every missing-statistics error ends with it)."""
@@ -81,7 +84,9 @@ class InitOptions:
     """Numerical options shared by the init functions; ``seeds`` has one entry per matrix of the batch.
 
     ``stats``: the batch's calibration statistics (data-aware methods); ``damping``: their covariance's
-    relative damping (:func:`damped`); ``first_lr``: LoRA-SB's simulated first step.
+    relative damping (:func:`damped`); ``first_lr``: LoRA-SB's simulated first step; ``fraction`` / ``threshold``:
+    SaRA's mask rule (:func:`pissa.methods.sparse.sparse_mask`); ``kron_shape``, ``kron_rule``, ``kron_tau``: SoKA's
+    factor shapes and term rule (:mod:`pissa.methods.kronecker`); ``names``: the batch's layer names (for errors).
     """
 
     seeds: Sequence[int] = (0,)
@@ -91,6 +96,16 @@ class InitOptions:
     stats: Stats | None = None
     damping: float = 0.01
     first_lr: float = 5e-6
+    fraction: float = 0.1
+    threshold: float | None = None
+    kron_shape: Sequence[int] | None = None
+    kron_rule: KronRule = "energy"
+    kron_tau: float = 0.9
+    names: Sequence[str] = ()
+
+    def where(self) -> str:
+        """The batch in an error message: its first layer (they share a shape), or "the weight"."""
+        return f"layer {self.names[0]!r}" if self.names else "the weight"
 
     def top_svd(self, W: MatrixBatch, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-r triplets ``U (L, out, r), S (L, r), Vh (L, r, in)`` of the batch W with these options."""

@@ -40,7 +40,10 @@ from pissa.methods.inits import (
     svfit_init,
 )
 from pissa.methods.inputs import InitOptions, Need
+from pissa.methods.kronecker import soka_init
+from pissa.methods.sparse import sara_init
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
+from pissa.methods.welore import welore_init
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -92,6 +95,12 @@ class Method:
     full_rank: bool = False
     """Every adapted layer takes its full rank ``k = min(out, in)`` whatever ``rank`` says (:func:`method_rank`;
     ``rank_pattern`` 0 still leaves a layer out); its scaling is then ``alpha / k`` (CLIP-SVD)."""
+    batched: bool = True
+    """attach hands its init equal-shape weights together; False: one weight at a time (SaRA, whose threshold rule
+    gives each matrix its own count of trainable entries)."""
+    compressed: bool = False
+    """It fine-tunes a ``pissa compress`` model's low-rank factors and nothing else (WeLore-COFT): no adapter
+    (:attr:`adapter` False), the trainable weights are the compressed layers' own ``A`` and ``B``."""
 
     @property
     def learning_rate(self) -> float:
@@ -124,15 +133,19 @@ METHODS: dict[str, Method] = {
         Method("lora-ga", lora_ga_init, needs=("gradient",), default_lr=1e-4),  # 0.439 / 0.476
         Method("lora-sb", lora_sb_init, needs=("gradient",), export_rank="r", exact_start=False,
                default_lr=5e-4),  # 2.026 / 0.607
+        Method("sara", sara_init, batched=False),
         Method("loldu", loldu_init, export_rank="r", default_lr=5e-4),  # 3.572 / 1.174: wants more
+        Method("soka", soka_init),
         # benchmarks/results/convergence_full.md: validation loss 0.514 / 0.515 / 0.404 / 0.746 at 1e-5 / 3e-5 / 1e-4 / 3e-4
         Method("full", full_init, adapter=False, default_lr=1e-4),
+        # welore: WeLore-COFT on a pissa compress folder (docs/methods/welore.md); no measured lr yet
+        Method("welore", welore_init, adapter=False, compressed=True),
     )
 }
 """The registry: name -> :class:`Method`."""
 
 ADAPTERS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.adapter)
-"""The methods that make an adapter (every one but ``full``)."""
+"""The methods that make an adapter (every one but ``full`` and ``welore``)."""
 
 
 def get_method(name: str) -> Method:

@@ -81,7 +81,10 @@ class RunConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
     reg_weight: float = 0.0
-    """Weight of pissa.regularization (SORSA's orthonormality penalty) in the loss."""
+    """Weight of pissa.regularization in the loss (SORSA's orthonormality penalty; SaRA's nuclear norm of its update)."""
+    progressive_step: int = 0
+    """SaRA's progressive step: after this many steps each mask shrinks to the entries still below their threshold,
+    the others freeze at their trained values (0: never)."""
     save_every: int = resume_safe_field(default=50)
     """Checkpoint every N steps (0: only on Ctrl-C)."""
     threads: int = resume_safe_field(default_factory=lambda: len(os.sched_getaffinity(0)))
@@ -95,9 +98,9 @@ class RunConfig:
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
         for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size",
-                     "max_new_tokens", "eval_batch_size"):
+                     "max_new_tokens", "eval_batch_size", "progressive_step"):
             value = getattr(self, name)
-            low = 0 if name in ("steps", "warmup", "save_every", "val_size") else 1
+            low = 0 if name in ("steps", "warmup", "save_every", "val_size", "progressive_step") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise PissaError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:

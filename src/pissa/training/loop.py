@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pissa.adapter.attach import regularization
+from pissa.adapter.progressive import shrink
 from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
@@ -107,7 +108,9 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
           scaler: torch.amp.GradScaler | None = None, show: bool = True) -> Progress:
     """Run steps ``progress.step .. steps - 1``, checkpointing into ``workdir/checkpoint``.
 
-    On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt.
+    On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt. After ``cfg.progressive_step`` steps
+    the adapters' masks shrink (:func:`pissa.adapter.progressive.shrink`) before the next step (a run resumed from
+    a checkpoint of that step shrinks there too; one resumed later already holds the shrunk adapter).
     """
     cfg, model = session.cfg, distributed.data_parallel(session.model)
     count = cfg.batch_size * cfg.grad_accum
@@ -116,6 +119,11 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
     smooth = None
     with deferred_interrupt() as interrupted:
         while progress.step < cfg.steps:
+            if cfg.progressive_step and progress.step == cfg.progressive_step:
+                if distributed.world()[1] > 1:
+                    raise PissaError("`progressive_step` changes parameter shapes, which a multi-process run cannot "
+                                     "follow; run it in one process or set `progressive_step` 0")
+                shrink(session.model, optimizer)
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
             micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]

@@ -13,6 +13,8 @@ from helpers import TOKENS, WEIGHT_ONLY, lm_loss, logits, mlp, relative_error, t
 from pissa.methods.registry import METHODS
 
 MAKERS = {"gpt2-conv1d": tiny_gpt2, "llama-linear": tiny_llama}
+NO_LORA_FORM = {"sara", "soka"}
+"""Methods whose adapter has no PEFT LoRA form (their refusals: tests/unit/methods/test_sara.py, test_soka.py)."""
 
 
 def assert_same_adapters(loaded, model) -> None:
@@ -22,7 +24,8 @@ def assert_same_adapters(loaded, model) -> None:
     for (n1, a), (n2, b) in pairs:
         assert n1 == n2
         assert torch.equal(a.residual.weight, b.residual.weight)
-        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+        ta, tb = a.tensors(), b.tensors()
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert relative_error(logits(loaded), logits(model)) <= 1e-6
 
 
@@ -112,7 +115,7 @@ def test_bad_adapter_dir_is_refused(tmp_path, content, message) -> None:
 
 
 @pytest.mark.parametrize("arch", MAKERS)
-@pytest.mark.parametrize("method", WEIGHT_ONLY)
+@pytest.mark.parametrize("method", [m for m in WEIGHT_ONLY if m not in NO_LORA_FORM])
 def test_export_peft_loads_in_peft_and_reproduces_outputs(tmp_path, arch, method) -> None:
     from peft import PeftModel
 

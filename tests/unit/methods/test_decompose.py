@@ -24,7 +24,7 @@ shapes = st.tuples(st.integers(1, 96), st.integers(1, 96))
 
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, rank_frac=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**31), method=st.sampled_from(WEIGHT_ONLY))
+       seed=st.integers(0, 2**31), method=st.sampled_from([m for m in WEIGHT_ONLY if m not in ("soka", "sara")]))  # no B A
 def test_residual_plus_product_is_weight(shape, rank_frac, dtype, seed, method) -> None:
     m, n = shape
     r = max(1, round(rank_frac * min(m, n)))

@@ -16,17 +16,21 @@ import torch
 import pissa
 from helpers import TOKENS, WEIGHT_ONLY, decaying, lm_loss, logits, mlp, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.methods.inputs import InitOptions
+from pissa.methods.kronecker import factor_shape
 from pissa.methods.registry import METHODS, init_structured
 
 FAMILY = WEIGHT_ONLY
-TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",), "clip-svd": ("core",)}
+TRAINS = {"svfit": ("core",), "lora-xs": ("core",), "sorsa": ("A", "B", "core"), "loldu": ("core",), "clip-svd": ("core",),
+          "soka": ("kron_U", "kron_V"), "sara": ("sparse_values",)}
 
 
 def expected_params(method: str, r: int, n_in: int, n_out: int) -> int:
     """Trainable parameters of one layer: r (in + out) for two full factors, r for SVFit, r^2 for LoRA-XS,
-    min(in, out) for CLIP-SVD (full rank whatever r)."""
-    return {"svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r, "loldu": r,
-            "clip-svd": min(n_in, n_out)}.get(method, r * (n_in + n_out))
+    min(in, out) for CLIP-SVD (full rank whatever r), a tenth of in * out for SaRA (its default fraction),
+    r (m n + p q) for SoKA's balanced factors (when r terms are kept)."""
+    m, n, p, q = factor_shape(n_out, n_in)
+    return {"soka": r * (m * n + p * q), "svfit": r, "lora-xs": r * r, "sorsa": r * (n_in + n_out) + r, "loldu": r,
+            "clip-svd": min(n_in, n_out), "sara": round(0.1 * n_in * n_out)}.get(method, r * (n_in + n_out))
 
 
 def init(W: torch.Tensor, r: int, method: str):
@@ -51,7 +55,7 @@ def test_trainable_parameters_match_the_formula(method) -> None:
     parts = TRAINS.get(method, ("A", "B"))
     suffixes = {"A": "lora_A", "B": "lora_B", "core": "lora_core"}
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {suffixes[p] for p in parts}
+    assert trainable == {suffixes.get(p, p) for p in parts}
 
 
 @pytest.mark.parametrize("method", FAMILY)

@@ -32,12 +32,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from pissa.adapter.shapes.base import Shape, Tensors
+from pissa.adapter.shapes.kronecker import Kronecker
 from pissa.adapter.shapes.lowrank import LowRank
+from pissa.adapter.shapes.sparse import Sparse
 from pissa.errors import PissaError
 
-__all__ = ["LEGACY_TRAIN", "SHAPES", "LowRank", "Shape", "Tensors", "get_shape", "layer_facts"]
+__all__ = ["LEGACY_TRAIN", "SHAPES", "Kronecker", "LowRank", "Shape", "Sparse", "Tensors", "get_shape", "layer_facts"]
 
-SHAPES: dict[str, Shape] = {shape.name: shape for shape in (LowRank(),)}
+SHAPES: dict[str, Shape] = {shape.name: shape for shape in (LowRank(), Sparse(), Kronecker())}
 """The registry of adapter shapes: name -> :class:`Shape`."""
 
 LEGACY_TRAIN = {"A": "lora_A", "B": "lora_B", "core": "lora_core"}

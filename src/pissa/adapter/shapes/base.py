@@ -86,6 +86,11 @@ class Shape:
         """``init`` for an update scaled by ``s``: the delta of the result times s is the delta of ``init``."""
         raise NotImplementedError
 
+    def shrunk(self, t: Tensors) -> tuple[dict[str, Tensor], Tensor] | None:
+        """The tensors after a progressive step that drops trainable entries, and ``keep`` (bool over the variable's
+        old entries: which stay); None for a shape without one (see :func:`pissa.adapter.progressive.shrink`)."""
+        return None
+
     def describe(self, t: Tensors) -> str:
         """A short description for ``repr``."""
         return ", ".join(f"{k}={tuple(v.shape)}" for k, v in t.items() if k in self.variables)
