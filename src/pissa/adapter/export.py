@@ -37,7 +37,7 @@ def peft_factors(layer: PissaLinear, export_rank: Literal["r", "2r"]) -> tuple[T
     factors = layer.shape.peft(layer.tensors(), layer.scaling, layer.train_parts, export_rank)
     if factors is None:
         raise PissaError(f"a {layer.shape.name} adapter has no LoRA form for PEFT; merge it instead "
-                         "(pissa.merge, or pissa merge --adapter DIR --out DIR) and serve the merged model")
+                         "(pissa.merge, or `pissa export ADAPTER --out DIR --merged`) and serve the merged model")
     return factors
 
 

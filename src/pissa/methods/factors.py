@@ -72,7 +72,9 @@ class Init:
     ``tensors``: the shape's tensors by name, each with a leading batch dim ``(L, ...)``, holding the values
     the trainable ones start from (the shape adds their frozen initial copies); ``train``: the names that
     train; ``meta``: JSON-able facts of the shape (the same for every matrix of the batch; saved with each
-    layer); ``rank``: the rank that sets the scaling ``alpha / rank``.
+    layer); ``rank``: the rank that sets the scaling ``alpha / rank``. ``ranks``: when the matrices of a batch
+    keep different numbers of terms (SoKA), each one's count; every tensor then holds ``max(ranks)`` terms on
+    its first dim after the batch dim, and :meth:`layer` keeps matrix i's first ``ranks[i]`` (no padding trains).
     """
 
     shape: str
@@ -80,10 +82,12 @@ class Init:
     train: tuple[str, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
     rank: int = 1
+    ranks: tuple[int, ...] | None = None
 
     def layer(self, i: int) -> Init:
-        """Matrix ``i`` of the batch."""
-        return dataclasses.replace(self, tensors={k: t[i] for k, t in self.tensors.items()})
+        """Matrix ``i`` of the batch (its own terms only when ``ranks`` is set)."""
+        keep = slice(None) if self.ranks is None else slice(self.ranks[i])
+        return dataclasses.replace(self, tensors={k: t[i][keep] for k, t in self.tensors.items()}, ranks=None)
 
     def to(self, dtype: torch.dtype) -> Init:
         """Floating-point tensors cast to ``dtype`` (index tensors stay integers)."""
