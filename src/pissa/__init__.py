@@ -9,11 +9,13 @@
 import sys
 
 from pissa.adapter.attach import adapted_layers, attach, decompose, merge, regularization, trainable_parameters
+from pissa.adapter.compressed import LowRankLinear, compress, load_compressed
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.export import export_peft
 from pissa.adapter.layer import PissaLinear
 from pissa.adapter.save_load import load_adapter, save_adapter
 from pissa.calibration.collect import calibrate
+from pissa.checkpoints.compress import compress_checkpoint
 from pissa.checkpoints.merge import merge_checkpoint, merge_state_dict
 from pissa.checkpoints.sharded import load_sharded
 from pissa.errors import PissaError
@@ -26,16 +28,20 @@ sys.modules[__name__ + ".hub"] = hub  # `import pissa.hub` names pissa.runtime.h
 __all__ = [
     "AdapterConfig",
     "Decomposition",
+    "LowRankLinear",
     "METHODS",
     "PissaError",
     "PissaLinear",
     "adapted_layers",
     "attach",
     "calibrate",
+    "compress",
+    "compress_checkpoint",
     "decompose",
     "export_peft",
     "hub",
     "load_adapter",
+    "load_compressed",
     "load_sharded",
     "merge",
     "merge_checkpoint",

@@ -48,3 +48,23 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.max_rank is not None and (self.merged or self.max_rank < 1):
             raise PissaError("`max_rank` takes an integer >= 1 and applies to the PEFT export, not to `merged`")
+
+
+@dataclass
+class CompressConfig:
+    """``pissa compress``: a checkpoint -> a WeLore-compressed checkpoint (low-rank factors where they save parameters)."""
+
+    model: str = field(default="smollm2", metadata={POSITIONAL: True})
+    """Embedded model name or Hugging Face model folder (config.json and safetensors)."""
+    out: str = "compressed"
+    """New output folder: the compressed checkpoint and its welore.json record."""
+    reduction: float = 0.3
+    """Fraction of the targeted matrices' parameters to remove, in (0, 1)."""
+    targets: str | list[str] = "all-linear"
+    """Layers to compress: all-linear (every Linear but the head) or module-name suffixes / regexes."""
+    uniform: bool = False
+    """The baseline instead of WeLore: cut the same fraction of rank from every matrix."""
+    device: str = "auto"
+    """Where each streamed weight's SVD runs: auto, cpu, cuda, cuda:N, mps."""
+    progress: bool = resume_safe_field(default=True)
+    """Show a progress bar."""

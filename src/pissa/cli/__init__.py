@@ -21,6 +21,7 @@ from functools import cache
 from pissa.cli.analyze import command_analyze
 from pissa.cli.calibrate import command_calibrate
 from pissa.cli.compare import command_compare
+from pissa.cli.compress import command_compress
 from pissa.cli.export import command_export
 from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
@@ -38,6 +39,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "analyze": (command_analyze, "spectra, quantization error, intruder dimensions"),
     "calibrate": (command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
+    "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
 }
 
 

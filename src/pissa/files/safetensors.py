@@ -201,7 +201,13 @@ def header_bytes(header: dict[str, Any]) -> bytes:
 
 def concat_safetensors(path: Path, records: list[Path], metadata: dict[str, str], reader: Reader) -> None:
     """Concatenate the tensors of several safetensors files into one, copying their bytes (keys sorted per file)."""
-    parts = [(record, sorted(shard_entries(record).items())) for record in records]
+    write_safetensors(path, [(record, sorted(shard_entries(record).items())) for record in records], metadata, reader)
+
+
+def write_safetensors(path: Path, parts: list[tuple[Path, list[tuple[str, Entry]]]], metadata: dict[str, str],
+                      reader: Reader) -> None:
+    """One safetensors file of the tensors ``(key, entry)`` listed for each source file, in that order, their
+    bytes copied through ``reader`` (one buffer: memory stays one :data:`CHUNK`)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for _, entries in parts:
@@ -210,7 +216,7 @@ def concat_safetensors(path: Path, records: list[Path], metadata: dict[str, str]
             offset += e.end - e.start
     with open(path, "wb", buffering=0) as out:
         write_all(out, header_bytes(header))
-        for record, entries in parts:
-            with open(record, "rb", buffering=0) as f:
+        for source, entries in parts:
+            with open(source, "rb", buffering=0) as f:
                 for _, e in entries:
                     reader.copy(f, out, e.start, e.end)

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
@@ -148,6 +148,12 @@ def load_model(
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PissaError(f"cannot load '{name_or_path}' as {kind}: {first_line}") from err
+    return model, finish_loaded(model, tokenizer, name_or_path, kind)
+
+
+def finish_loaded(model: Any, tokenizer: Any, name_or_path: str, kind: Kind) -> Any:
+    """Give a loaded model's tokenizer a pad token (its eos token when it had none) and the model's config that
+    pad token id when unset; record its base for save_adapter. Returns the tokenizer."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PissaError(
@@ -158,7 +164,7 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.pissa_base = {"model": source_name(name_or_path), "kind": kind}  # recorded by save_adapter
-    return model, tokenizer
+    return tokenizer
 
 
 def source_name(name_or_path: str) -> str:

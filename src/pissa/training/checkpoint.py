@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers
+from pissa.adapter.compressed import write_record
 from pissa.adapter.save_load import AdapterContents, gather_adapter, load_adapter
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
@@ -133,11 +134,12 @@ def restore_trained(model: nn.Module, checkpoint: Path) -> None:
     if (checkpoint / "adapter").is_dir():
         load_adapter(model, checkpoint / "adapter")
         return
-    weights = load_file(str(checkpoint / WEIGHTS))
-    model.requires_grad_(True)
+    weights = load_file(str(checkpoint / WEIGHTS))  # every trainable weight (WeLore-COFT: the compressed factors)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(weights[name])
+            p.requires_grad_(name in weights)
+            if name in weights:
+                p.copy_(weights[name])
 
 
 def save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
@@ -147,6 +149,7 @@ def save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
     if distributed.is_main():
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=state)  # type: ignore[operator]
+            write_record(model, tmp)  # a compressed model's folder loads back with load_compressed
             tokenizer.save_pretrained(tmp)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pissa.adapter.attach import attach
+from pissa.adapter.compressed import is_compressed, load_compressed, train_factors
 from pissa.data.batches import Batch, collate, collate_packed
 from pissa.data.datasets import Dataset, load_data
 from pissa.data.encoding import Encoded, encode_all
@@ -116,6 +117,9 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     Every user error surfaces here, before any output exists.
     """
     cfg.validate()
+    if METHODS[cfg.method].compressed and not is_compressed(cfg.model):
+        raise PissaError("welore fine-tunes a compressed model: run pissa compress first, "
+                         "then pissa finetune --model DIR --method welore")
     if sharded and distributed.world()[1] == 1:
         raise PissaError("`fsdp` shards the model over processes: add `nproc` N (N >= 2) or launch under torchrun")
     if sharded and cfg.reg_weight > 0:
@@ -135,7 +139,10 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
                          f"but {cfg.data} has prompt,completion")
     torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
-    model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
+    if is_compressed(cfg.model) and kind == "causal-lm":
+        model, tokenizer = load_compressed(cfg.model, dtype=torch_dtype(cfg.dtype))
+    else:
+        model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
     nn.Module.to(model, device)  # before attach, so the SVD runs where the weights are
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
@@ -147,6 +154,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     start = None
     if checkpoint is not None:
         restore_trained(model, checkpoint)
+    elif METHODS[cfg.method].compressed:  # WeLore-COFT: the compressed layers' factors train
+        train_factors(model)
     elif not METHODS[cfg.method].adapter:  # full fine-tuning: every weight trains
         model.requires_grad_(True)
     else:
