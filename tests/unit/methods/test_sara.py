@@ -74,6 +74,18 @@ def test_the_mask_holds_the_smallest_magnitudes_and_the_threshold_rule() -> None
         assert (layer.sparse_values.abs() < 0.01).all()
 
 
+def test_the_sparse_forward_has_the_gradients_of_the_dense_product() -> None:
+    from pissa.adapter.shapes.sparse import SparseLinear, scatter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    values = torch.randn(20, dtype=torch.float64, generator=g, requires_grad=True)
+    index, size = torch.randperm(96, generator=g)[:20], torch.tensor([8, 12])
+    assert torch.autograd.gradcheck(lambda a, b: SparseLinear.apply(a, b, index, size), (x, values))
+    dense = torch.nn.functional.linear(x, scatter(index, values, size))
+    torch.testing.assert_close(SparseLinear.apply(x, values, index, size), dense)
+
+
 def test_training_changes_only_the_masked_entries_and_the_optimizer_holds_only_the_values() -> None:
     base = tiny_llama()
     model, opt = trained(base)

@@ -8,10 +8,11 @@
 ``sparse_index (k,)`` holds int64 flat indices into the ``(out, in)`` matrix (``sparse_size`` ``[out, in]``),
 ``sparse_values (k,)`` is the one trainable tensor (frozen copy ``values0``). The scaling is not used
 (``s = 1`` whatever ``alpha``: an entry's value is the weight itself, not an update to be scaled), so
-``merged = W_res + scatter(values)`` is W bit for bit at the start. The forward forms the dense delta
-(a temporary ``(out, in)`` in autograd, its gradient too), but only the k values are parameters: the optimizer
-and its moments hold k numbers per layer (SaRA's "unstructural backpropagation" keeps no dense gradient for the
-optimizer). It has no LoRA form: export it merged.
+``merged = W_res + scatter(values)`` is W bit for bit at the start. Only the k values are parameters: the
+optimizer and its moments hold k numbers per layer (SaRA's "unstructural backpropagation" keeps no dense gradient
+for the optimizer). The forward (:class:`SparseLinear`) forms the dense delta as a temporary and does not keep it
+for backward, which forms it again and the dense gradient ``g^T x`` (both freed after the layer's backward).
+It has no LoRA form: export it merged.
 
 After :meth:`Sparse.shrunk` (SaRA's progressive step) a layer also holds ``sparse_fixed_index (m,)`` and
 ``sparse_fixed_update (m,)``: the entries that left the mask and what training had changed of them, frozen.
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pissa.adapter.shapes.base import Shape, Tensors
@@ -39,6 +41,26 @@ def scatter(index: Tensor, values: Tensor, size: Tensor) -> Tensor:
     elsewhere; differentiable in ``values``."""
     out, inp = (int(n) for n in size)
     return values.new_zeros(out * inp).scatter(0, index, values).view(out, inp)
+
+
+class SparseLinear(torch.autograd.Function):
+    """``x (..., in) @ scatter(values)^T``, saving ``x`` and the values but not the dense ``(out, in)`` term: backward
+    forms it again for ``grad_x = g @ delta`` and takes ``grad_values`` from the dense ``g^T x`` at the index (both
+    temporaries of one layer's backward), so no dense matrix per layer is held from the forward to the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, values: Tensor, index: Tensor, size: Tensor) -> Tensor:
+        ctx.save_for_backward(x, values, index, size)
+        return F.linear(x, scatter(index, values, size))
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, values, index, size = ctx.saved_tensors
+        gx = g @ scatter(index, values, size) if ctx.needs_input_grad[0] else None
+        gv = None
+        if ctx.needs_input_grad[1]:
+            gv = (g.reshape(-1, g.shape[-1]).mT @ x.reshape(-1, x.shape[-1])).view(-1)[index]
+        return gx, gv, None, None
 
 
 class Sparse(Shape):
@@ -56,6 +78,9 @@ class Sparse(Shape):
 
     def delta(self, t: Tensors, s: float) -> Tensor:
         return scatter(t["sparse_index"], t["sparse_values"], t["sparse_size"])
+
+    def forward(self, x: Tensor, t: Tensors, s: float) -> Tensor:
+        return SparseLinear.apply(x, t["sparse_values"], t["sparse_index"], t["sparse_size"])
 
     def penalty(self, t: Tensors, meta: Mapping[str, Any]) -> Tensor:
         """``||scatter(values - values0)||_*`` in float32 (the sum of its singular values; autograd through svdvals)."""
