@@ -55,7 +55,8 @@ def matched_rank(model: torch.nn.Module, fraction: float) -> tuple[int, int, int
 
 
 def penalty_seconds(model: torch.nn.Module, fraction: float, repeats: int = 1) -> tuple[float, int]:
-    """Median seconds (of ``repeats``) of one forward + backward of the nuclear-norm penalty over every adapted layer; the layer count."""
+    """Median seconds (of ``repeats``) of one forward + backward of the nuclear-norm penalty over every adapted
+    layer, and the layer count."""
     adapted = pissa.attach(copy.deepcopy(model), pissa.AdapterConfig(method="sara", sparse_fraction=fraction))
     layers = list(pissa.adapted_layers(adapted))
     with torch.no_grad():
