@@ -459,7 +459,7 @@ def test_every_step_logs_its_gradient_norm_and_the_start_check(tiny: Path, tmp_p
 def test_an_inexact_init_stops_before_training_with_one_line(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A residual that is not W - s B0 A0 (simulated: the residual left as W) moves the start; the run refuses."""
 
-    monkeypatch.setattr("pissa.adapter.shapes.residual_of", lambda W, *a, **kw: W)
+    monkeypatch.setattr("pissa.adapter.shapes.lowrank.residual_of", lambda W, *a, **kw: W)
     assert finetune(tiny, tmp_path / "bad", "--method", "pissa") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("pissa: error: inexact init: attaching pissa moved the first batch's loss")
