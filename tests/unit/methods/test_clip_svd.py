@@ -173,7 +173,7 @@ def test_pissa_init_stream_equals_attach(tmp_path, monkeypatch) -> None:
     base = tiny_llama()
     base.save_pretrained(tmp_path / "llama")
     cfg = pissa.AdapterConfig(rank=4, alpha=8.0, **CFG)
-    out = init_checkpoint(tmp_path / "llama", tmp_path / "out", cfg, progress=False)
+    init_checkpoint(tmp_path / "llama", tmp_path / "out", cfg, progress=False)
     monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)  # one layer per batch, as streaming decomposes
     model = pissa.attach(copy.deepcopy(base), cfg)
     pissa.save_adapter(model, tmp_path / "ref")
