@@ -78,15 +78,15 @@ def kron_svd(W: Tensor, shape: FactorShape) -> tuple[Tensor, Tensor, Tensor]:
     return Ur.mT.reshape(L, K, m, n), S, Vh.reshape(L, K, p, q)
 
 
-def term_count(S: Tensor, cap: int, rule: KronRule = "energy", tau: float = 0.9) -> int:
+def term_count(S: Tensor, cap: int, rule: KronRule = "energy", tau: float = 0.9, total: float | None = None) -> int:
     """How many Kronecker terms a matrix with spectrum ``S (K,)`` (descending) keeps, at most ``cap``.
 
-    ``"energy"``: the smallest r with ``sum_{k<=r} S_k^2 / sum_k S_k^2 >= tau``; ``"elbow"``: the terms before the
-    elbow, the point of ``(k, S_k)`` farthest below the chord through the first and last ones (both axes scaled to
-    [0, 1]); at least 1."""
+    ``"energy"``: the smallest r with ``sum_{k<=r} S_k^2 / total >= tau``, ``total = sum_k S_k^2`` (or ``||W||_F^2``
+    given, when S holds only the top values); ``"elbow"``: the terms before the elbow, the point of ``(k, S_k)``
+    farthest below the chord through the first and last ones (both axes scaled to [0, 1]; S whole); at least 1."""
     S = S.double()
     if rule == "energy":
-        share = S.square().cumsum(0) / S.square().sum()
+        share = S.square().cumsum(0) / (S.square().sum() if total is None else total)
         r = int((share < tau).sum()) + 1
     else:
         K = len(S)
@@ -98,13 +98,24 @@ def term_count(S: Tensor, cap: int, rule: KronRule = "energy", tau: float = 0.9)
 
 def soka_init(W: Tensor, r: int, opt: InitOptions) -> Init:
     """SoKA of ``W (L, out, in)``: the Kronecker shape's tensors ``kron_U (L, R, m, n)``, ``kron_V (L, R, p, q)``,
-    term k being ``sqrt(S_k) U_k`` and ``sqrt(S_k) V_k`` of :func:`kron_svd`; matrix i keeps ``term_count``
-    of its spectrum (at most r) terms, recorded in ``Init.ranks`` (R their largest). ``Init.rank`` is r, so the
-    scaling is ``alpha / r`` whatever a layer keeps. Factor shapes: :func:`factor_shape` with ``opt.kron_shape``."""
-    shape = factor_shape(W.shape[-2], W.shape[-1], opt.kron_shape, opt.where())
-    U, S, V = kron_svd(W, shape)
-    ranks = tuple(term_count(S[i], r, opt.kron_rule, opt.kron_tau) for i in range(len(S)))
-    top = max(ranks)
-    root = S[:, :top].sqrt()[..., None, None]
-    tensors = {"kron_U": U[:, :top] * root, "kron_V": V[:, :top] * root}
+    term k being ``sqrt(S_k) U_k`` and ``sqrt(S_k) V_k`` of the rearrangement's top singular triplets
+    (``opt.top_svd``, the :func:`kron_svd` terms); matrix i keeps :func:`term_count` of its spectrum (at most r;
+    the energy rule needs only the top r values and ``||W||_F^2``, the elbow every value) terms, recorded in
+    ``Init.ranks`` (R their largest). ``Init.rank`` is r, so the scaling is ``alpha / r`` whatever a layer keeps.
+    Factor shapes: :func:`factor_shape` with ``opt.kron_shape``."""
+    m, n, p, q = shape = factor_shape(W.shape[-2], W.shape[-1], opt.kron_shape, opt.where())
+    R = rearrange(W, shape)
+    cap = min(r, m * n, p * q)
+    if opt.kron_rule == "elbow":
+        ranks = tuple(term_count(S, cap, "elbow") for S in torch.linalg.svdvals(R.double()))
+        Ur, S, Vh = opt.top_svd(R, max(ranks))
+    else:
+        Ur, S, Vh = opt.top_svd(R, cap)
+        energy = torch.linalg.matrix_norm(R.double()).square()
+        ranks = tuple(term_count(S[i], cap, "energy", opt.kron_tau, float(energy[i])) for i in range(len(R)))
+    keep = max(ranks)
+    Ur, S, Vh = Ur[..., :keep], S[:, :keep], Vh[:, :keep]
+    root = S.sqrt()
+    tensors = {"kron_U": (Ur * root[:, None]).mT.reshape(len(R), -1, m, n),
+               "kron_V": (Vh * root[..., None]).reshape(len(R), -1, p, q)}
     return Init("kronecker", tensors, ("kron_U", "kron_V"), {"factors": list(shape)}, rank=r, ranks=ranks)
