@@ -13,7 +13,8 @@ from torch import nn
 import pissa
 from helpers import TOKENS, lm_loss, logits, relative_error, tiny_gpt2, tiny_llama, train_steps
 from pissa.adapter.base_layers import dense_weight
-from pissa.checkpoints.merge import merge_state_dict
+from pissa.checkpoints.init import init_checkpoint
+from pissa.checkpoints.merge import merge_checkpoint, merge_state_dict
 from pissa.methods.kronecker import balanced_split, factor_shape, kron_sum, kron_svd, rearrange, term_count, unrearrange
 
 SHAPES = [(4, 3, 5, 2), (6, 8, 2, 3), (1, 7, 9, 1), (3, 3, 3, 3)]
@@ -115,6 +116,27 @@ def test_forward_save_load_merge_and_streamed_merge(tmp_path, make) -> None:
     assert relative_error(logits(merged), trained) <= 1e-5
     state = merged.state_dict()
     assert all(torch.equal(streamed[k], state[k]) for k in state), "streamed merge differs from pissa.merge"
+
+
+def test_pissa_init_and_merge_checkpoint_equal_the_in_memory_paths(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    cfg = pissa.AdapterConfig(method="soka", rank=3, alpha=6.0, targets=["q_proj", "down_proj"])
+    out = init_checkpoint(tmp_path / "base", tmp_path / "init", cfg, progress=False)
+    monkeypatch.setattr("pissa.adapter.attach.BATCH_BYTES", 1)  # one layer per batch, as `pissa init` decomposes
+    model = pissa.attach(copy.deepcopy(base), cfg)
+    pissa.save_adapter(model, tmp_path / "ref")
+    streamed = load_file(str(out / "adapter" / "adapter.safetensors"))
+    ref = load_file(str(tmp_path / "ref" / "adapter.safetensors"))
+    assert streamed.keys() == ref.keys() and all(torch.equal(streamed[k], ref[k]) for k in ref)
+    train_steps(model, [TOKENS], lm_loss, steps=3, lr=1e-2)
+    pissa.save_adapter(model, tmp_path / "trained")
+    merged = AutoModelForCausalLM.from_pretrained(merge_checkpoint(out / "residual", tmp_path / "trained", tmp_path / "m",
+                                                                   progress=False))
+    assert relative_error(logits(merged), logits(model)) <= 1e-5
 
 
 def test_bad_factor_shape_and_peft_export_are_refused_in_one_line(tmp_path) -> None:
