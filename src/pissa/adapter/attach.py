@@ -87,7 +87,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         raise PissaError("this model already has pissa adapters; call pissa.merge(model) first or start from the base model")
     method = get_method(cfg.method)
     if not method.adapter:
-        raise PissaError(f"method {cfg.method!r} trains every weight and makes no adapter; attach one of: {', '.join(ADAPTERS)}")
+        trains = "a compressed model's own low-rank factors" if method.compressed else "every weight"
+        raise PissaError(f"method {cfg.method!r} trains {trains} and makes no adapter; attach one of: {', '.join(ADAPTERS)}")
     names = find_targets(model, cfg.targets)
     modules = {n: model.get_submodule(n) for n in names}
     weights = {n: dense_weight(m).detach() for n, m in modules.items()}

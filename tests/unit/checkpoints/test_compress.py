@@ -130,3 +130,30 @@ def test_smollm2_at_30_percent_welore_keeps_a_lower_perplexity_than_the_uniform_
         assert pissa.compress(model, 0.3, uniform=uniform).reached >= 0.3
         ppl[uniform] = perplexity(model)
     assert dense < ppl[False] < ppl[True] < float("inf")
+
+
+def test_an_interrupted_compress_leaves_no_output_and_resumes_to_the_same_checkpoint(tiny: Path, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import pissa.checkpoints.compress as streamed
+
+    assert main(["compress", str(tiny / "llama"), "--reduction", "0.3", "--out", str(tmp_path / "whole")]) == 0
+    real, calls = streamed.factorize, [0]
+
+    def interrupted(W: torch.Tensor, rank: int):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise KeyboardInterrupt
+        return real(W, rank)
+
+    monkeypatch.setattr(streamed, "factorize", interrupted)
+    assert main(["compress", str(tiny / "llama"), "--reduction", "0.3", "--out", str(tmp_path / "split")]) == 130
+    assert not (tmp_path / "split").exists() and len(list((tmp_path / ".split.tmp-compress" / "state").iterdir())) == 3
+    monkeypatch.setattr(streamed, "factorize", lambda W, rank: calls.append(rank) or real(W, rank))
+    assert main(["compress", str(tiny / "llama"), "--reduction", "0.3", "--out", str(tmp_path / "split")]) == 0
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    split = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole)
+    assert len(calls) - 1 == len([k for k in whole if k.endswith(".A")]) - 3  # the 3 finished layers were not redone
+    assert not (tmp_path / ".split.tmp-compress").exists()
+    with pytest.raises(pissa.PissaError, match="compressed model's own low-rank factors and makes no adapter"):
+        pissa.attach(tiny_llama(), pissa.AdapterConfig(method="welore"))
