@@ -133,7 +133,9 @@ METHODS: dict[str, Method] = {
         Method("lora-ga", lora_ga_init, needs=("gradient",), default_lr=1e-4),  # 0.439 / 0.476
         Method("lora-sb", lora_sb_init, needs=("gradient",), export_rank="r", exact_start=False,
                default_lr=5e-4),  # 2.026 / 0.607
-        Method("sara", sara_init, batched=False),
+        # sara: benchmarks/results/family_sara.md (q_proj,v_proj, 15 steps), validation loss 4.916 / 2.082 / 0.488 / 0.505
+        # / 0.791 at 1e-5 / 1e-4 / 1e-3 / 3e-3 / 1e-2 (with family.py's reg_weight 0.001 on its nuclear norm)
+        Method("sara", sara_init, batched=False, default_lr=1e-3),
         Method("loldu", loldu_init, export_rank="r", default_lr=5e-4),  # 3.572 / 1.174: wants more
         Method("soka", soka_init),
         # benchmarks/results/convergence_full.md: validation loss 0.514 / 0.515 / 0.404 / 0.746 at 1e-5 / 3e-5 / 1e-4 / 3e-4
