@@ -137,7 +137,9 @@ METHODS: dict[str, Method] = {
         # / 0.791 at 1e-5 / 1e-4 / 1e-3 / 3e-3 / 1e-2 (with family.py's reg_weight 0.001 on its nuclear norm)
         Method("sara", sara_init, batched=False, default_lr=1e-3),
         Method("loldu", loldu_init, export_rank="r", default_lr=5e-4),  # 3.572 / 1.174: wants more
-        Method("soka", soka_init),
+        # soka: benchmarks/results/soka_lokr.md (rank 1, q_proj,v_proj, 15 steps of batch 4), validation loss
+        # 1.541 / 0.658 / 0.717 at 1e-3 / 3e-3 / 1e-2
+        Method("soka", soka_init, default_lr=3e-3),
         # benchmarks/results/convergence_full.md: validation loss 0.514 / 0.515 / 0.404 / 0.746 at 1e-5 / 3e-5 / 1e-4 / 3e-4
         Method("full", full_init, adapter=False, default_lr=1e-4),
         # welore: WeLore-COFT on a pissa compress folder (docs/methods/welore.md); no measured lr yet
