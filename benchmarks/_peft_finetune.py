@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
 from _common import PEFT_INIT, PEFT_LORA, PEFT_PISSA, peft_checkpointing
@@ -36,9 +36,10 @@ from pissa.training.session import Session
 INIT = {"lora": PEFT_INIT[PEFT_LORA], "pissa": PEFT_INIT[PEFT_PISSA]}
 
 
-def peft_session(cfg: RunConfig) -> Session:
-    """:func:`pissa.training.session.prepare`'s session, with PEFT's LoRA in place of ``pissa.attach``."""
-    if cfg.method not in INIT:
+def peft_session(cfg: RunConfig, adapter: PeftConfig | None = None) -> Session:
+    """:func:`pissa.training.session.prepare`'s session, with PEFT's ``adapter`` (default: its LoRA with the init of
+    ``cfg.method``) in place of ``pissa.attach``."""
+    if adapter is None and cfg.method not in INIT:
         raise SystemExit(f"--method must be lora or pissa, got {cfg.method}")
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -56,10 +57,11 @@ def peft_session(cfg: RunConfig) -> Session:
     label_ids = None
     if dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
-    rank = cfg.adapter.rank
-    lora = LoraConfig(r=rank, lora_alpha=cfg.adapter.alpha or rank, target_modules="all-linear",
-                      lora_dropout=cfg.adapter.dropout, init_lora_weights=INIT[cfg.method])  # type: ignore[arg-type]
-    peft_model = get_peft_model(model, lora)
+    if adapter is None:
+        rank = cfg.adapter.rank
+        adapter = LoraConfig(r=rank, lora_alpha=cfg.adapter.alpha or rank, target_modules="all-linear",
+                             lora_dropout=cfg.adapter.dropout, init_lora_weights=INIT[cfg.method])  # type: ignore[arg-type]
+    peft_model = get_peft_model(model, adapter)
     if cfg.gradient_checkpointing:
         peft_checkpointing(peft_model)
     peft_model.train()

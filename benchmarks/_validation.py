@@ -17,7 +17,7 @@ from pissa.data.datasets import VAL_SEED
 from pissa.training.config import RunConfig
 from pissa.training.run import run
 
-__all__ = ["VAL_SEED", "run_cached"]
+__all__ = ["VAL_SEED", "bracketed_sweep", "run_cached"]
 
 
 def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> dict[str, Any]:
@@ -39,3 +39,20 @@ def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> di
     assert metrics["eval_split"] == ("validation" if val_size else "test")
     record_file.write_text(json.dumps(record, indent=2))
     return metrics
+
+
+def bracketed_sweep(score, grid: list[float], factor: float, extend: int) -> tuple[dict[float, float], float]:
+    """``{lr: score(lr)}`` over ``grid``, extended by ``factor`` past whichever edge holds the best score (at
+    most ``extend`` times), and the best lr (lowest score)."""
+    scores = {lr: score(lr) for lr in grid}
+    for _ in range(extend):
+        lrs = sorted(scores)
+        best = min(scores, key=scores.__getitem__)
+        if best == lrs[0]:
+            nxt = lrs[0] / factor
+        elif best == lrs[-1]:
+            nxt = lrs[-1] * factor
+        else:
+            break
+        scores[float(f"{nxt:.3g}")] = score(float(f"{nxt:.3g}"))
+    return scores, min(scores, key=scores.__getitem__)

@@ -31,29 +31,12 @@ import torch
 import pissa
 from _common import Setting, finetune_options, whole_run
 from _results import Results, add_results_options
-from _validation import VAL_SEED, run_cached
+from _validation import VAL_SEED, bracketed_sweep, run_cached
 from pissa.adapter.config import AdapterConfig
 from pissa.training.config import RunConfig
 
 METHODS = "soka,sara,clip-svd,pissa,lora"
 SWEEP = "soka,sara,clip-svd"
-
-
-def bracketed_sweep(score, grid: list[float], factor: float, extend: int) -> tuple[dict[float, float], float]:
-    """``{lr: score(lr)}`` over ``grid``, extended by ``factor`` past whichever edge holds the best score (at
-    most ``extend`` times), and the best lr (lowest score)."""
-    scores = {lr: score(lr) for lr in grid}
-    for _ in range(extend):
-        lrs = sorted(scores)
-        best = min(scores, key=scores.__getitem__)
-        if best == lrs[0]:
-            nxt = lrs[0] / factor
-        elif best == lrs[-1]:
-            nxt = lrs[-1] * factor
-        else:
-            break
-        scores[float(f"{nxt:.3g}")] = score(float(f"{nxt:.3g}"))
-    return scores, min(scores, key=scores.__getitem__)
 
 
 def main() -> None:

@@ -19,47 +19,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from peft import LoKrConfig, get_peft_model
-from torch import nn
+from peft import LoKrConfig
 
+from _peft_finetune import peft_session
 from _results import Results, add_results_options
-from _validation import run_cached
+from _validation import bracketed_sweep, run_cached
 from pissa.adapter.config import AdapterConfig
-from pissa.data.datasets import load_data
-from pissa.data.encoding import encode_all
-from pissa.runtime import hub
-from pissa.runtime.devices import grad_scaler, resolve_device, torch_dtype
+from pissa.runtime.devices import grad_scaler
 from pissa.training.checkpoint import Progress
 from pissa.training.config import RunConfig
-from pissa.training.evaluation import choose_eval
 from pissa.training.loop import make_optimizer, train
-from pissa.training.session import Session
 
 Score = Callable[[float, int | None], dict]
 """``(lr, val_size or None) -> {"loss", "accuracy", "before", "params", "train_loss"}``."""
-
-
-def lokr_session(cfg: RunConfig, r: int, alpha: float) -> Session:
-    """:func:`pissa.training.session.prepare`'s session with PEFT's LoKr in place of ``pissa.attach``."""
-    torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = hub.load_model(cfg.model, dtype=torch_dtype(cfg.dtype))
-    nn.Module.to(model, device)
-    train_set = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
-    test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
-    references = [e.completion for e in dataset.test[: cfg.eval_size]]
-    eval_kind = choose_eval(cfg.eval, kind, dataset.labels, references, cfg.eval_data or cfg.data)
-    label_ids = None
-    if dataset.labels is not None:
-        label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
-    targets = cfg.adapter.targets
-    peft_model = get_peft_model(model, LoKrConfig(r=r, alpha=alpha, target_modules=targets))
-    peft_model.train()
-    return Session(cfg, kind, peft_model, tokenizer, dataset, train_set, test, label_ids, device, eval_kind, references)
 
 
 def soka_score(base: RunConfig, work: Path) -> Score:
@@ -76,7 +48,7 @@ def lokr_score(base: RunConfig, work: Path, r: int) -> Score:
         cfg = dataclasses.replace(base, lr=lr)
         if val_size is not None:
             cfg = dataclasses.replace(cfg, val_size=val_size, eval_size=val_size)
-        session = lokr_session(cfg, r, float(r))
+        session = peft_session(cfg, LoKrConfig(r=r, alpha=float(r), target_modules=cfg.adapter.targets))
         progress = Progress()
         progress.eval_before = session.evaluate()
         out = work / f"lokr-{lr:g}-{val_size}"
@@ -88,20 +60,6 @@ def lokr_score(base: RunConfig, work: Path, r: int) -> Score:
         return {"loss": after["loss"], "accuracy": after["accuracy"], "before": progress.eval_before["loss"],
                 "params": params, "train_loss": progress.train_loss}
     return score
-
-
-def sweep(score: Score, grid: list[float], val_size: int) -> tuple[float, dict[float, float]]:
-    """The grid's rate with the lowest validation loss, the grid extended by a factor 3 past an edge holding it."""
-    losses = {lr: score(lr, val_size)["loss"] for lr in grid}
-    while True:
-        best = min(losses, key=losses.__getitem__)
-        lrs = sorted(losses)
-        if best == lrs[0]:
-            losses[lrs[0] / 3] = score(lrs[0] / 3, val_size)["loss"]
-        elif best == lrs[-1]:
-            losses[lrs[-1] * 3] = score(lrs[-1] * 3, val_size)["loss"]
-        else:
-            return best, losses
 
 
 def main() -> None:
@@ -128,7 +86,7 @@ def main() -> None:
         grids = {"SoKA r=1": args.soka_lrs, f"LoKr r={args.lokr_rank}": args.lokr_lrs}
         chosen, sweeps, tests = {}, {}, {}
         for name, score in scores.items():
-            chosen[name], sweeps[name] = sweep(score, grids[name], args.val_size)
+            sweeps[name], chosen[name] = bracketed_sweep(lambda lr, s=score: s(lr, args.val_size)["loss"], grids[name], 3.0, 10)
             tests[name] = score(chosen[name], None)
             print(f"{name}: lr {chosen[name]:g}, trainable {tests[name]['params']}, test loss {tests[name]['loss']:.4f}")
         (s_name, s), (l_name, lo) = tests.items()
