@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "options": {"errors"},
     "methods": {"errors"},
+    "optim": {"errors"},
     "runtime": {"errors"},
     "files": {"errors", "methods", "runtime"},
     "adapter": {"errors", "options", "methods", "runtime", "files"},
@@ -30,10 +31,11 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoints": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "inference": {"errors", "options", "methods", "runtime", "files", "adapter", "data"},
     "analysis": {"errors", "options", "methods", "runtime", "files", "adapter"},
-    "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference"},
+    "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference",
+                 "optim"},
     "integrations": {"errors", "methods", "runtime", "files", "adapter"},
     "cli": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "checkpoints",
-            "inference", "analysis", "training", "integrations"},
+            "inference", "analysis", "training", "integrations", "optim"},
 }
 """What each top-level part of pissa may import (besides itself). The package face (``pissa/__init__.py``) and
 ``__main__`` may import anything."""

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pissa.adapter.config import AdapterConfig
 from pissa.errors import PissaError
 from pissa.methods.registry import METHODS, get_method
+from pissa.optim.config import OptimizerConfig
 from pissa.options import resume_safe_field
 from pissa.runtime.hub import HeadKind
 
@@ -80,6 +81,8 @@ class RunConfig:
     """Gradient clipping (global L2 norm)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer (its fields are options of their own)."""
     reg_weight: float = 0.0
     """Weight of pissa.regularization in the loss (SORSA's orthonormality penalty; SaRA's nuclear norm of its update)."""
     progressive_step: int = 0
@@ -93,6 +96,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
+        if isinstance(self.optim, dict):
+            self.optim = OptimizerConfig(**self.optim)
         self.validate()
 
     def validate(self) -> None:
@@ -117,6 +122,10 @@ class RunConfig:
             raise PissaError(f"`eval` must be auto, generate or likelihood, got {self.eval!r}")
         if self.eval_data is not None and self.val_size:
             raise PissaError("`eval_data` and `val_size` both choose what is scored; pass one of them")
+        spec = METHODS.get(self.method)
+        if self.optim.optimizer != "adamw" and spec is not None and (spec.adapter or spec.compressed):
+            raise PissaError(f"`optimizer` {self.optim.optimizer} projects the gradients of whole weights: use it with "
+                             f"`method` full, or `optimizer` adamw for {self.method}")
 
     @property
     def method(self) -> str:

@@ -20,6 +20,7 @@ from pissa.adapter.progressive import shrink
 from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
+from pissa.optim import build_optimizer
 from pissa.runtime import distributed
 from pissa.runtime.devices import autocast, torch_dtype
 from pissa.runtime.hub import Kind
@@ -29,9 +30,9 @@ from pissa.training.schedule import lr_at, step_indices
 from pissa.training.session import Session
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr_at(0, cfg), weight_decay=cfg.weight_decay)
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimizer (``cfg.optim``: AdamW, GaLore or DCT-AdamW) over the trainable parameters."""
+    return build_optimizer(model, cfg.optim, lr_at(0, cfg), cfg.weight_decay)
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
