@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from _results import Results, add_results_options
 from _validation import bracketed_sweep
 from pissa.adapter.config import AdapterConfig
-from pissa.optim import OptimizerConfig, dct_basis, projected_weights
+from pissa.optim import OptimizerConfig, dct_basis, projected_weights, state_bytes
 from pissa.training.checkpoint import Progress
 from pissa.training.config import RunConfig
 from pissa.training.loop import make_optimizer, train
@@ -142,18 +142,6 @@ def optimizers(cfg: RunConfig) -> dict[str, Callable[[nn.Module, RunConfig], tor
             "DCT-AdamW (pissa)": ours("dct-adamw"), ANCHOR: ista}
 
 
-def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state, and of the tensors held by objects in it (galore-torch keeps
-    its projector matrix in a GaLoreProjector)."""
-    total = 0
-    for state in optimizer.state.values():
-        for v in state.values():
-            tensors = [v] if isinstance(v, Tensor) else [t for t in getattr(v, "__dict__", {}).values()
-                                                         if isinstance(t, Tensor)]
-            total += sum(t.numel() * t.element_size() for t in tensors)
-    return total
-
-
 def measure(cfg: RunConfig, make: Callable[[nn.Module, RunConfig], torch.optim.Optimizer], work: Path,
             val_size: int | None) -> dict[str, Any]:
     """Train ``cfg.steps`` steps with ``make``'s optimizer and score the validation (``val_size``) or test split;
@@ -178,7 +166,7 @@ def measure(cfg: RunConfig, make: Callable[[nn.Module, RunConfig], torch.optim.O
     work.mkdir(parents=True, exist_ok=True)
     train(session, work, progress, optimizer, show=False)
     after = session.evaluate()
-    out = {"loss": after["loss"], "accuracy": after["accuracy"], "state_bytes": state_nbytes(optimizer),
+    out = {"loss": after["loss"], "accuracy": after["accuracy"], "state_bytes": state_bytes(optimizer),
            "step_s": progress.train_seconds / cfg.steps, "optimizer_s": seconds[0] / cfg.steps,
            "train_loss": progress.train_loss}
     record.write_text(json.dumps(out))

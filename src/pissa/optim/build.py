@@ -56,6 +56,11 @@ def _sharded(p: Tensor) -> bool:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer``'s state (moments, bases, indices, step counts)."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if isinstance(v, Tensor))
+    """Bytes of every tensor in ``optimizer``'s state (moments, bases, indices, step counts), and of the tensors
+    held by objects in it (other optimizers keep some there: galore-torch's projector is a GaLoreProjector)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            held = [v] if isinstance(v, Tensor) else [t for t in getattr(v, "__dict__", {}).values() if isinstance(t, Tensor)]
+            total += sum(t.numel() * t.element_size() for t in held)
+    return total
