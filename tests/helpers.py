@@ -192,7 +192,8 @@ def torchrun(script: str, tmp_path: Path, *args: str, nproc: int = 2) -> None:
     """Run ``script`` under ``torchrun --standalone --nproc_per_node nproc`` with the tests folder importable."""
     path = tmp_path / "worker.py"
     path.write_text(textwrap.dedent(script))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    path_ = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path_}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(path), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -57,18 +57,32 @@ def check():  # registered first, so it runs after init_from_env's teardown (ate
     with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "w") as f:
         f.write(f"{dist.is_initialized()} {sorted(t for t in threads if 'gloo' in t)}")
 
+def train_sharded():  # FSDP2 leaves the group in DTensor's caches after the model is gone
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    model(torch.randn(2, 8)).sum().backward()
+
 atexit.register(check)
 assert distributed.init_from_env()
 assert distributed.all_sum([1.0]) == [2.0]
+if sys.argv[2] == "fsdp":
+    train_sharded()
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the process's threads in /proc")
-def test_init_from_env_tears_the_group_down_before_the_interpreter_finalizes(tmp_path) -> None:
+@pytest.mark.parametrize("work", ["collective", "fsdp"])
+def test_init_from_env_tears_the_group_down_before_the_interpreter_finalizes(tmp_path, work) -> None:
     """Workers that never call shutdown: the registered teardown destroys the group and gloo's C++
-    threads are joined while Python is whole. (Left to garbage collection, the group is destroyed
-    during finalization, and a worker could abort: "terminate called without an active exception".)"""
-    torchrun(TEARDOWN, tmp_path, str(tmp_path))
+    threads are joined while Python is whole, also after FSDP2 training. (Left to garbage collection,
+    the group is destroyed during finalization, and a worker could abort: "terminate called without
+    an active exception".)"""
+    torchrun(TEARDOWN, tmp_path, str(tmp_path), work)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["False []"] * 2
 
 
@@ -190,15 +204,19 @@ import pissa
 from pissa.runtime import distributed
 from helpers import tiny_llama
 from helpers import fsdp_steps
+
+def main():  # the sharded model lives in a function: a module global would hold the group until finalization
+    rank = distributed.world()[0]
+    model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    fsdp_steps(model, rows=slice(2 * rank, 2 * rank + 2))
+    full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    save_file({n: t.contiguous() for n, t in full.items()}, f"{sys.argv[1]}/fsdp{rank}.safetensors")
+
 assert distributed.init_from_env()
-rank = distributed.world()[0]
-model = pissa.attach(tiny_llama(), pissa.AdapterConfig(rank=4, alpha=8.0, seed=3))
-for block in model.model.layers:
-    fully_shard(block)
-fully_shard(model)
-fsdp_steps(model, rows=slice(2 * rank, 2 * rank + 2))
-full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
-save_file({n: t.contiguous() for n, t in full.items()}, f"{sys.argv[1]}/fsdp{rank}.safetensors")
+main()
 """
 
 
@@ -320,16 +338,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import pissa
 from pissa.runtime import distributed
 from helpers import IDS
+
+def main(out):  # the sharded model lives in a function: a module global would hold the group until finalization
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{out}/residual"))
+    pissa.load_sharded(model, f"{out}/residual", f"{out}/adapter", device="cpu")
+    local = sum(p.to_local().numel() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    rank = distributed.world()[0]
+    save_file({"logits": logits, "local": torch.tensor(local)}, f"{out}/rank{rank}.safetensors")
+
 assert distributed.init_from_env()
-out = sys.argv[1]
-with torch.device("meta"):
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{out}/residual"))
-pissa.load_sharded(model, f"{out}/residual", f"{out}/adapter", device="cpu")
-local = sum(p.to_local().numel() for p in model.parameters())
-with torch.no_grad():
-    logits = model(input_ids=IDS).logits
-rank = distributed.world()[0]
-save_file({"logits": logits, "local": torch.tensor(local)}, f"{out}/rank{rank}.safetensors")
+main(sys.argv[1])
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import heapq
 import os
 import subprocess
@@ -70,6 +71,11 @@ def shutdown(wait: bool = True) -> None:
     it, so gloo's C++ threads are joined, or still running, while Python is being dismantled; a
     worker can then abort with "terminate called without an active exception" after all its
     work succeeded. :func:`init_from_env` registers this to run at exit, while Python is whole.
+
+    Destroying the group only unregisters it: the C++ group (and its threads) lives as long as
+    something holds it. FSDP2 leaves it in DTensor's sharding caches (specs -> device mesh ->
+    group), which :func:`_release_groups` clears; a sharded model the program still holds (a
+    module-level global) keeps it too, so drop such a model before the program ends.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -78,6 +84,18 @@ def shutdown(wait: bool = True) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+        _release_groups()
+
+
+def _release_groups() -> None:
+    """Clear DTensor's sharding-propagation and redistribution caches (which hold device meshes,
+    hence process groups) and collect garbage, so that destroyed groups are freed, and their gloo
+    threads joined, now rather than during interpreter finalization."""
+    from torch.distributed.tensor import _redistribute, debug
+
+    debug._clear_sharding_prop_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    gc.collect()
 
 
 def _at_exit() -> None:
