@@ -1,8 +1,9 @@
-"""Options of ``pissa init`` and ``pissa export`` (each field's docstring is its ``--help``)."""
+"""Options of ``pissa init``, ``export``, ``compress`` and ``merge-adapters`` (each field's docstring is its ``--help``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pissa.adapter.config import AdapterConfig
 from pissa.errors import PissaError
@@ -68,3 +69,49 @@ class CompressConfig:
     """Where each streamed weight's SVD runs: auto, cpu, cuda, cuda:N, mps."""
     progress: bool = resume_safe_field(default=True)
     """Show a progress bar."""
+
+
+@dataclass
+class MergeAdaptersConfig:
+    """``pissa merge-adapters``: several adapters -> RMM's reversible basis, or one linear / TIES / DARE merge;
+    with ``task``, a merged folder -> one task's adapter."""
+
+    adapters: list[str] = field(metadata={POSITIONAL: True})
+    """Adapter folders to merge (from one base, method, rank, targets and seed); with --task, the one merged folder."""
+    out: str
+    """Output folder (replaced): the merged folder (rmm), the merged adapter (linear, ties, dare) or, with --task,
+    the task's adapter."""
+    method: Literal["rmm", "linear", "ties", "dare"] = "rmm"
+    """rmm: keep a basis of p components per position plus each task's coefficients (every task recoverable);
+    linear, ties, dare: one adapter from the tasks' factor movements (mean; TIES trim, elect, average; DARE drop
+    and rescale)."""
+    p: int = 2
+    """RMM: basis components per position (at most the number of adapters; p >= it rebuilds every adapter exactly)."""
+    names: list[str] | None = None
+    """Task names, one per adapter, comma-separated; default: the adapter folders' names."""
+    density: float = 0.5
+    """TIES: the share of each task's largest movements kept, in (0, 1]."""
+    drop: float = 0.5
+    """DARE: the probability an entry of a task's movement is dropped, in [0, 1)."""
+    seed: int = 0
+    """DARE: seed of the drops."""
+    task: str | None = None
+    """Rebuild this task's adapter (a normal adapter folder) from the merged folder given as the one ADAPTERS."""
+    progress: bool = resume_safe_field(default=True)
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            if len(self.adapters) != 1:
+                raise PissaError(f"`task` rebuilds from one merged folder; got {len(self.adapters)} folders")
+            return
+        if len(self.adapters) < 2:
+            raise PissaError(f"`adapters` takes at least 2 adapter folders to merge, got {len(self.adapters)}")
+        if self.names is not None and len(self.names) != len(self.adapters):
+            raise PissaError(f"`names` gives {len(self.names)} names for {len(self.adapters)} adapters")
+        if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 1:
+            raise PissaError(f"`p` must be an integer >= 1, got {self.p!r}")
+        if not 0 < self.density <= 1:
+            raise PissaError(f"`density` must be in (0, 1], got {self.density}")
+        if not 0 <= self.drop < 1:
+            raise PissaError(f"`drop` must be in [0, 1), got {self.drop}")

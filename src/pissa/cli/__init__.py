@@ -26,6 +26,7 @@ from pissa.cli.export import command_export
 from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
 from pissa.cli.init import command_init
+from pissa.cli.merge_adapters import command_merge_adapters
 from pissa.cli.parser import Parser, flag
 from pissa.errors import PissaError
 
@@ -40,6 +41,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "calibrate": (command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
     "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
+    "merge-adapters": (command_merge_adapters, "several adapters into RMM's reversible basis (--task: one back) or one "
+                       "linear / TIES / DARE merge"),
 }
 
 

@@ -5,7 +5,8 @@
 holds exactly what the user typed (:func:`given`): a resumed run can refuse every such option that
 changes the run. Values resolve as ``defaults < --config FILE < the command line`` (:func:`resolve`).
 Types come from the annotations: ``int``, ``float``, ``str``, ``bool`` (``--x`` / ``--no-x``),
-``Literal`` (choices), ``X | None`` (``none`` gives None), lists (comma-separated), dicts (JSON).
+``Literal`` (choices), ``X | None`` (``none`` gives None), lists (comma-separated; a positional list takes one
+word per item), dicts (JSON).
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         inner, _ = _strip_optional(tp)
         if f.metadata.get(POSITIONAL):
             parse = converter(tp, f.name)
-            if default is dataclasses.MISSING:
+            if _is_list(inner):  # a list positional takes one or more words (none when it has a default)
+                parser.add_argument(f.name, nargs="+" if default is dataclasses.MISSING else "*", help=help_text,
+                                    metavar=f.name.upper().removesuffix("S"), default=argparse.SUPPRESS,
+                                    type=_keep_suppress(converter(_list_item(inner), f.name)))
+            elif default is dataclasses.MISSING:
                 parser.add_argument(f.name, type=parse, help=help_text, metavar=f.name.upper())
             else:  # optional: an absent one stays unset
                 parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper(),

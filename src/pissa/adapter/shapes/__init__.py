@@ -10,6 +10,7 @@ subclass) and one entry in :data:`SHAPES`.
 
 What a shape provides:
 
+- ``rank_axes``: its factor variables and the axis of the rank in each (merging per position);
 - ``variables``: its tensors that can train (``nn.Parameter`` in the layer), each with the name of its
   frozen initial copy (a buffer); every other tensor of ``t`` is a frozen buffer (an index, a residual factor);
 - :meth:`Shape.start`: the layer's tensors from a method's initial tensors (adds the frozen copies);

@@ -27,6 +27,10 @@ class Shape:
     """Trainable-capable tensor name -> the name of its frozen initial copy."""
     required: ClassVar[tuple[str, ...]]
     """The tensors every layer of the shape has (a saved layer without one is refused)."""
+    rank_axes: ClassVar[Mapping[str, int]] = {}
+    """Factor variables -> the axis of the rank: the other axes index *positions*, each holding one r-vector
+    (``lora_B (out, r)``: axis 1, a row per position; ``lora_A (r, in)``: axis 0, a column). Empty: the shape has
+    no factors of a rank (RMM's per-position merging, :mod:`pissa.checkpoints.merge_adapters`, refuses it)."""
 
     def start(self, init: Init) -> dict[str, Tensor]:
         """The layer's tensors at the start: ``init.tensors`` (contiguous copies) plus the frozen copies of the variables."""

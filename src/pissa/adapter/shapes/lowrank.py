@@ -24,6 +24,7 @@ class LowRank(Shape):
     name = "lowrank"
     variables = {"lora_A": "A0", "lora_B": "B0", "lora_core": "core0"}
     required = ("lora_A", "lora_B", "A0", "B0")
+    rank_axes = {"lora_A": 0, "lora_B": 1}
 
     @staticmethod
     def _initial_factors(t: Tensors) -> tuple[Tensor, Tensor, Tensor | None]:
