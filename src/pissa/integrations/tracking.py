@@ -20,7 +20,8 @@ flat resolved config. Where each one writes:
 The libraries are the ``track`` extra; none is imported unless asked for. Under torchrun only rank 0 opens a
 tracker (the others get a no-op), so a multi-process run logs once. A resumed run (``resume``) continues the same
 runs: TensorBoard purges events after the checkpoint's step, MLflow reopens the run id kept in
-``folder/tracking.json`` and trackio resumes its run by name; the config is logged once, when the run starts.
+``folder/tracking.json`` and trackio resumes the latest run of that name; the config is logged once, when a
+tracker's run starts.
 """
 
 from __future__ import annotations
@@ -216,34 +217,38 @@ def open_tracker(cfg: TrackingConfig, folder: Path, run_name: str, *, experiment
     ``folder/tensorboard``, MLflow's default store is ``store/mlflow.db``, ``store`` defaulting to ``folder``).
 
     ``experiment``: the MLflow experiment and trackio project unless ``cfg.experiment`` names one. ``config``: logged
-    now to a new run. ``resume_step``: the step a resumed run continues from (it continues the runs ``folder/tracking.json``
-    names and logs no config again). On any rank but 0 of a torchrun, or with ``report_to`` none, the result does nothing.
+    now to each new tracker run. ``resume_step``: the step a resumed run continues from: the trackers that
+    ``folder/tracking.json`` says this run started continue their runs (and log no config again); a tracker added on
+    resume (``report_to`` may change) starts a run. On any rank but 0 of a torchrun, or with ``report_to`` none, the
+    result does nothing.
     """
     names = cfg.trackers if distributed.is_main() else []
     if not names:
         return Trackers()
     project = cfg.experiment or experiment
     state_path = folder / STATE_FILE
-    fresh = resume_step is None or not state_path.is_file()  # a resumed run may add trackers (a resume-safe option)
-    state = {} if fresh else json.loads(state_path.read_text())
+    state = json.loads(state_path.read_text()) if resume_step is not None and state_path.is_file() else {}
+    started = set(state.get("started", []))
     members: list[Any] = []
     try:
         for name in names:
+            again = name in started
             if name == "tensorboard":
-                members.append(TensorBoardTracker(folder / "tensorboard", None if resume_step is None else resume_step + 1))
+                members.append(TensorBoardTracker(folder / "tensorboard", resume_step + 1 if again and resume_step else None))
             elif name == "mlflow":
-                members.append(MlflowTracker(mlflow_uri(store or folder), project, run_name, state.get("mlflow_run_id")))
+                members.append(MlflowTracker(mlflow_uri(store or folder), project, run_name,
+                                             state.get("mlflow_run_id") if again else None))
                 state["mlflow_run_id"] = members[-1].run_id
             else:
-                members.append(TrackioTracker(project, run_name, resume=resume_step is not None))
+                members.append(TrackioTracker(project, run_name, resume=again))
+            if config is not None and not again:
+                members[-1].log_config(config)
+        state["started"] = sorted(started | set(names))
         atomic_write_text(state_path, json.dumps(state))
-        trackers = Trackers(members)
-        if config is not None and fresh:
-            trackers.log_config(config)
     except BaseException:
         Trackers(members).close(ok=False)
         raise
-    return trackers
+    return Trackers(members)
 
 
 def prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:

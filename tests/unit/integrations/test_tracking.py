@@ -97,7 +97,8 @@ def test_finetune_logs_the_same_values_to_tensorboard_mlflow_and_trackio(tiny: P
     assert (config["rank"], config["lr"], config["targets"]) == (4, 0.01, "all-linear")
 
 
-def test_a_resumed_run_continues_its_tracker_runs(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_resumed_run_continues_its_tracker_runs_and_starts_an_added_one(tiny: Path, tmp_path: Path, monkeypatch,
+                                                                        trackio_store) -> None:
     real_step, calls = train_step, [0]
 
     def crashing_step(*a, **kw):
@@ -114,7 +115,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny: Path, tmp_path: Path, mo
     assert [r.info.status for r in runs] == ["FAILED"]
     assert [s for s, _ in history(client, runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     monkeypatch.setattr("pissa.training.loop.train_step", real_step)
-    assert finetune(tiny, out, "--save-every", "4", "--resume", "--report-to", "tensorboard,mlflow") == 0
+    assert finetune(tiny, out, "--save-every", "4", "--resume", "--report-to", "tensorboard,mlflow,trackio") == 0
 
     want = expected(out)
     board = scalars(out / "tensorboard", "train/loss")
@@ -126,6 +127,10 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny: Path, tmp_path: Path, mo
     assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # MLflow keeps both sessions' steps 5, 6
     assert dict(logged) == dict(want["train/loss"])  # the resumed steps equal the interrupted ones
     assert history(client, runs[0].info.run_id, "eval/loss") == want["eval/loss"]
+    assert runs[0].data.params["report_to"] == '["tensorboard", "mlflow"]'  # logged once, when the run started
+    logs = trackio_store.get_logs("split", "pissa")  # added on resume: a run from the checkpoint's step on, with the config
+    assert [(row["step"], row["train/loss"]) for row in logs if "train/loss" in row] == want["train/loss"][4:]
+    assert trackio_store.get_run_config("split", "pissa")["report_to"] == ["tensorboard", "mlflow", "trackio"]
 
 
 def test_compare_puts_one_run_per_method_in_one_experiment(tiny: Path, tmp_path: Path) -> None:
