@@ -95,8 +95,13 @@ def _import(module: str, tracker: str) -> Any:
         raise PissaError(f"`report_to` {tracker} needs the {tracker} package: {EXTRA}") from None
 
 
+def _text(value: Any) -> str:
+    """A config value as a tracker's text: a string as it is, anything else as JSON (``4``, ``null``, ``["q_proj"]``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _scalar(value: Any) -> str | float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(value)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else _text(value)
 
 
 class TensorBoardTracker:
@@ -110,7 +115,7 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        table = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in config.items())
+        table = "\n".join(f"| {k} | {_text(v)} |" for k, v in config.items())
         self.writer.add_text("config", "| option | value |\n|---|---|\n" + table, global_step=0)
         from torch.utils.tensorboard.summary import hparams
 
@@ -149,7 +154,7 @@ class MlflowTracker:
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"pissa.run": run_name}).info.run_id
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        params = [self.entities.Param(k, json.dumps(v)[:6000]) for k, v in config.items()]
+        params = [self.entities.Param(k, _text(v)[:6000]) for k, v in config.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 
