@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -70,6 +71,9 @@ class TrackingConfig:
             raise PissaError(f"`report_to` none cannot be combined with {','.join(t for t in self.report_to if t != 'none')}")
         if self.experiment is not None and not self.experiment.strip():
             raise PissaError("`experiment` must be a non-empty name")
+        for name in self.trackers:  # found without importing it, so a run stops before it loads anything
+            if importlib.util.find_spec(name) is None:
+                raise PissaError(_missing(name))
 
     @property
     def trackers(self) -> list[str]:
@@ -88,11 +92,15 @@ class Tracker(Protocol):
         """End the run; ``ok`` False: it failed or was interrupted (MLflow marks it so)."""
 
 
+def _missing(tracker: str) -> str:
+    return f"`report_to` {tracker} needs the {tracker} package: {EXTRA}"
+
+
 def _import(module: str, tracker: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PissaError(f"`report_to` {tracker} needs the {tracker} package: {EXTRA}") from None
+        raise PissaError(_missing(tracker)) from None
 
 
 def _text(value: Any) -> str:

@@ -171,6 +171,15 @@ def test_a_missing_tracker_package_names_the_extra(tmp_path: Path, monkeypatch) 
     assert not (tmp_path / "tracking.json").exists()
 
 
+def test_a_missing_tracker_package_stops_the_command_before_it_writes(tiny: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    monkeypatch.setattr("pissa.training.run.prepare", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert finetune(tiny, tmp_path / "run", "--report-to", "tensorboard,trackio") == 2
+    assert capsys.readouterr().err == 'pissa: error: --report-to trackio needs the trackio package: pip install "pissa[track]"\n'
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value, message", [
     ("wandb", "takes distinct names among none, tensorboard, mlflow, trackio, got 'wandb'"),
     ("mlflow,mlflow", "takes distinct names"),
