@@ -47,7 +47,8 @@ TRACKERS: tuple[str, ...] = ("none", "tensorboard", "mlflow", "trackio")
 TRAIN_METRICS = ("train/loss", "train/lr", "train/grad_norm")
 """What the training loop logs every step: the step's mean loss, its learning rate, the gradient norm before clipping."""
 STATE_FILE = "tracking.json"
-"""``folder/tracking.json``: the ids a resumed run needs to continue its tracker runs (MLflow's run id)."""
+"""``folder/tracking.json``: what a resumed run needs to continue its tracker runs (the trackers it started,
+MLflow's run id)."""
 EXTRA = 'pip install "pissa[track]"'
 
 
