@@ -61,7 +61,7 @@ def own_calibration(cfg: RunConfig, methods: Sequence[str], path: Path) -> tuple
     gradients = any("gradient" in METHODS[m].needs for m in methods)
     torch.set_num_threads(cfg.threads)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data, columns=cfg.columns, split_name=cfg.data_split)
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
     model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
     nn.Module.to(model, resolve_device(cfg.device))
