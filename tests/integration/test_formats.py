@@ -80,3 +80,16 @@ def test_a_malformed_row_is_refused_before_anything_is_written(chat_tiny: Path, 
     assert finetune(tiny, out, *columns) == 2
     assert "--columns item 'prompt' must be TARGET=SOURCE" in capsys.readouterr().err
     assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_calibrate_reads_renamed_columns_as_finetune_does(tiny: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    rows = [json.loads(line) for line in (tiny / "free.jsonl").read_text().splitlines()]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"q": r["prompt"], "a": r["completion"]}) + "\n" for r in rows))
+    args = ["calibrate", "--model", str(tiny / "llama"), "--data", str(tmp_path / "qa.jsonl"), "--samples", "8",
+            "--threads", "1", "--out", str(tmp_path / "stats.safetensors")]
+    assert main(args) == 2 and not (tmp_path / "stats.safetensors").exists()  # no format without the renames
+    assert main([*args, "--columns", "prompt=q,completion=a"]) == 0
+    with safe_open(str(tmp_path / "stats.safetensors"), framework="pt") as f:
+        assert len(list(f.keys())) > 0
