@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pissa.adapter.config import AdapterConfig
+from pissa.data.formats import parse_columns
 from pissa.errors import PissaError
 from pissa.integrations.tracking import TrackingConfig
 from pissa.methods.registry import METHODS, get_method
@@ -30,7 +31,12 @@ class RunConfig:
     """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
     data: str = "rotten_tomatoes"
     """Embedded dataset (rotten_tomatoes, arithmetic: chat word problems, use --max-length 160), a .jsonl/.json/.csv/.parquet
-    file or a datasets save_to_disk folder with messages (chat), prompt,completion or text,label columns."""
+    file, a datasets save_to_disk folder or a Hub dataset already in the local datasets cache, with messages (chat),
+    conversations (ShareGPT), instruction,output (Alpaca), prompt,completion or text,label columns."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the data's columns to the names above: comma-separated TARGET=SOURCE, e.g. prompt=question,completion=answer."""
+    data_split: str | None = None
+    """The split of a DatasetDict folder or cached Hub dataset to read (default: train, or its only split)."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -107,6 +113,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
+        parse_columns(self.columns)
         for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size",
                      "max_new_tokens", "eval_batch_size", "progressive_step"):
             value = getattr(self, name)
