@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from pissa.cli.parser import add_options, resolve
 from pissa.files.atomic import atomic_dir
 from pissa.inference.chat import load_causal_lm
@@ -19,6 +21,7 @@ def command_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
     def run(args: argparse.Namespace) -> int:
         cfg, _ = resolve(EvalConfig, args)
         lm_eval_module()  # missing: one line before the model loads
+        torch.set_num_threads(cfg.threads)
         model, tokenizer = load_causal_lm(cfg.model, cfg.adapter, cfg.device, cfg.dtype, "pissa eval")
         results = harness(model, tokenizer, cfg)
         print(table(results))

@@ -58,11 +58,13 @@ class EvalConfig:
     """Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen base; an adapter made on another dtype is converted."""
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    """CPU threads (default: the cores available to this process)."""
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise PissaError("`tasks` is empty; name a built-in task (rotten_tomatoes) or a task YAML path")
-        for name, value, low in (("batch_size", self.batch_size, 1), ("limit", self.limit, 1)):
+        for name, value, low in (("batch_size", self.batch_size, 1), ("limit", self.limit, 1), ("threads", self.threads, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise PissaError(f"`{name}` must be an integer >= {low}, got {value!r}")
 

@@ -43,7 +43,7 @@ def test_user_task_yaml_and_the_cli(tiny, tmp_path, capsys) -> None:
         "metric_list:\n  - metric: acc\n")
     out = tmp_path / "out"
     assert main(["eval", "--model", str(tiny / "llama"), "--tasks", f"rotten_tomatoes,{tmp_path / 'tasks'}",
-                 "--limit", "3", "--out", str(out)]) == 0
+                 "--limit", "3", "--threads", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pissa_rotten_tomatoes" in printed and "my_even" in printed and "acc" in printed
     doc = json.loads((out / "eval.json").read_text())
