@@ -12,6 +12,7 @@ from pissa.adapter.attach import adapted_layers, attach, decompose, merge, regul
 from pissa.adapter.compressed import LowRankLinear, compress, load_compressed
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.export import export_peft
+from pissa.adapter.gguf_export import export_gguf
 from pissa.adapter.layer import PissaLinear
 from pissa.adapter.save_load import load_adapter, save_adapter
 from pissa.calibration.collect import calibrate
@@ -39,6 +40,7 @@ __all__ = [
     "compress_checkpoint",
     "decompose",
     "export_peft",
+    "export_gguf",
     "hub",
     "load_adapter",
     "load_compressed",

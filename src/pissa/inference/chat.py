@@ -38,7 +38,7 @@ from pissa.files.adapter_dir import recorded_base
 from pissa.inference.config import GenerateConfig
 from pissa.inference.decoding import end_tokens
 from pissa.runtime import hub
-from pissa.runtime.devices import autocast, model_device, resolve_device, torch_dtype
+from pissa.runtime.devices import DTypeName, autocast, model_device, resolve_device, torch_dtype
 
 Turn = dict[str, str]
 """A chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
@@ -84,19 +84,26 @@ class Streamer:
 
 
 def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the causal LM ``cfg`` names (the adapter's recorded base when ``--model`` is not
-    given), adapted when ``cfg.adapter`` is set, its frozen base in ``cfg.dtype``, on ``cfg.device``, in eval mode."""
-    name, kind, made_on = cfg.model or "smollm2", "auto", torch_dtype(cfg.dtype)
-    if cfg.adapter is not None:
-        name, kind, _, made_on = recorded_base(cfg.adapter, cfg.model, "auto")
+    """``(model, tokenizer)``: the causal LM ``cfg`` names (:func:`load_causal_lm`)."""
+    return load_causal_lm(cfg.model, cfg.adapter, cfg.device, cfg.dtype, "pissa generate")
+
+
+def load_causal_lm(model_name: str | None, adapter: str | None, device_name: str, dtype_name: DTypeName,
+                   command: str) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the causal LM ``model_name`` (the adapter's recorded base when None, else smollm2),
+    adapted when ``adapter`` is set (its fingerprint checked against the base), its frozen base in ``dtype_name``,
+    on ``device_name``, in eval mode; ``command`` names the caller in the error for a sequence classifier."""
+    name, kind, made_on = model_name or "smollm2", "auto", torch_dtype(dtype_name)
+    if adapter is not None:
+        name, kind, _, made_on = recorded_base(adapter, model_name, "auto")
     if hub.resolve_kind(name, kind) != "causal-lm":
-        raise PissaError(f"pissa generate needs a causal language model, and {name} loads as a sequence classifier"
+        raise PissaError(f"{command} needs a causal language model, and {name} loads as a sequence classifier"
                          f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass `model` with a causal LM")
-    device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
+    device, dtype = resolve_device(device_name), torch_dtype(dtype_name)
     loaded, tokenizer = hub.load_model(name, dtype=made_on)
     model: nn.Module = loaded
-    if cfg.adapter is not None:
-        load_adapter(model, cfg.adapter)
+    if adapter is not None:
+        load_adapter(model, adapter)
         factors = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters(recurse=False)}
         for p in model.parameters():
             if id(p) not in factors and p.is_floating_point():
