@@ -5,13 +5,13 @@
    seed, batch, schedule and targets (``pissa compare``'s runs), trained on the training data
    minus ``--val-size`` reviews carved from it; score: validation loss after training on those
    reviews. The test split is not read.
-2. Each method at its chosen rate, an ordinary run (the whole training split, same steps):
+2. Each method at its chosen rate, an ordinary run in a fresh process (the whole training split, same steps):
    test loss and accuracy before and after on ``--eval-size`` held-out test reviews, and the
    intruder dimensions of its adapter (:mod:`pissa.analysis.spectra`: top-10 singular vectors of
    W + ΔW whose max |cos| with every singular vector of W is < 0.5, summed over the layers).
 3. With ``--default-lr-steps N``: every method at its default learning rate
    (``pissa.METHODS[name].default_lr``) for N steps, same options otherwise, with intruders.
-4. With ``--against pissa,lora``: each method at its chosen rate next to those methods at their default rates,
+4. With ``--against pissa,lora``: each method's run of 2. next to those methods at their default rates,
    every run in a fresh process (``pissa finetune --config``, :func:`_common.measure`): test loss and accuracy,
    trainable parameters, seconds per training step (``train_seconds / steps``), peak RSS, and both as ratios to
    the first ``--against`` method's.
@@ -186,10 +186,11 @@ def main() -> None:
 
             _, best[method] = bracketed_sweep(score, grids[method], args.factor, args.extend)
         sweep_meta = next(iter(next(iter(val.values())).values()))
-        rows = []
+        rows, finals = [], {}
         for method in methods:
             workdir = work / f"final-{method}-lr{best[method]:g}"
-            m = run_cached(config(method, best[method], args.steps), workdir)
+            m, rss = measured_run(config(method, best[method], args.steps), workdir)
+            finals[method] = (m, rss)
             print(f"final {method} lr={best[method]:g}: test loss {m['eval_after']['loss']:.4f}", file=sys.stderr, flush=True)
             rows.append(result_row(method, m, workdir, args.model))
 
@@ -237,26 +238,27 @@ def main() -> None:
             res.table([h.format(lr="default lr") for h in RESULT_HEADER], rows)
 
         if against:
-            compare_runs(res, best, against, config, args, work)
+            compare_runs(res, finals, against, config, args, work)
 
 
-def compare_runs(res: Results, chosen: dict[str, float], against: list[str], config: Callable[..., RunConfig],
-                 args: argparse.Namespace, work: Path) -> None:
-    """Section 4 of the module docstring: each method of ``chosen`` at its rate, each of ``against`` at its default."""
-    measured = []
-    for method, lr, which in [*((m, lr, "chosen") for m, lr in chosen.items()), *((m, None, "default") for m in against)]:
-        cfg = config(method, lr, args.steps)
+def compare_runs(res: Results, finals: dict[str, tuple[dict, int]], against: list[str],
+                 config: Callable[..., RunConfig], args: argparse.Namespace, work: Path) -> None:
+    """Section 4 of the module docstring: ``finals`` (method -> metrics and peak RSS of its run at the chosen rate)
+    next to each of ``against`` at its default rate."""
+    measured = [(method, "chosen", m, m["train_seconds"] / m["steps"], rss) for method, (m, rss) in finals.items()]
+    for method in against:
+        cfg = config(method, None, args.steps)
         m, rss = measured_run(cfg, work / f"against-{method}-lr{cfg.learning_rate:g}")
-        step = m["train_seconds"] / m["steps"]
-        print(f"against {method} lr={cfg.learning_rate:g}: test loss {m['eval_after']['loss']:.4f}, {step:.2f} s/step, "
-              f"peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-        measured.append((method, which, m, step, rss))
-    anchor, _, _, anchor_step, anchor_rss = measured[len(chosen)]
+        print(f"against {method} lr={cfg.learning_rate:g}: test loss {m['eval_after']['loss']:.4f}", file=sys.stderr,
+              flush=True)
+        measured.append((method, "default", m, m["train_seconds"] / m["steps"], rss))
+    anchor, _, _, anchor_step, anchor_rss = measured[len(finals)]
     rows = [[method, "compressed" if REGISTRY[method].compressed else "original", f"{m['lr']:g} ({which})", *scores(m),
              f"{step:.3f}", f"{step / anchor_step:.2f}x", f"{rss / 2**20:,.0f}", f"{rss / anchor_rss:.2f}x"]
             for method, which, m, step, rss in measured]
     res.heading(f"At the chosen rate, next to {', '.join(against)} at their defaults")
-    res.add(f"Every run in a fresh process (`pissa finetune --config`, same options as above, {args.threads} thread(s)): "
+    res.add(f"The runs of the first table and {', '.join(against)} at their default rates, each in a fresh process "
+            f"(`pissa finetune --config`, same options as above, {args.threads} thread(s)): "
             f"test metrics on {args.eval_size} held-out test reviews; step: training seconds / steps (includes the "
             "loss logging; a shared machine, so a rough figure); peak RSS of the whole process (load, evaluation and "
             f"training); ratios to {anchor}'s. model: compressed = the WeLore checkpoint at reduction "
