@@ -21,7 +21,7 @@ from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
 from pissa.integrations.tracking import TRAIN_METRICS, Tracker, Trackers
-from pissa.optim import build_optimizer
+from pissa.optim import build_optimizer, move_grads
 from pissa.runtime import distributed
 from pissa.runtime.devices import autocast, torch_dtype
 from pissa.runtime.hub import Kind
@@ -65,6 +65,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
             scaled = loss * ranks  # DDP averages over ranks; times ranks: the sum, i.e. the whole step's gradient
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
     step_loss = distributed.all_sum([step_loss])[0]
+    move_grads(optimizer)  # float16/bfloat16 weights' gradients to their float32 masters, before unscaling and clipping
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
