@@ -28,7 +28,7 @@ class PretrainConfig:
     input channels of largest norm, LOST)."""
     tokenizer: str = "smollm2"
     """Embedded model (smollm2) or a local Hugging Face folder whose tokenizer gives the vocabulary."""
-    vocab_size: int = 0
+    vocab_size: int = 8192
     """Keep the vocab-size - 1 tokens most frequent in the training split and map the rest to one unknown token
     (a small model's output head then costs less than its decoder); 0: the tokenizer's whole vocabulary."""
     corpus: str = "rotten_tomatoes"
@@ -45,16 +45,17 @@ class PretrainConfig:
     """r of the low-rank and lost architectures' factors B (out, r), A (r, in); below --hidden and --intermediate."""
     sparse_channels: float = 0.1
     """lost: input channels each layer keeps of its residual, a fraction in [0, 1] of its inputs or a whole count > 1."""
-    steps: int = 300
+    steps: int = 200
     """Optimizer steps (each reads --batch-size rows of --seq-len tokens)."""
     tokens: int | None = None
     """Training token budget instead of --steps: steps = ceil(tokens / (batch-size x seq-len))."""
-    seq_len: int = 128
+    seq_len: int = 64
     """Tokens per training row (documents are joined, each ended by the end-of-text token)."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Rows per step."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (the default: the rate chosen on validation for full, low-rank and lost at the default
+    shape, benchmarks/results/pretrain.md)."""
     warmup: int = 20
     """Linear warm-up steps."""
     schedule: Literal["constant", "cosine"] = "cosine"
