@@ -28,6 +28,7 @@ from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
 from pissa.cli.init import command_init
 from pissa.cli.parser import Parser, flag
+from pissa.cli.pretrain import command_pretrain
 from pissa.errors import PissaError
 
 Command = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int] | None]
@@ -41,6 +42,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "calibrate": (command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
     "eval": (command_eval, "lm-evaluation-harness on a base or base + adapter (built-in tasks over pissa's data)"),
+    "pretrain": (command_pretrain, "Llama-shaped models from scratch: full vs low-rank vs LOST (low-rank plus sparse)"),
     "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
 }
 

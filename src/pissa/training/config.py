@@ -181,7 +181,7 @@ class Launch:
     """Where a command writes and how it runs (not part of the run's result)."""
 
     out: str | None = None
-    """Output folder; default: runs/finetune-METHOD (finetune), runs/compare (compare)."""
+    """Output folder; default: runs/finetune-METHOD (finetune), runs/compare (compare), runs/pretrain (pretrain)."""
     resume: bool = False
     """Continue the interrupted run in OUT.partial; an option that differs from the interrupted run's is refused."""
     nproc: int = 1

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,12 +24,23 @@ from pissa.errors import PissaError
 from pissa.integrations.tracking import TRAIN_METRICS, Tracker, Trackers
 from pissa.optim import build_optimizer, move_grads
 from pissa.runtime import distributed
-from pissa.runtime.devices import autocast, torch_dtype
+from pissa.runtime.devices import DTypeName, autocast, torch_dtype
 from pissa.runtime.hub import Kind
 from pissa.training.checkpoint import CHECKPOINT, Progress, save_checkpoint
 from pissa.training.config import RunConfig
 from pissa.training.schedule import lr_at, step_indices
 from pissa.training.session import Session
+
+
+class StepOptions(Protocol):
+    """What :func:`train_step` reads of a run's config (a RunConfig, a PretrainConfig)."""
+
+    @property
+    def dtype(self) -> DTypeName: ...
+    @property
+    def reg_weight(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -37,7 +49,7 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
-               lr: float, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+               lr: float, cfg: StepOptions, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
     Each micro-batch's summed loss is divided by the step's total number of targets, so the

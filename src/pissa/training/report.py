@@ -23,7 +23,8 @@ def window_mean(curve: Sequence[Sequence[float]], step: float, window: int = WIN
     return sum(values) / len(values) if values and any(s == step for s, _ in curve) else None
 
 
-def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.PathLike, title: str = "",
+                ylabel: str = "training loss (completion tokens)") -> Path:
     """One PNG with every curve ``{name: [[step, loss], ...]}``: raw losses faint, a moving average solid."""
     import matplotlib
 
@@ -41,7 +42,7 @@ def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.Pat
         smooth = [math.nan if m is None else m for m in means]  # never None here (every step is in the curve)
         ax.plot(steps, smooth, color=color, linewidth=1.8, label=f"{name} (mean of {WINDOW} steps)")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (completion tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if any(curves.values()):
