@@ -17,7 +17,7 @@ are not supported here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from trl import DPOTrainer
@@ -32,6 +32,8 @@ class ReferenceModel(nn.Module):
     ``pissa.reference``. The policy is not a submodule (no parameter is seen twice, nothing is copied); ``config``,
     the backbone, the output embeddings and ``state_dict`` (which TRL hashes for its precompute cache) are the
     policy's."""
+
+    policy: nn.Module
 
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
@@ -50,12 +52,12 @@ class ReferenceModel(nn.Module):
     @property
     def base_model(self) -> nn.Module:
         """The policy's backbone (TRL's fused LM head calls it; under :meth:`__call__` it runs at the initial factors)."""
-        return self.policy.base_model
+        return cast(nn.Module, self.policy.base_model)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.policy.get_output_embeddings()
+        return cast(nn.Module, cast(Any, self.policy).get_output_embeddings())
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.policy.state_dict(*args, **kwargs)
 
 
@@ -66,4 +68,4 @@ class PissaDPOTrainer(DPOTrainer):
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
         if ref_model is None:
             ref_model = ReferenceModel(model)
-        super().__init__(model, ref_model, *args, **kwargs)
+        super().__init__(model, ref_model, *args, **kwargs)  # type: ignore[arg-type]
