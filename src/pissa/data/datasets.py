@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.data import tasks
+from pissa.data import preference, tasks
 from pissa.errors import PissaError
 
 REVIEW_TEMPLATE = "Review: {text}\nSentiment:"
@@ -102,6 +102,8 @@ class Example:
     """Chat data: the whole conversation, ending with an assistant turn; the model reads it through
     the chat template and learns every assistant turn. ``completion`` is then the last assistant
     turn and ``prompt`` the JSON text of the messages before it. None for other data."""
+    rejected: str | None = None
+    """Preference data (:mod:`pissa.data.preference`): the rejected answer (``completion`` is the chosen one)."""
 
 
 @dataclass
@@ -375,6 +377,8 @@ def _to_examples(columns: list[str], rows: list[Row], name: str) -> list[Example
         raise PissaError(f"'{name}' has only {len(rows)} row; it needs at least 2 (to train on and to test)")
     if "messages" in columns:
         return _chat_examples(rows, name)
+    if preference.is_preference(columns):
+        return [Example(p, c, None, rejected=r) for p, c, r in preference.preference_fields(rows, name, _column)]
     if {"prompt", "completion"} <= set(columns):
         prompts = _column(rows, "prompt", name, allow_blank=True)
         completions = _column(rows, "completion", name)
@@ -391,7 +395,7 @@ def _to_examples(columns: list[str], rows: list[Row], name: str) -> list[Example
         return [Example(TEXT_TEMPLATE.format(text=t), f" {label}", label) for t, label in zip(texts, labels)]
     raise PissaError(
         f"'{name}' has columns {', '.join(map(str, columns)) or '(none)'}; it needs messages (chat), "
-        "prompt,completion (free text) or text,label (classification)"
+        "prompt,completion (free text), prompt,chosen,rejected (preference) or text,label (classification)"
     )
 
 

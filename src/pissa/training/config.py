@@ -29,7 +29,8 @@ class RunConfig:
     """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
     data: str = "rotten_tomatoes"
     """Embedded dataset (rotten_tomatoes, arithmetic: chat word problems, use --max-length 160), a .jsonl/.json/.csv/.parquet
-    file or a datasets save_to_disk folder with messages (chat), prompt,completion or text,label columns."""
+    file or a datasets save_to_disk folder with messages (chat), prompt,completion, prompt,chosen,rejected
+    (preference, for --objective dpo) or text,label columns."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -83,6 +84,12 @@ class RunConfig:
     """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer (its fields are options of their own)."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """What training minimizes. sft: the loss of the completions (of the labels for a classifier); dpo: DPO's
+    preference loss on prompt,chosen,rejected rows, with the model at its initial factors as the reference
+    (pissa.reference: the exact base for PiSSA, no second copy of the model)."""
+    beta: float = 0.1
+    """DPO's beta: how far the policy's log-ratio to the reference is scaled (larger: stay closer to the reference)."""
     reg_weight: float = 0.0
     """Weight of pissa.regularization in the loss (SORSA's orthonormality penalty; SaRA's nuclear norm of its update)."""
     progressive_step: int = 0
@@ -120,6 +127,12 @@ class RunConfig:
             raise PissaError(f"`kind` must be auto, causal-lm or seq-cls, got {self.kind!r}")
         if self.eval not in ("auto", "generate", "likelihood"):
             raise PissaError(f"`eval` must be auto, generate or likelihood, got {self.eval!r}")
+        if self.objective not in ("sft", "dpo"):
+            raise PissaError(f"`objective` must be sft or dpo, got {self.objective!r}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise PissaError(f"`beta` must be a positive number, got {self.beta}")
+        if self.objective == "dpo" and self.pack:
+            raise PissaError("`pack` joins examples into rows; DPO scores each answer on its own: drop `pack`")
         if self.eval_data is not None and self.val_size:
             raise PissaError("`eval_data` and `val_size` both choose what is scored; pass one of them")
         spec = METHODS.get(self.method)
