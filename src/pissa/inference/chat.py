@@ -35,7 +35,7 @@ from pissa.adapter.save_load import load_adapter
 from pissa.data.encoding import render_messages
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import recorded_base
-from pissa.inference.config import GenerateConfig
+from pissa.inference.config import GenerateConfig, adapter_names
 from pissa.inference.decoding import end_tokens
 from pissa.runtime import hub
 from pissa.runtime.devices import autocast, model_device, resolve_device, torch_dtype
@@ -88,7 +88,7 @@ def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
     given), adapted when ``cfg.adapter`` is set, its frozen base in ``cfg.dtype``, on ``cfg.device``, in eval mode."""
     name, kind, made_on = cfg.model or "smollm2", "auto", torch_dtype(cfg.dtype)
     if cfg.adapter is not None:
-        name, kind, _, made_on = recorded_base(cfg.adapter, cfg.model, "auto")
+        name, kind, _, made_on = recorded_base(cfg.adapter[0], cfg.model, "auto")
     if hub.resolve_kind(name, kind) != "causal-lm":
         raise PissaError(f"pissa generate needs a causal language model, and {name} loads as a sequence classifier"
                          f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass `model` with a causal LM")
@@ -96,8 +96,11 @@ def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
     loaded, tokenizer = hub.load_model(name, dtype=made_on)
     model: nn.Module = loaded
     if cfg.adapter is not None:
-        load_adapter(model, cfg.adapter)
-        factors = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters(recurse=False)}
+        for folder, adapter in zip(cfg.adapter, adapter_names(cfg.adapter)):  # several: named, the first active
+            load_adapter(model, folder, name=adapter if len(cfg.adapter) > 1 else None)
+        layers = [layer for _, layer in adapted_layers(model)]
+        factors = {id(p) for layer in layers for p in layer.parameters()} - {
+            id(p) for layer in layers for p in layer.residual.parameters()}
         for p in model.parameters():
             if id(p) not in factors and p.is_floating_point():
                 p.data = p.data.to(dtype)
