@@ -106,6 +106,11 @@ def _one_of(parse: Callable[[str], Any], choices: tuple[str, ...], name: str) ->
     return run
 
 
+def _or_empty(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` whose None (``none``) is an empty list, for a repeatable list option."""
+    return lambda text: [] if (value := parse(text)) is None else value
+
+
 def _keep_suppress(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` for an optional positional: argparse passes its absent value (the SUPPRESS default) through it."""
     return lambda text: text if text is argparse.SUPPRESS else parse(text)
@@ -148,7 +153,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         if CHOICES in f.metadata:
             metavar = "{" + ",".join(f.metadata[CHOICES]) + "}"
             parse = _one_of(parse, tuple(f.metadata[CHOICES]), name)
-        action = "extend" if f.metadata.get(REPEATABLE) else "store"  # extend: each occurrence adds its list
+        action = "store"
+        if f.metadata.get(REPEATABLE):  # each occurrence adds its list; `none` adds nothing
+            action, parse = "extend", _or_empty(parse)
         parser.add_argument(name, type=parse, default=argparse.SUPPRESS, help=help_text, metavar=metavar,
                             required=default is dataclasses.MISSING, dest=f.name, action=action)
 

@@ -50,8 +50,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adapter, str):
             self.adapter = [self.adapter]
-        if self.adapter is not None and not self.adapter:
-            raise PissaError("`adapter` needs a folder")
+        if self.adapter is not None and not self.adapter:  # `--adapter none`
+            self.adapter = None
         for name, low in (("max_new_tokens", 1), ("threads", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
