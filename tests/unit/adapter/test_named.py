@@ -56,6 +56,11 @@ def test_extra_adapters_cost_their_factors_only_and_one_adapter_costs_what_it_di
     factors_b = sum(t.numel() * t.element_size() for _, layer in pissa.adapted_layers(alone_b)
                     for t in layer.tensors().values())
     assert buffer_bytes(model) == buffer_bytes(alone_a) + factors_b  # no dense weight per adapter
+    pissa.unload_adapter(model, "b")  # back to one adapter: as small as a model that never held two
+    assert buffer_bytes(model) == buffer_bytes(alone_a) and torch.equal(logits(model), logits(alone_a))
+    # and a training step touches the same tensors: the adapter's trainable factors, nothing else
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in alone_a.named_parameters() if p.requires_grad]
 
 
 def test_only_the_active_adapter_trains_and_saves(tmp_path) -> None:
