@@ -4,19 +4,22 @@ A checkpoint loaded by ``from_pretrained`` (safetensors) is memory-mapped: each 
 straight from the file's pages, and every page the model touched counts in the process's resident memory.
 When attach replaces a weight ``W`` by its residual ``W - B0 A0`` (a new tensor), freeing ``W`` frees no
 memory: the mapping stays open for the weights still in use, and so do the pages ``W`` read. On Linux
-:func:`release_file_pages` asks the kernel to reclaim them (``madvise(MADV_PAGEOUT)``, Linux 5.4+).
+:func:`release_file_pages` takes those pages out of the process (``madvise(MADV_DONTNEED)``).
 
-That advice never changes a value: a clean page of a private file mapping is dropped and, if anything
-reads it again, faulted back from the (unchanged) file; a page that was written to (copy-on-write, now
-anonymous memory) is only swapped out, never discarded. So it is safe even if some other tensor still
-viewed those pages; it only costs a re-read then. Elsewhere (macOS, Windows, a tensor not in a file
-mapping, a GPU tensor) it does nothing.
+Only provably unmodified pages are released: ``/proc/self/pagemap`` says, per page, whether it is present
+and whether it is still the file's page (bit 61) or a private copy (a page written to since the mapping was
+made, copy-on-write). Dropping a file page changes no value: if anything reads it again it is mapped back
+from the unchanged file. A private copy is never dropped (that would lose what was written). So it is safe
+even if some other tensor still viewed those pages; it only costs a re-read then. Unlike asking the kernel
+to reclaim the pages (``MADV_PAGEOUT``), this works while other processes map the same file. Elsewhere
+(macOS, Windows, a tensor not in a file mapping, a GPU tensor) it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 import sys
 from bisect import bisect_right
 from collections.abc import Callable
@@ -24,8 +27,10 @@ from functools import cache
 
 from torch import Tensor
 
-MADV_PAGEOUT = 21
-"""Linux's ``madvise`` advice that reclaims the given pages now (clean file pages dropped, anonymous ones swapped)."""
+MADV_DONTNEED = 4
+"""Linux's ``madvise`` advice that unmaps the given pages from this process (a file page is mapped back on access)."""
+PRESENT, FILE_PAGE = 1 << 63, 1 << 61
+"""Bits of a ``/proc/self/pagemap`` entry: the page is in memory; it is a file page (or shared), not a private copy."""
 
 
 def file_mappings(maps: str) -> list[tuple[int, int]]:
@@ -70,23 +75,42 @@ def _madvise() -> Callable[[int, int, int], int] | None:
     return fn
 
 
+def unmodified_runs(entries: bytes, address: int, page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
+    """``(address, length)`` runs of the pages, from ``address`` on, whose 8-byte ``/proc/self/pagemap`` ``entries``
+    say they hold the file's own contents: not in memory, or present as the file's page (not a private copy)."""
+    runs: list[tuple[int, int]] = []
+    for i, (entry,) in enumerate(struct.iter_unpack("<Q", entries)):
+        if entry & PRESENT and not entry & FILE_PAGE:  # a private copy: written to, keep it
+            continue
+        at = address + i * page
+        if runs and runs[-1][0] + runs[-1][1] == at:
+            runs[-1] = (runs[-1][0], runs[-1][1] + page)
+        else:
+            runs.append((at, page))
+    return runs
+
+
 def release_file_pages(tensors: list[Tensor]) -> int:
-    """Advise the kernel to reclaim the pages that the contiguous CPU ``tensors`` occupy in file mappings (their own
-    bytes, not the rest of a storage they may share); the number of bytes advised (0 where nothing applies, or
-    where the kernel refuses the advice, which changes nothing)."""
+    """Take out of this process the unmodified pages that the contiguous CPU ``tensors`` occupy in file mappings
+    (their own bytes, not the rest of a storage they may share); the number of bytes released (0 where nothing
+    applies, or where the kernel refuses, which changes nothing)."""
     madvise = _madvise()
     spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
              if t.device.type == "cpu" and t.is_contiguous() and t.numel()]
     if madvise is None or not spans:
         return 0
+    page = mmap.PAGESIZE
+    done = 0
     try:
         with open("/proc/self/maps") as f:
             mappings = file_mappings(f.read())
-    except OSError:
-        return 0
-    done = 0
-    for start, end in spans:
-        for address, length in pages_in_files(start, end, mappings):
-            if madvise(address, length, MADV_PAGEOUT) == 0:
-                done += length
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for start, end in spans:
+                for address, length in pages_in_files(start, end, mappings):
+                    pagemap.seek(address // page * 8)
+                    for run, size in unmodified_runs(pagemap.read(length // page * 8), address, page):
+                        if madvise(run, size, MADV_DONTNEED) == 0:
+                            done += size
+    except OSError:  # no /proc (a sandbox): nothing released, nothing changed
+        return done
     return done

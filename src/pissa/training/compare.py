@@ -117,7 +117,7 @@ def compare(cfg: CompareConfig, out: str | Path | None = None, *, resume: bool =
                 if one.method in aware:
                     one = with_calibration(one, work / CALIBRATION_FILE)
                 results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(), sharded=sharded,
-                                          base_eval=base_eval)
+                                          base_eval=base_eval, experiment=folder.name, store=work)
                 if one.method in aware and distributed.is_main():  # its config names the file where it will stay
                     write_config(sub / RUN_CONFIG, with_calibration(one, folder / CALIBRATION_FILE))
             if base_eval is None and starts_at_base(one):

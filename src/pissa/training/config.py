@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pissa.adapter.config import AdapterConfig
 from pissa.errors import PissaError
+from pissa.integrations.tracking import TrackingConfig
 from pissa.methods.registry import METHODS, get_method
 from pissa.optim.config import OptimizerConfig
 from pissa.options import resume_safe_field
@@ -99,12 +100,16 @@ class RunConfig:
     """Checkpoint every N steps (0: only on Ctrl-C)."""
     threads: int = resume_safe_field(default_factory=lambda: len(os.sched_getaffinity(0)))
     """CPU threads (default: the cores available to this process)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (its fields are options of their own)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.optim, dict):
             self.optim = OptimizerConfig(**self.optim)
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig(**self.tracking)
         self.validate()
 
     def validate(self) -> None:

@@ -32,6 +32,7 @@ from pissa import options
 from pissa.adapter.save_load import save_adapter
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_write_text, publish_dir
+from pissa.integrations.tracking import open_tracker, prefixed
 from pissa.methods.registry import METHODS
 from pissa.runtime import distributed
 from pissa.runtime.devices import grad_scaler
@@ -49,12 +50,13 @@ from pissa.training.loop import Abort, make_optimizer, train
 from pissa.training.metrics import Evaluation, RunMetrics
 from pissa.training.report import plot_losses
 from pissa.training.session import lr_warning, prepare, starts_at_base
+from pissa.training.streamed import SCRATCH
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, sharded: bool = False,
-        base_eval: Evaluation | None = None) -> RunMetrics:
+        base_eval: Evaluation | None = None, experiment: str | None = None, store: Path | None = None) -> RunMetrics:
     """One fine-tuning run in ``workdir`` (created here, after validation); returns its metrics.
 
     Writes ``workdir/{config.yaml, metrics.json, loss.png, adapter/}`` (``model/`` for full
@@ -62,12 +64,15 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     ``workdir/checkpoint``. ``sharded``: FSDP2 over the torchrun processes. ``base_eval``: the
     evaluation of a model that starts where this one does (:func:`~pissa.training.session.starts_at_base`),
     reported as ``eval_before`` instead of evaluating again (``pissa compare`` evaluates the base once).
+    ``cfg.tracking``'s trackers get the run named ``cfg.method`` in ``experiment`` (default: ``workdir``'s name), MLflow's
+    default store in ``store`` (default ``workdir``): the config, every step's train metrics and both evaluations
+    (``eval/*`` at step 0 and at step ``steps``), the same values as metrics.json.
     """
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
     if resume:
         verify_checkpoint(ckpt)  # before anything is loaded: a damaged checkpoint is refused at once
-    session = prepare(cfg, ckpt if resume else None, sharded)
+    session = prepare(cfg, ckpt if resume else None, sharded, scratch=workdir / SCRATCH)
     warning = lr_warning(cfg)
     if warning and distributed.is_main():
         log.warning(warning)
@@ -78,15 +83,21 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     scaler = grad_scaler(session.device, session.dtype)
     progress = load_checkpoint(ckpt, optimizer, scaler) if resume else Progress()
     progress._mark = started  # loading and attaching count towards ``seconds`` too
+    tracker = open_tracker(cfg.tracking, workdir, cfg.method, experiment=experiment or workdir.name, store=store,
+                           config=options.flatten(cfg), resume_step=progress.step if resume else None)
+    ok = False
     try:
         if progress.eval_before is None:
             shared = base_eval if base_eval is not None and starts_at_base(cfg) else None
             progress.eval_before = dict(shared) if shared is not None else session.evaluate()
+            tracker.log_metrics(0, prefixed("eval", progress.eval_before))
             if distributed.is_main():
                 log.info(f"{cfg.method}: before training: {_fmt(progress.eval_before)}"
                          + (" (the base model's, evaluated once for the comparison)" if shared is not None else ""))
-        train(session, workdir, progress, optimizer, scaler, show=show)
+        train(session, workdir, progress, optimizer, scaler, show=show, tracker=tracker)
         eval_after = session.evaluate()
+        tracker.log_metrics(cfg.steps, prefixed("eval", eval_after))
+        ok = True
     except Abort:
         raise
     except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
@@ -95,6 +106,8 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
         if checkpoint_step(ckpt) is not None and distributed.is_main():
             log.info(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with `resume`")
         raise
+    finally:
+        tracker.close(ok)
     if distributed.is_main():
         log.info(f"{cfg.method}: after {cfg.steps} steps: {_fmt(eval_after)}")
     progress.tick()
@@ -107,6 +120,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
         plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
         atomic_write_text(workdir / "metrics.json", json.dumps(metrics.to_dict(), indent=2))
         shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(workdir / SCRATCH, ignore_errors=True)  # the streamed decomposition (a model-sized residual)
     return metrics
 
 
@@ -119,7 +133,7 @@ def finetune(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = Fa
     with output_folder(folder, resume) as work:
         if resume:
             cfg = resumed_config(work / RUN_CONFIG, RunConfig, explicit or {})
-        metrics = run(cfg, work, resume=resume, sharded=sharded)
+        metrics = run(cfg, work, resume=resume, sharded=sharded, experiment=folder.name)
     return folder, metrics
 
 

@@ -95,3 +95,23 @@ def test_attach_gives_back_the_pages_of_the_weights_it_replaced(tmp_path, method
         assert dropped >= targets - 14 * 2 * PAGE  # 14 projections, a partial page at either end of each
     else:
         assert dropped <= 4 * PAGE
+
+
+def test_unmodified_runs_skips_private_copies_and_joins_neighbours() -> None:
+    from pissa.runtime.memory import FILE_PAGE, PRESENT, unmodified_runs
+
+    entries = [PRESENT | FILE_PAGE, 0, PRESENT, PRESENT | FILE_PAGE, PRESENT | FILE_PAGE]  # file, absent, copy, file, file
+    packed = b"".join(e.to_bytes(8, "little") for e in entries)
+    assert unmodified_runs(packed, 10 * PAGE, PAGE) == [(10 * PAGE, 2 * PAGE), (13 * PAGE, 2 * PAGE)]
+
+
+@linux_only
+def test_a_written_page_is_never_released(tmp_path) -> None:
+    """A weight changed in place (its pages now private copies) keeps its values: those pages stay."""
+    model, _ = mapped_llama(tmp_path)
+    W = model.model.layers[0].mlp.up_proj.weight.detach()
+    with torch.no_grad():
+        W.mul_(2.0)  # copy-on-write: every page of W is private now
+    expected = W.clone()
+    assert release_file_pages([W]) == 0
+    assert torch.equal(W, expected)
