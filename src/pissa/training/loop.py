@@ -28,6 +28,7 @@ from pissa.runtime.devices import DTypeName, autocast, torch_dtype
 from pissa.runtime.hub import Kind
 from pissa.training.checkpoint import CHECKPOINT, Progress, save_checkpoint
 from pissa.training.config import RunConfig
+from pissa.training.preference import PairBatch, dpo_loss_sum
 from pissa.training.schedule import lr_at, step_indices
 from pissa.training.session import Session
 
@@ -48,10 +49,12 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg.optim, lr_at(0, cfg), cfg.weight_decay)
 
 
-def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, micro_batches: Sequence[Batch | PairBatch], kind: Kind, optimizer: torch.optim.Optimizer,
                lr: float, cfg: StepOptions, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
+    The loss is the completions' (:func:`~pissa.data.loss.loss_sum`), or DPO's for preference pairs
+    (:func:`~pissa.training.preference.dpo_loss_sum`, ``cfg.beta``, one term per pair).
     Each micro-batch's summed loss is divided by the step's total number of targets, so the
     gradient is that of the mean loss over the whole step whatever the split (over micro-batches
     and, under torchrun, over ranks: ``model`` is then DDP and each rank holds a share). Adds
@@ -68,7 +71,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
         last = i == len(micro_batches) - 1
         with distributed.no_sync(model, skip=not last):  # DDP all-reduces in the last backward only
             with autocast(device, dtype):
-                loss = loss_sum(model, b, kind) / total
+                summed = dpo_loss_sum(model, b, _beta(cfg)) if isinstance(b, PairBatch) else loss_sum(model, b, kind)
+                loss = summed / total
             step_loss += loss.item()
             if last and cfg.reg_weight > 0:
                 reg = regularization(model)
@@ -91,6 +95,14 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, norm
+
+
+def _beta(cfg: StepOptions) -> float:
+    """DPO's beta of a config that has one (a RunConfig; preference pairs come only from its runs)."""
+    beta = getattr(cfg, "beta", None)
+    if beta is None:
+        raise TypeError(f"preference pairs need a config with `beta`, not {type(cfg).__name__}")
+    return float(beta)
 
 
 class Abort(KeyboardInterrupt):
