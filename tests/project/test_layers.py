@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference",
                  "optim"},
-    "integrations": {"errors", "methods", "runtime", "files", "adapter"},
+    "integrations": {"errors", "options", "methods", "runtime", "files", "adapter", "training"},
     "cli": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "checkpoints",
             "inference", "analysis", "training", "integrations", "optim"},
 }

@@ -23,6 +23,7 @@ from pissa.cli.calibrate import command_calibrate
 from pissa.cli.compare import command_compare
 from pissa.cli.compress import command_compress
 from pissa.cli.export import command_export
+from pissa.cli.federate import command_federate
 from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
 from pissa.cli.init import command_init
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "analyze": (command_analyze, "spectra, quantization error, intruder dimensions"),
     "calibrate": (command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
+    "federate": (command_federate, "federated fine-tuning on Flower (FedSVD, FFA-LoRA, FedAvg-LoRA), optionally DP-SGD"),
     "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
 }
 
