@@ -1,6 +1,10 @@
 """Federated fine-tuning on the embedded task: FedSVD vs FFA-LoRA vs FedAvg-LoRA, non-private and with DP-SGD,
-side by side in one run (SmolLM2-135M-Instruct, Rotten Tomatoes, Dirichlet non-IID clients, Flower's simulation
-runtime through ``pissa.integrations.flower.federate``, the code path of ``pissa federate``).
+side by side in one run (SmolLM2-135M-Instruct, Rotten Tomatoes, Dirichlet non-IID clients) through
+``pissa.integrations.flower.federate``, the code of ``pissa federate``: the same ServerApp strategy and ClientApp
+train function, served by :class:`~pissa.integrations.flower.InProcessGrid` (clients one after another in this
+process) instead of the Ray simulation, whose worker processes each load the model again (too slow for the
+CPU budget of this benchmark). The results do not depend on the runtime: a round is a pure function of the global
+factors, the seed and the round (tests/unit/integrations/test_flower.py).
 
 Each algorithm's learning rate is chosen on a validation split carved from the training data (the non-private
 runs of a small grid: the best validation accuracy after the last round, ties to the lower loss); then every
@@ -22,7 +26,7 @@ from typing import Any
 
 from _results import Results, add_results_options
 from pissa.adapter.config import AdapterConfig
-from pissa.integrations.flower import federate
+from pissa.integrations.flower import InProcessGrid, federate
 from pissa.training.federate import FederateConfig
 
 ANCHOR = "fedsvd"
@@ -31,20 +35,21 @@ ANCHOR = "fedsvd"
 def run(cfg: FederateConfig, out: Path) -> dict[str, dict[str, Any]]:
     """One ``federate`` run (every algorithm of ``cfg``) into ``out``; each algorithm's metrics.json, by name."""
     if not (out / "report.md").is_file():
-        federate(cfg, out)
+        federate(cfg, out, grid=InProcessGrid(cfg.clients))
     return {a: json.loads((out / a / "metrics.json").read_text()) for a in cfg.algorithms}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--local-steps", type=int, default=3)
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the client split")
-    p.add_argument("--eval-size", type=int, default=100)
-    p.add_argument("--val-size", type=int, default=100)
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--val-size", type=int, default=64)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--target-epsilon", type=float, default=8.0)
     p.add_argument("--delta", type=float, default=1e-5)
@@ -55,7 +60,7 @@ def main() -> None:
     algorithms = ["fedsvd", "ffa-lora", "fedavg-lora"]
     common: dict[str, Any] = dict(algorithms=algorithms, clients=args.clients, rounds=args.rounds,
                                   local_steps=args.local_steps, batch_size=args.batch_size, dirichlet_alpha=args.alpha,
-                                  eval_size=args.eval_size, device="cpu", threads=args.threads,
+                                  eval_size=args.eval_size, max_length=args.max_length, device="cpu", threads=args.threads,
                                   adapter=AdapterConfig(rank=args.rank))
     title = "Federated fine-tuning: FedSVD vs FFA-LoRA vs FedAvg-LoRA, non-private and DP-SGD"
     with Results.from_args(args, title) as res, tempfile.TemporaryDirectory(prefix="federated-") as tmp:
@@ -82,8 +87,9 @@ def main() -> None:
         res.add(f"SmolLM2-135M-Instruct (LoRA init, rank {args.rank}, every linear layer) on Rotten Tomatoes, "
                 f"{args.clients} clients from a Dirichlet split over the labels (alpha {args.alpha}; examples per client "
                 f"{first['examples']}), {args.rounds} rounds x {args.local_steps} local AdamW steps of batch {args.batch_size} "
-                f"(a fresh optimizer per round, constant lr), every client every round; float32 on the CPU, "
-                f"{args.threads} thread per Flower client, seed 0; the same split, start and batches for every algorithm. "
+                f"(max length {args.max_length}; a fresh optimizer per round, constant lr), every client every round; "
+                f"float32 on the CPU, {args.threads} thread, the clients one after another in one process "
+                f"(InProcessGrid), seed 0; the same split, start and batches for every algorithm. "
                 f"Accuracy: the global model's best-label accuracy on the first {args.eval_size} test reviews. "
                 f"FedSVD re-factorises B A after every round (--refactor-every 1, no warm-up).")
         res.add(f"DP-SGD: Opacus, Poisson sampling q = batch / n_k per client, per-example clipping at 1.0, "

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pissa import options  # noqa: E402
@@ -82,12 +84,23 @@ _CLIENT: list[ClientState] = []
 """The configuration this process's client has loaded (one at a time)."""
 
 
+LOADED_BY = ("model", "data", "kind", "adapter", "device", "dtype", "max_length", "pack", "eval_size", "val_size",
+             "eval_data", "seed", "threads")
+"""The options a client's loaded model and encoded data depend on (the others are read each round)."""
+
+
 def client_state(text: str) -> ClientState:
-    """The loaded client of configuration ``text`` (loaded at the first message, kept for the next rounds)."""
+    """The client of configuration ``text``: its model is loaded at the first message and kept while the options
+    of :data:`LOADED_BY` stay the same (the next rounds, the next algorithm, another learning rate)."""
     if _CLIENT and _CLIENT[0].key == text:
         return _CLIENT[0]
     cfg = config_from_json(text)
-    session = prepare(cfg.run_config())
+    loaded = {name: getattr(cfg.run_config(), name) for name in LOADED_BY}
+    if _CLIENT and {name: getattr(_CLIENT[0].cfg.run_config(), name) for name in LOADED_BY} == loaded:
+        session = _CLIENT[0].session
+        session.cfg = cfg.run_config()
+    else:
+        session = prepare(cfg.run_config())
     shares = client_shares(session, cfg)
     _CLIENT[:] = [ClientState(text, cfg, session, shares, privacy_plan(cfg, [len(s) for s in shares]))]
     return _CLIENT[0]
@@ -160,11 +173,11 @@ class Server:
     initial: Factors
     """The start every algorithm shares: the factors attach made (seeded)."""
 
-    def run(self, grid: Grid) -> dict[str, History]:
+    def run(self, grid: Grid | InProcessGrid) -> dict[str, History]:
         """Every algorithm of the run (finished ones read back, an interrupted one resumed at its next round)."""
         return {a: self.run_algorithm(grid, a) for a in self.cfg.algorithms}
 
-    def run_algorithm(self, grid: Grid, algorithm: str) -> History:
+    def run_algorithm(self, grid: Grid | InProcessGrid, algorithm: str) -> History:
         folder = self.work / algorithm
         if (folder / "metrics.json").is_file():
             return read_metrics(folder)
@@ -200,7 +213,8 @@ class Server:
             return MetricRecord(dict[str, Any](scores))
 
         if done < cfg.rounds:
-            result = strategy.start(grid=grid, initial_arrays=ArrayRecord(factors), num_rounds=cfg.rounds - done,
+            result = strategy.start(grid=grid,  # type: ignore[arg-type]  # InProcessGrid: what start uses of a Grid
+                                    initial_arrays=ArrayRecord(factors), num_rounds=cfg.rounds - done,
                                     evaluate_fn=after_round)
             factors = result.arrays.to_torch_state_dict()
         bar.close()
@@ -223,6 +237,30 @@ def start_server(cfg: FederateConfig, work: Path) -> Server:
     shares = client_shares(session, cfg)
     counts = [len(s) for s in shares]
     return Server(cfg, session, counts, privacy_plan(cfg, counts), work, get_factors(session))
+
+
+class InProcessGrid:
+    """A Flower grid served in this process: nodes 1..K, each message answered by the ClientApp's train function
+    as partition ``node - 1``, one client after another. The ServerApp's strategy and the ClientApp's code are
+    the same as under the simulation and deployment runtimes, without their worker processes: for tests and for
+    benchmarks on one busy machine (each client keeps one model in this process instead of one per worker).
+    It sets Flower's task identity (run, node, task 1), which messages made outside a runtime need."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.clients + 1))
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": self.clients},
+                              state=RecordDict(), run_config={})
+            replies.append(train_message(msg, context))
+        return replies
 
 
 def simulate(server: Server) -> dict[str, History]:
@@ -259,7 +297,7 @@ def simulate(server: Server) -> dict[str, History]:
 
 
 def federate(cfg: FederateConfig, out: str | Path | None = None, *, resume: bool = False,
-             explicit: dict[str, Any] | None = None, grid: Grid | None = None) -> tuple[Path, str]:
+             explicit: dict[str, Any] | None = None, grid: Grid | InProcessGrid | None = None) -> tuple[Path, str]:
     """``pissa federate``: every algorithm of ``cfg`` into ``out/ALGO/`` (default ``runs/federate``) through
     ``out.partial`` (a per-round checkpoint; ``resume`` continues at the next round), then ``out/report.md``
     and ``out/accuracy.png``. ``grid``: the Flower deployment runtime's (None: simulate). Returns (out, report)."""

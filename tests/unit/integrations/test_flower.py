@@ -1,54 +1,28 @@
-"""The Flower apps in process (a grid that hands each message to the ClientApp's train function, no Ray): the
+"""The Flower apps in process (InProcessGrid hands each message to the ClientApp's train function, no Ray): the
 strategy's real aggregation path keeps (B'A')_new = (sum p_k B_k) A_old and A A^T = I, a run killed after round 2
 resumes to the uninterrupted result, and bad input is a one-line error with nothing written."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from pissa.cli import main
 from pissa.integrations import flower
-from pissa.integrations.flower import FederatedStrategy, federate, train_message
+from pissa.integrations.flower import FederatedStrategy, InProcessGrid, federate
 from pissa.methods.federated import client_weights
 from pissa.training.federate import FederateConfig
 from pissa.training.federate_out import History
-
-
-class LocalGrid:
-    """What the strategy asks of a Flower grid, served in this process: node ids 1..K, and every message
-    answered by the ClientApp's train function on the node of partition id - 1."""
-
-    def __init__(self, clients: int) -> None:
-        self.clients = clients
-        TaskIdentity.run_id = 1
-        TaskIdentity.node_id = 0
-        TaskIdentity.task_id = 1
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.clients + 1))
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": self.clients},
-                              state=RecordDict(), run_config={})
-            replies.append(train_message(msg, context))
-        return replies
 
 
 def config(tiny: Path, **kw) -> FederateConfig:
     base = dict(model=str(tiny / "llama"), data=str(tiny / "data.jsonl"), eval_size=16, batch_size=4, lr=1e-2,
                 threads=1, clients=2, rounds=3, local_steps=2, algorithms=["fedsvd", "fedavg-lora"])
     base.update(kw)
-    return FederateConfig(**base)  # type: ignore[arg-type]
+    return FederateConfig(**base)
 
 
 def test_server_steps_keep_the_averaged_product_with_orthonormal_a(tiny: Path, tmp_path: Path,
@@ -75,7 +49,7 @@ def test_server_steps_keep_the_averaged_product_with_orthonormal_a(tiny: Path, t
 
     monkeypatch.setattr(FederatedStrategy, "aggregate_train", checked)
     cfg = config(tiny, algorithms=["fedsvd"], noise_multiplier=1.0, delta=1e-5)
-    federate(cfg, tmp_path / "run", grid=LocalGrid(cfg.clients))  # type: ignore[arg-type]
+    federate(cfg, tmp_path / "run", grid=InProcessGrid(cfg.clients))
     assert len(seen) == cfg.rounds
     assert all(product < 1e-6 and ortho < 1e-6 for product, ortho in seen), seen
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "accuracy.png").is_file()
@@ -84,7 +58,7 @@ def test_server_steps_keep_the_averaged_product_with_orthonormal_a(tiny: Path, t
 def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config(tiny)
-    federate(cfg, tmp_path / "whole", grid=LocalGrid(cfg.clients))  # type: ignore[arg-type]
+    federate(cfg, tmp_path / "whole", grid=InProcessGrid(cfg.clients))
     real, saves = flower.save_round, [0]
 
     def save_then_die(folder: Path, factors, history: History) -> None:
@@ -95,11 +69,11 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny: Pa
 
     monkeypatch.setattr(flower, "save_round", save_then_die)
     with pytest.raises(SystemExit):
-        federate(cfg, tmp_path / "cut", grid=LocalGrid(cfg.clients))  # type: ignore[arg-type]
+        federate(cfg, tmp_path / "cut", grid=InProcessGrid(cfg.clients))
     partial = tmp_path / "cut.partial"
     assert (partial / "fedsvd" / "metrics.json").is_file() and (partial / "fedavg-lora" / "checkpoint").is_dir()
     monkeypatch.setattr(flower, "save_round", real)
-    federate(cfg, tmp_path / "cut", resume=True, grid=LocalGrid(cfg.clients))  # type: ignore[arg-type]
+    federate(cfg, tmp_path / "cut", resume=True, grid=InProcessGrid(cfg.clients))
     assert not partial.exists()
     for algorithm in cfg.algorithms:
         a = load_file(str(tmp_path / "whole" / algorithm / "adapter" / "adapter.safetensors"))
