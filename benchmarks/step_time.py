@@ -32,6 +32,7 @@ setting whether each is met.
 
     .venv/bin/python benchmarks/step_time.py                                  # all four settings
     .venv/bin/python benchmarks/step_time.py --rounds 1 --dtypes float32 --no-memory   # quick
+    .venv/bin/python benchmarks/step_time.py --no-timing --name peak_memory              # memory only
 
 Writes ``bench_out/step_time.md`` (``--update-results``: ``benchmarks/results/step_time.md``).
 """
@@ -103,6 +104,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-repeats", type=int, default=3, help="whole runs per variant and setting")
     p.add_argument("--eval-size", type=int, default=16, help="examples each whole run scores before and after")
     p.add_argument("--no-memory", action="store_true", help="skip the whole runs and the stage breakdown")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip the step timing (memory only: valid on a loaded machine; use with --name peak_memory)")
     add_results_options(p, "step_time")
     return p.parse_args()
 
@@ -196,13 +199,18 @@ def memory_comparison(a: list[int], b: list[int]) -> tuple[str, bool | None, str
     return f"{ratio:.3f}", ratio <= 1.0, spread
 
 
-def report_targets(res: Results, steps: dict[Setting, StepResult], memory: Memory, cuda: bool) -> None:
+def report_targets(res: Results, settings: list[Setting], steps: dict[Setting, StepResult], memory: Memory,
+                   cuda: bool) -> None:
     res.heading("Targets")
     rows = []
-    for s, r in steps.items():
-        t = r.timings.times
-        time_ratio = median_ratio(t[OURS], t[PEFT_LORA])
-        row = [s.label, f"{time_ratio:.2f}x", met(time_ratio <= TIME_TARGET), f"{median_ratio(t[FLOOR], t[PEFT_LORA]):.2f}x"]
+    for s in settings:
+        if s in steps:
+            t = steps[s].timings.times
+            time_ratio = median_ratio(t[OURS], t[PEFT_LORA])
+            row = [s.label, f"{time_ratio:.2f}x", met(time_ratio <= TIME_TARGET),
+                   f"{median_ratio(t[FLOOR], t[PEFT_LORA]):.2f}x"]
+        else:
+            row = [s.label, "not timed", "n/a", "not timed"]
         if s in memory:
             ratio, ok, spread = memory_comparison(peaks(memory[s]["pissa"], cuda), peaks(memory[s]["lora"], cuda))
             peft, _, _ = memory_comparison(peaks(memory[s][PEFT_PISSA], cuda), peaks(memory[s][PEFT_LORA], cuda))
@@ -317,7 +325,7 @@ def main() -> None:
         cuda = device.type == "cuda"
         settings = settings_of(args)
         steps: dict[Setting, StepResult] = {}
-        for s in settings:
+        for s in [] if args.no_timing else settings:
             steps[s] = time_setting(s, args, device)
             gc.collect()  # the four models go before the next setting's are built
             if cuda:
@@ -329,21 +337,24 @@ def main() -> None:
                 memory = memory_runs(settings, args, device, Path(tmp))
             stages = stage_breakdown(settings, args, device)
 
-        batch = next(iter(steps.values())).tokens
+        batch = next(iter(steps.values())).tokens if steps else None
         res.add(f"{args.model}, rank {args.rank}, every linear projection, device {device}, {args.threads} thread(s). "
-                f"Step time: one batch of {batch[0]} x {batch[1]} tokens for all; per setting the four variants ran "
-                f"alternately, in rotating order, for {args.rounds} timed rounds after a warm-up round."
+                + ("Step time: not measured in this run (`--no-timing`)." if batch is None else
+                   f"Step time: one batch of {batch[0]} x {batch[1]} tokens for all; per setting the four variants ran "
+                   f"alternately, in rotating order, for {args.rounds} timed rounds after a warm-up round.")
                 + ("" if args.no_memory else
                    f" Peak memory: whole runs of {args.memory_steps} steps of batch {args.memory_batch_size} (plus "
                    f"{args.eval_size} examples scored before and after, and the adapter saved), each in a fresh process, "
                    f"{args.memory_repeats} times; " + ("the CUDA peak allocation (`torch.cuda.max_memory_allocated`)"
                                                        if cuda else "peak RSS (`os.wait4`)") + " is the measure."))
-        report_targets(res, steps, memory, cuda)
-        report_steps(res, steps, device)
+        report_targets(res, settings, steps, memory, cuda)
+        if steps:
+            report_steps(res, steps, device)
         if memory:
             report_memory(res, args, memory, cuda)
             report_stages(res, args, stages, cuda)
-        report_rounds(res, steps)
+        if steps:
+            report_rounds(res, steps)
 
 
 if __name__ == "__main__":

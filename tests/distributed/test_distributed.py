@@ -238,6 +238,7 @@ def test_fsdp2_fully_shard_trains_a_pissa_model_on_cpu_with_gloo(tmp_path, one_t
 INTERRUPT = """
 import signal, sys
 from pissa.cli import main
+from pissa.runtime import hub
 from pissa.training import loop
 real, calls = loop.train_step, []
 def step_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives during step 2 on every rank
@@ -246,13 +247,18 @@ def step_then_ctrl_c(*args, **kwargs):  # Ctrl-C arrives during step 2 on every 
         signal.raise_signal(signal.SIGINT)
     return real(*args, **kwargs)
 loop.train_step = step_then_ctrl_c
+def whole_model(*args, **kwargs):  # the float32 FSDP route decomposes streamed and loads shards only
+    raise AssertionError("a rank loaded the whole model")
+hub.load_model = whole_model
 sys.exit(0 if main(sys.argv[1:]) == 130 else 1)
 """
 
 
 def test_fsdp_finetune_equals_one_process_and_resumes_after_ctrl_c(tmp_path, tiny, one_thread) -> None:
     """`--nproc 2 --fsdp`: the model sharded over 2 CPU processes trains the adapter one process
-    trains (same global batches); interrupted by Ctrl-C at step 2, `--resume` finishes the same run."""
+    trains (same global batches); interrupted by Ctrl-C at step 2, `--resume` finishes the same run.
+    No rank loads the whole model: the checkpoint is decomposed streamed into the run's folder (kept
+    for the resumed run, deleted at the end) and each rank loads its shard."""
     import json
 
     from pissa.cli import main
@@ -260,6 +266,7 @@ def test_fsdp_finetune_equals_one_process_and_resumes_after_ctrl_c(tmp_path, tin
     args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     torchrun(INTERRUPT, tmp_path, *args, "--out", str(tmp_path / "fsdp"), "--fsdp")
+    assert (tmp_path / "fsdp.partial" / "sharded-init" / "adapter").is_dir()
     state = json.loads((tmp_path / "fsdp.partial" / "checkpoint" / "state.json").read_text())
     assert state["progress"]["step"] == 2 and not (tmp_path / "fsdp").exists()
     assert main([*args, "--out", str(tmp_path / "fsdp"), "--fsdp", "--nproc", "2", "--resume"]) == 0
@@ -274,6 +281,14 @@ def test_fsdp_finetune_equals_one_process_and_resumes_after_ctrl_c(tmp_path, tin
     assert all(abs(a[1] - b[1]) <= 1e-5 for a, b in zip(m_fsdp["train_loss"], m_single["train_loss"]))
     for key in ("eval_before", "eval_after"):
         assert abs(m_fsdp[key]["loss"] - m_single[key]["loss"]) <= 1e-5, key
+    assert not (tmp_path / "fsdp" / "sharded-init").exists()
+    assert pissa.load_adapter(tiny_llama_from(tiny), tmp_path / "fsdp" / "adapter") is not None  # the base's adapter
+
+
+def tiny_llama_from(tiny: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny / "llama")
 
 
 def test_fsdp_finetune_in_bfloat16_with_gradient_checkpointing_matches_one_process(tmp_path, tiny, one_thread) -> None:

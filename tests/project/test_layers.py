@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"errors", "options", "methods", "runtime", "files", "adapter", "data"},
     "analysis": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference",
-                 "optim"},
+                 "optim", "checkpoints"},
     "integrations": {"errors", "options", "methods", "runtime", "files", "adapter", "training"},
     "cli": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "checkpoints",
             "inference", "analysis", "training", "integrations", "optim"},

@@ -34,6 +34,7 @@ from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
+from pissa.runtime.memory import release_file_pages
 
 BATCH_BYTES = 1 << 29
 """Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
@@ -245,10 +246,13 @@ def _make_layer(
     t = shape.start(init) if tensors is None else tensors
     scaling = cfg.scaling_for(init.rank)
     residual = W if is_residual else shape.residual(W, t, scaling)
+    replaced = native_weight(module)
     if cfg.quantize is not None:
         module = quantize_residual(module, residual, cfg.quantize)
     elif residual is not W:
         set_dense_weight(module, residual)
+    if native_weight(module) is not replaced:  # a memory-mapped checkpoint's pages of it stay resident otherwise
+        release_file_pages([replaced])
     layer = PissaLinear(module, shape, t, init.train, scaling, init.rank, cfg.dropout, init.meta)
     layer.base_digest = digest
     known = residual_digest if is_residual and cfg.quantize is None else None

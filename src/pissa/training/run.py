@@ -49,6 +49,7 @@ from pissa.training.loop import Abort, make_optimizer, train
 from pissa.training.metrics import Evaluation, RunMetrics
 from pissa.training.report import plot_losses
 from pissa.training.session import lr_warning, prepare, starts_at_base
+from pissa.training.streamed import SCRATCH
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     ckpt = workdir / CHECKPOINT
     if resume:
         verify_checkpoint(ckpt)  # before anything is loaded: a damaged checkpoint is refused at once
-    session = prepare(cfg, ckpt if resume else None, sharded)
+    session = prepare(cfg, ckpt if resume else None, sharded, scratch=workdir / SCRATCH)
     warning = lr_warning(cfg)
     if warning and distributed.is_main():
         log.warning(warning)
@@ -107,6 +108,7 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
         plot_losses({cfg.method: progress.train_loss}, workdir / "loss.png", title=f"{cfg.model} on {cfg.data}")
         atomic_write_text(workdir / "metrics.json", json.dumps(metrics.to_dict(), indent=2))
         shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(workdir / SCRATCH, ignore_errors=True)  # the streamed decomposition (a model-sized residual)
     return metrics
 
 

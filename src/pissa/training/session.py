@@ -24,10 +24,11 @@ from pissa.methods.registry import METHODS
 from pissa.runtime import distributed, hub
 from pissa.runtime.devices import autocast, enable_gradient_checkpointing, resolve_device, torch_dtype
 from pissa.runtime.hub import Kind
-from pissa.training.checkpoint import restore_trained
+from pissa.training.checkpoint import restore_trained, verify_checkpoint
 from pissa.training.config import RunConfig
 from pissa.training.evaluation import EvalKind, choose_eval, evaluate, evaluate_generation
 from pissa.training.schedule import step_indices
+from pissa.training.streamed import load_streamed, streams
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class Session:
     sharded: bool = False
     """The model is sharded over the processes (FSDP2, ``--fsdp``)."""
     start: dict[str, float] | None = None
-    """The start check of a fresh adapter (:func:`start_check`); None when resumed or fully fine-tuned."""
+    """The start check of a fresh adapter (:func:`start_check`); None when resumed, fully fine-tuned or loaded
+    sharded from a streamed decomposition (the base is never whole in one process to compare with)."""
 
     @property
     def pad_id(self) -> int:
@@ -110,9 +112,11 @@ class Session:
         return tokens, len(items)
 
 
-def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = False) -> Session:
+def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = False, scratch: Path | None = None) -> Session:
     """Load, encode and adapt (``checkpoint``: restore its adapter instead of a fresh attach);
-    ``sharded``: then shard the model over the processes (:func:`pissa.runtime.distributed.shard`).
+    ``sharded``: then shard the model over the processes (:func:`pissa.runtime.distributed.shard`). A sharded
+    adapter run on a causal LM checkpoint with a ``scratch`` folder never loads the whole model: it is decomposed
+    streamed into ``scratch`` and each rank loads its shard (:mod:`pissa.training.streamed`).
 
     Every user error surfaces here, before any output exists.
     """
@@ -139,11 +143,21 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
                          f"but {cfg.data} has prompt,completion")
     torch.manual_seed(cfg.seed)  # a seq-cls head is drawn from the global RNG
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
-    if is_compressed(cfg.model) and kind == "causal-lm":
+    compressed = is_compressed(cfg.model)
+    streamed = (sharded and scratch is not None and not compressed
+                and streams(cfg.method, kind, hub.resolve_model(cfg.model), torch_dtype(cfg.dtype)))
+    if streamed:
+        assert scratch is not None
+        if checkpoint is not None:
+            verify_checkpoint(checkpoint)
+        model, tokenizer = load_streamed(cfg.model, hub.resolve_model(cfg.model), cfg.adapter, torch_dtype(cfg.dtype),
+                                         device, scratch, None if checkpoint is None else checkpoint / "adapter")
+    elif compressed and kind == "causal-lm":
         model, tokenizer = load_compressed(cfg.model, dtype=torch_dtype(cfg.dtype))
     else:
         model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
-    nn.Module.to(model, device)  # before attach, so the SVD runs where the weights are
+    if not streamed:
+        nn.Module.to(model, device)  # before attach, so the SVD runs where the weights are
     train = encode_all(tokenizer, dataset.train, dataset.labels, kind, cfg.max_length)
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     references = [e.completion for e in dataset.test[: cfg.eval_size]]
@@ -152,7 +166,9 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     if kind == "causal-lm" and dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
     start = None
-    if checkpoint is not None:
+    if streamed:  # adapted and sharded already (the decomposition is attach's own code, per tensor)
+        pass
+    elif checkpoint is not None:
         restore_trained(model, checkpoint)
     elif METHODS[cfg.method].compressed:  # WeLore-COFT: the compressed layers' factors train
         train_factors(model)
@@ -168,7 +184,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
         start = start_check(cfg, base_loss, batch_loss(model, first, kind, torch_dtype(cfg.dtype)))
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if sharded:
+    if sharded and not streamed:
         distributed.shard(model, device)
     model.train()
     return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded, start)

@@ -1,0 +1,117 @@
+"""Giving back a memory-mapped checkpoint's pages of the weights attach replaced (pissa.runtime.memory)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pissa
+from pissa.runtime.memory import file_mappings, pages_in_files, release_file_pages
+
+PAGE = mmap.PAGESIZE
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) and /proc are Linux's")
+
+MAPS = """\
+55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234   /usr/bin/python3.11
+55d0c1000000-55d0c1400000 rw-p 00000000 00:00 0      [heap]
+7f0000000000-7f0000100000 r--p 00000000 00:2a 98765  /tmp/model.safetensors
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0      [stack]
+"""
+
+
+def test_file_mappings_keeps_the_file_backed_ranges_only() -> None:
+    assert file_mappings(MAPS) == [(0x55D0C0000000, 0x55D0C0021000), (0x7F0000000000, 0x7F0000100000)]
+
+
+def test_pages_in_files_takes_whole_pages_inside_the_mappings() -> None:
+    maps = [(0, 10 * PAGE), (20 * PAGE, 30 * PAGE)]
+    assert pages_in_files(PAGE // 2, 3 * PAGE + 5, maps) == [(PAGE, 2 * PAGE)]  # partial pages at both ends stay
+    assert pages_in_files(8 * PAGE, 22 * PAGE, maps) == [(8 * PAGE, 2 * PAGE), (20 * PAGE, 2 * PAGE)]  # the gap is skipped
+    assert pages_in_files(12 * PAGE, 18 * PAGE, maps) == []  # anonymous memory
+    assert pages_in_files(PAGE + 1, 2 * PAGE - 1, maps) == []  # no whole page
+
+
+def resident_file_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def mapped_llama(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """A 2-layer Llama with 256 KiB projections, saved and loaded back by from_pretrained (memory-mapped)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    file = (tmp_path / "m" / "model.safetensors").resolve()
+    with open(file, "rb+") as f:  # written back to disk: the kernel reclaims clean page-cache pages only
+        os.fsync(f.fileno())
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    return model, file
+
+
+@linux_only
+def test_release_reclaims_a_mapped_weights_pages_and_changes_no_value(tmp_path) -> None:
+    model, file = mapped_llama(tmp_path)
+    W = model.model.layers[0].mlp.up_proj.weight  # (512, 256) float32: 512 KiB
+    before = W.detach().clone()
+    assert W.sum().item() == before.sum().item()  # every page of W is resident now
+    resident = resident_file_bytes(file)
+    done = release_file_pages([W.detach()])
+    assert done >= W.numel() * 4 - 2 * PAGE
+    assert resident_file_bytes(file) <= resident - done + 4 * PAGE  # ... and gone from this process's memory
+    assert torch.equal(W.detach(), before)  # read again: faulted back from the file, unchanged
+    assert release_file_pages([torch.randn(512, 256)]) == 0  # anonymous memory is left alone
+
+
+@linux_only
+@pytest.mark.parametrize("method", ["pissa", "lora"])
+def test_attach_gives_back_the_pages_of_the_weights_it_replaced(tmp_path, method) -> None:
+    """PiSSA replaces every target weight by its residual, so the checkpoint's pages of those weights leave the
+    process's memory; LoRA keeps W itself as its frozen weight, so its pages stay."""
+    model, file = mapped_llama(tmp_path)
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        model(input_ids=ids)  # touches every weight
+    targets = sum(m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    resident = resident_file_bytes(file)
+    pissa.attach(model, pissa.AdapterConfig(method=method, rank=4))
+    dropped = resident - resident_file_bytes(file)
+    if method == "pissa":
+        assert dropped >= targets - 14 * 2 * PAGE  # 14 projections, a partial page at either end of each
+    else:
+        assert dropped <= 4 * PAGE
+
+
+def test_unmodified_runs_skips_private_copies_and_joins_neighbours() -> None:
+    from pissa.runtime.memory import FILE_PAGE, PRESENT, unmodified_runs
+
+    entries = [PRESENT | FILE_PAGE, 0, PRESENT, PRESENT | FILE_PAGE, PRESENT | FILE_PAGE]  # file, absent, copy, file, file
+    packed = b"".join(e.to_bytes(8, "little") for e in entries)
+    assert unmodified_runs(packed, 10 * PAGE, PAGE) == [(10 * PAGE, 2 * PAGE), (13 * PAGE, 2 * PAGE)]
+
+
+@linux_only
+def test_a_written_page_is_never_released(tmp_path) -> None:
+    """A weight changed in place (its pages now private copies) keeps its values: those pages stay."""
+    model, _ = mapped_llama(tmp_path)
+    W = model.model.layers[0].mlp.up_proj.weight.detach()
+    with torch.no_grad():
+        W.mul_(2.0)  # copy-on-write: every page of W is private now
+    expected = W.clone()
+    assert release_file_pages([W]) == 0
+    assert torch.equal(W, expected)
