@@ -13,7 +13,7 @@ private runs keep the non-private rate: a second sweep under noise does not fit 
 test accuracy of the global model after every round, the final loss, the epsilon each client spent at delta, and
 the server step's checks (FedSVD's product and orthonormality errors). Ratios against FedSVD (the anchor).
 
-    OMP_NUM_THREADS=1 python benchmarks/federated.py --update-results   # about 30 minutes on one CPU thread
+    OMP_NUM_THREADS=1 python benchmarks/federated.py --update-results --work DIR   # over an hour; a rerun resumes in DIR
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ ANCHOR = "fedsvd"
 
 
 def run(cfg: FederateConfig, out: Path) -> dict[str, dict[str, Any]]:
-    """One ``federate`` run (every algorithm of ``cfg``) into ``out``; each algorithm's metrics.json, by name."""
-    if not (out / "report.md").is_file():
-        federate(cfg, out, grid=InProcessGrid(cfg.clients))
+    """One ``federate`` run (every algorithm of ``cfg``) into ``out`` (kept: a rerun with the same ``--work`` reuses
+    it, or resumes it); each algorithm's metrics.json, by name."""
+    if not (out / "report.md").is_file():  # a run a killed benchmark left in out.partial continues at its next round
+        federate(cfg, out, resume=out.with_name(out.name + ".partial").is_dir(), grid=InProcessGrid(cfg.clients))
     return {a: json.loads((out / a / "metrics.json").read_text()) for a in cfg.algorithms}
 
 

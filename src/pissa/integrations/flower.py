@@ -279,16 +279,9 @@ def simulate(server: Server) -> dict[str, History]:
             found["error"] = exc
 
     cores = max(1, server.cfg.threads)
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)
-    try:
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=server.cfg.clients,
-                       backend_config={"client_resources": {"num_cpus": cores, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": cores * min(server.cfg.clients, 2),
-                                                     "include_dashboard": False}})
-    finally:
-        flwr_log.setLevel(level)
+    run_simulation(server_app=app, client_app=client_app, num_supernodes=server.cfg.clients,
+                   backend_config={"client_resources": {"num_cpus": cores, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": cores * min(server.cfg.clients, 2), "include_dashboard": False}})
     if "error" in found:
         raise found["error"]
     if "results" not in found:
@@ -311,7 +304,13 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, *, resume: bool
         work.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_config(work / RUN_CONFIG, cfg)
-        results = server.run(grid) if grid is not None else simulate(server)
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.WARNING)  # Flower logs every round at INFO; the progress bar says it
+        try:
+            results = server.run(grid) if grid is not None else simulate(server)
+        finally:
+            flwr_log.setLevel(level)
         text = report(cfg, results)
         plot(cfg, results, work / "accuracy.png")
         atomic_write_text(work / "report.md", text)
