@@ -1,7 +1,7 @@
 """Federated fine-tuning on the embedded task: FedSVD vs FFA-LoRA vs FedAvg-LoRA, non-private and with DP-SGD,
 side by side in one run (SmolLM2-135M-Instruct, Rotten Tomatoes, Dirichlet non-IID clients) through
-``pissa.integrations.flower.federate``, the code of ``pissa federate``: the same ServerApp strategy and ClientApp
-train function, served by :class:`~pissa.integrations.flower.InProcessGrid` (clients one after another in this
+``pissa.training.flower.federate``, the code of ``pissa federate``: the same ServerApp strategy and ClientApp
+train function, served by :class:`~pissa.training.flower.InProcessGrid` (clients one after another in this
 process) instead of the Ray simulation, whose worker processes each load the model again (too slow for the
 CPU budget of this benchmark). The results do not depend on the runtime: a round is a pure function of the global
 factors, the seed and the round (tests/unit/integrations/test_flower.py).
@@ -26,8 +26,8 @@ from typing import Any
 
 from _results import Results, add_results_options
 from pissa.adapter.config import AdapterConfig
-from pissa.integrations.flower import InProcessGrid, federate
 from pissa.training.federate import FederateConfig
+from pissa.training.flower import InProcessGrid, federate
 
 ANCHOR = "fedsvd"
 

@@ -181,10 +181,19 @@ def test_finetune_under_torchrun_equals_one_process_on_the_same_global_batches(t
     assert [s for s, _ in m_dist["train_loss"]] == [1, 2, 3, 4]
     assert all(abs(a[1] - b[1]) <= 1e-5 for a, b in zip(m_dist["train_loss"], m_single["train_loss"]))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("dist")) == ["dist"]  # rank 0 only, no leftovers
-    # `pissa finetune --nproc 2` relaunches itself under torchrun: the same run as above
-    assert main([*args, "--out", str(tmp_path / "nproc"), "--nproc", "2"]) == 0
+    # `pissa finetune --nproc 2` relaunches itself under torchrun: the same run as above, logged by rank 0 only
+    assert main([*args, "--out", str(tmp_path / "nproc"), "--nproc", "2", "--report-to", "tensorboard"]) == 0
     nproc_adapter = load_file(str(tmp_path / "nproc" / "adapter" / "adapter.safetensors"))
     assert all(torch.equal(nproc_adapter[k], dist_adapter[k]) for k in dist_adapter)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "nproc" / "tensorboard").iterdir())) == 1  # one event file: one writer
+    board = EventAccumulator(str(tmp_path / "nproc" / "tensorboard"))
+    board.Reload()
+    m_nproc = json.loads((tmp_path / "nproc" / "metrics.json").read_text())
+    logged = board.Scalars("train/loss")
+    assert [e.step for e in logged] == [s for s, _ in m_nproc["train_loss"]]
+    assert [e.value for e in logged] == pytest.approx([v for _, v in m_nproc["train_loss"]], rel=1e-6)
 
 
 def test_nproc_larger_than_the_batch_is_refused(tmp_path, tiny, capsys) -> None:

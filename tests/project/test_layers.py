@@ -32,8 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"errors", "options", "methods", "runtime", "files", "adapter", "data"},
     "analysis": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference",
-                 "optim", "checkpoints"},
-    "integrations": {"errors", "options", "methods", "runtime", "files", "adapter", "training"},
+                 "optim", "checkpoints", "integrations"},
+    "integrations": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "cli": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "checkpoints",
             "inference", "analysis", "training", "integrations", "optim"},
 }

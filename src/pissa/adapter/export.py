@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from pissa.adapter.layer import PissaLinear
 from pissa.adapter.save_load import _layers_or_fail, head_parameters
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
+from pissa.files.card import CARD_FILE, peft_card
 from pissa.methods.factors import truncate
 from pissa.methods.registry import METHODS
 
@@ -64,7 +65,8 @@ class ExportReport:
     modules_to_save: list[str]
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None = None) -> ExportReport:
+def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None = None, *,
+                training: dict[str, Any] | None = None) -> ExportReport:
     """Write a Hugging Face PEFT LoRA adapter that reproduces the trained model on the original base.
 
     Rank 2r (or r, see :func:`peft_factors`). ``max_rank=K`` below that writes each layer's best
@@ -73,7 +75,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
     for the worst one. Trained parameters outside the adapters (a classification head) go in as
     PEFT ``modules_to_save``, so the PEFT model has the trained head too. Layers of different ranks
     (``AdapterConfig.rank_pattern``, EVA) go in as PEFT ``rank_pattern`` with an ``alpha_pattern``
-    that keeps each layer's scaling.
+    that keeps each layer's scaling. The folder gets a model card (``README.md``, library_name peft and
+    base_model, :func:`pissa.files.card.peft_card`); ``training``: the run that trained the adapter, for it.
     """
     layers = _layers_or_fail(model)
     cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
@@ -151,4 +154,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=2))
+        card = peft_card(cfg.to_dict(), getattr(model, "pissa_base", None), len(layers), report.rank, training)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return report

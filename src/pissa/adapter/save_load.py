@@ -45,9 +45,10 @@ class AdapterContents:
     num_labels: int | None
     base: dict[str, str] | None
 
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write the adapter directory ``path`` (replaced atomically)."""
-        return write_adapter(path, self.cfg.to_dict(), self.tensors, self.meta, self.head, self.num_labels, self.base)
+    def write(self, path: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
+        """Write the adapter directory ``path`` (replaced atomically); ``training``: see :func:`save_adapter`."""
+        return write_adapter(path, self.cfg.to_dict(), self.tensors, self.meta, self.head, self.num_labels, self.base,
+                             training)
 
 
 def gather_adapter(model: nn.Module) -> AdapterContents:
@@ -64,14 +65,16 @@ def gather_adapter(model: nn.Module) -> AdapterContents:
     return AdapterContents(model.pissa_config, tensors, meta, head, num_labels, base)  # type: ignore[arg-type]
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapters to directory ``path`` (replaced atomically); returns the path.
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
+    """Write the model's adapters to directory ``path`` (replaced atomically, with its model card ``README.md``);
+    returns the path. ``training``: the run that trained them (:func:`pissa.files.card.training_record`), which
+    the card reports.
 
     Under torch.distributed only rank 0 writes. A model sharded over the processes (FSDP2) is
     gathered first (:func:`gather_adapter`): then every rank must call this.
     """
     contents = gather_adapter(model)
-    return contents.write(path) if distributed.is_main() else Path(path)
+    return contents.write(path, training) if distributed.is_main() else Path(path)
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

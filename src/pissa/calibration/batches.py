@@ -67,14 +67,16 @@ def by_length(batches: list[Batch]) -> list[Batch]:
 
 
 def calibration_batches(tokenizer: Any, data: str | Dataset, kind: Kind, samples: int, batch_size: int,
-                        max_length: int, *, val_size: int = 0) -> list[Batch]:
+                        max_length: int, *, val_size: int = 0, columns: Sequence[str] = (),
+                        split_name: str | None = None) -> list[Batch]:
     """The first ``samples`` examples of ``data``'s training split, tokenized as fine-tuning does, in batches
     (each ``input_ids (B, T)``, B <= ``batch_size``, T <= ``max_length``).
 
     ``data``: a dataset name, split as ``pissa finetune --val-size val_size`` splits it
-    (:func:`pissa.data.datasets.load_data`), or a :class:`~pissa.data.datasets.Dataset` already split so.
+    (:func:`pissa.data.datasets.load_data`, with ``columns`` and ``split_name``), or a
+    :class:`~pissa.data.datasets.Dataset` already split so.
     """
-    dataset = load_data(data, val_size) if isinstance(data, str) else data
+    dataset = load_data(data, val_size, columns=columns, split_name=split_name) if isinstance(data, str) else data
     if samples > len(dataset.train):
         raise PissaError(f"`samples` {samples} exceeds the {len(dataset.train)} training examples of {dataset.name}; "
                          "pass fewer")

@@ -310,5 +310,5 @@ def calibrate_model(cfg: CalibrateConfig) -> Calibration:
     model, tokenizer = hub.load_model(cfg.model, kind=kind, dtype=torch_dtype(cfg.dtype))
     nn.Module.to(model, device)
     batches = calibration_batches(tokenizer, cfg.data, kind, cfg.samples, cfg.batch_size, cfg.max_length,
-                                  val_size=cfg.val_size)
+                                  val_size=cfg.val_size, columns=cfg.columns, split_name=cfg.data_split)
     return calibrate(model, batches, targets=cfg.targets, gradients=cfg.gradients, kind=kind, out=cfg.out, progress=True)

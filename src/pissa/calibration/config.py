@@ -23,6 +23,10 @@ class CalibrateConfig:
     """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
     data: str = "rotten_tomatoes"
     """Embedded dataset or a data file (the formats of pissa finetune); its training split is used."""
+    columns: list[str] = field(default_factory=list)
+    """As pissa finetune --columns: rename the data's columns, comma-separated TARGET=SOURCE."""
+    data_split: str | None = None
+    """As pissa finetune --data-split: the split of a DatasetDict folder or cached Hub dataset."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     samples: int = CALIBRATION_SAMPLES

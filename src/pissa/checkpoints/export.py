@@ -6,7 +6,8 @@ from pissa.adapter.export import ExportReport, export_peft
 from pissa.adapter.save_load import load_adapter
 from pissa.checkpoints.config import ExportConfig
 from pissa.checkpoints.merge import merge_checkpoint
-from pissa.files.adapter_dir import recorded_base
+from pissa.files.adapter_dir import read_adapter_doc, recorded_base
+from pissa.files.card import TRAINING
 from pissa.runtime import hub
 
 
@@ -25,4 +26,4 @@ def export(cfg: ExportConfig) -> ExportReport | None:
     kind = hub.resolve_kind(model_name, kind)
     model, _ = hub.load_model(model_name, kind=kind, num_labels=num_labels if kind == "seq-cls" else None, dtype=dtype)
     load_adapter(model, cfg.adapter)
-    return export_peft(model, cfg.out, cfg.max_rank)
+    return export_peft(model, cfg.out, cfg.max_rank, training=read_adapter_doc(cfg.adapter).get(TRAINING))

@@ -32,6 +32,7 @@ from pissa.checkpoints.init import DECOMPOSABLE
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import AdapterFiles, base_description
 from pissa.files.atomic import atomic_dir
+from pissa.files.card import CARD_FILE, merged_card
 from pissa.files.digests import check_shards, weight_digest
 from pissa.files.safetensors import (
     SAFETENSORS_DTYPES,
@@ -273,7 +274,8 @@ def merge_checkpoint(
 
     Memory: one adapted weight and its merge arithmetic plus a 16 MiB copy buffer, whatever the
     checkpoint's size; nothing is memory-mapped and every range read is dropped from the page cache
-    once used (see the module docstring). All-or-nothing: the result is written in
+    once used (see the module docstring). It gets a model card (``README.md``,
+    :func:`~pissa.files.card.merged_card`) in place of the base's. All-or-nothing: the result is written in
     ``.OUT.tmp-XXXX`` next to ``out_dir`` (:func:`~pissa.files.atomic.atomic_dir`) and renamed into place at the
     end; on any error (a weight that is not the adapter's base: PissaError) that folder is removed. ``out_dir`` must not exist.
     """
@@ -321,6 +323,7 @@ def merge_checkpoint(
         if adapter.head_names:
             config = json.loads((ckpt.root / "config.json").read_text())
             (tmp / "config.json").write_text(json.dumps(_classifier_config(config, adapter), indent=2))
+        (tmp / CARD_FILE).write_text(merged_card(adapter.doc), encoding="utf-8")  # replaces a copied base card
         if out.exists():
             raise PissaError(f"{out} appeared while merging; choose a new output folder or remove it")
     return out

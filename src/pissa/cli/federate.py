@@ -8,21 +8,22 @@ from typing import Any
 
 from pissa.cli.finetune import training_command
 from pissa.errors import PissaError
-from pissa.integrations.flower import federate
 from pissa.training.config import Launch, RunConfig
 from pissa.training.federate import FederateConfig
+from pissa.training.flower import federate
 
 SKIPPED = frozenset({"method", "steps", "warmup", "schedule", "grad_accum", "save_every", "progressive_step", "reg_weight",
-                     "gradient_checkpointing", "eval"})
+                     "gradient_checkpointing", "eval", "tracking"})
 """Run options a federated round does not read: the algorithms take the place of ``method``, ``rounds`` x
-``local_steps`` of ``steps``; each round's optimizer is fresh at a constant ``lr``."""
+``local_steps`` of ``steps``; each round's optimizer is fresh at a constant ``lr``; experiment trackers
+(``tracking``) are not wired to rounds yet."""
 
 
 def command_federate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa federate --algorithms fedsvd,ffa-lora,fedavg-lora``: OUT/ALGO/{adapter/, metrics.json} per algorithm,
     OUT/report.md and OUT/accuracy.png."""
 
-    def body(cfg: RunConfig, launch: Launch, explicit: dict[str, Any]) -> None:
+    def body(cfg: RunConfig, launch: Launch, explicit: dict[str, Any], command: str) -> None:
         assert isinstance(cfg, FederateConfig)
         out, report = federate(cfg, launch.out, resume=launch.resume, explicit=explicit)
         print(report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,10 +45,11 @@ def start(cls: type[RunConfig], args: argparse.Namespace) -> tuple[RunConfig, La
 
 
 def training_command(parser: argparse.ArgumentParser, cls: type[RunConfig],
-                     body: Callable[[RunConfig, Launch, dict[str, Any]], None],
+                     body: Callable[[RunConfig, Launch, dict[str, Any], str], None],
                      skip: frozenset[str] = frozenset()) -> Callable[[argparse.Namespace], int]:
     """A command that trains (finetune, compare): ``cls``'s options and the launch options; ``--nproc N``
-    relaunches it under torchrun, otherwise ``body(cfg, launch, explicit)`` runs in this process."""
+    relaunches it under torchrun, otherwise ``body(cfg, launch, explicit, command)`` runs in this process
+    (``command``: the command line, ``pissa ...``)."""
     add_options(parser, cls, skip)
     add_options(parser, Launch)
 
@@ -56,7 +58,7 @@ def training_command(parser: argparse.ArgumentParser, cls: type[RunConfig],
         if launch.nproc > 1:
             return relaunch(args.argv, launch.nproc, "threads" in explicit, cfg.threads)
         distributed.init_from_env()
-        body(cfg, launch, explicit)
+        body(cfg, launch, explicit, "pissa " + shlex.join(args.argv))
         return 0
 
     return run
@@ -65,8 +67,9 @@ def training_command(parser: argparse.ArgumentParser, cls: type[RunConfig],
 def command_finetune(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``pissa finetune``: one method; writes OUT/{config.yaml, metrics.json, loss.png, adapter/}."""
 
-    def body(cfg: RunConfig, launch: Launch, explicit: dict[str, Any]) -> None:
-        out, metrics = finetune(cfg, launch.out, resume=launch.resume, explicit=explicit, sharded=launch.fsdp)
+    def body(cfg: RunConfig, launch: Launch, explicit: dict[str, Any], command: str) -> None:
+        out, metrics = finetune(cfg, launch.out, resume=launch.resume, explicit=explicit, sharded=launch.fsdp,
+                                command=command)
         if distributed.is_main():
             saved = "adapter" if METHODS[metrics.method].adapter else "model"
             print(f"wrote {out}/config.yaml, metrics.json, loss.png, {saved}/")

@@ -2,9 +2,12 @@
 
 An adapter directory holds
 
+    README.md                its model card (pissa.files.card; not covered by the digests below)
     adapter_config.json      {"format": "pissa-adapter", "version": 2, "config": AdapterConfig,
                               "layers": {name: {"in", "out", "base_digest", "residual_digest"}},
-                              "base_fingerprint", "residual_fingerprint"}
+                              "base_fingerprint", "residual_fingerprint",
+                              "training": {"data", "steps", "lr", "eval_before", "eval_after", "command"}
+                              (a run's adapter only)}
     adapter.safetensors      {name}.{tensor} for every tensor of each adapted layer's shape, e.g. the low-rank
                              {name}.lora_A (r, in), {name}.lora_B (out, r)   trained factors
                              {name}.A0 (r, in),     {name}.B0 (out, r)       initial factors
@@ -48,6 +51,7 @@ from torch import Tensor
 
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_dir
+from pissa.files.card import CARD_FILE, TRAINING, adapter_card
 from pissa.files.digests import ALGORITHM, doc_digest, model_fingerprint, tensors_digest
 from pissa.files.safetensors import Entry, read_tensor, shard_entries
 
@@ -74,13 +78,15 @@ def write_adapter(
     head: dict[str, Tensor] | None = None,
     num_labels: int | None = None,
     base: dict[str, str] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> Path:
     """Write an adapter directory from the :func:`layer_entry` parts of its layers (save_adapter, ``pissa init``).
 
     ``head``: trained parameters outside the adapters (``HEAD_FILE``, listed under "head"), with
-    the classifier's ``num_labels``; ``base``: ``{"model": name or path, "kind": head}`` of the base.
+    the classifier's ``num_labels``; ``base``: ``{"model": name or path, "kind": head}`` of the base;
+    ``training``: the run that trained it (:func:`~pissa.files.card.training_record`), for its model card.
     """
-    doc = adapter_doc(config, meta, head, num_labels, base)
+    doc = adapter_doc(config, meta, head, num_labels, base, training)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
         if head:
@@ -91,12 +97,14 @@ def write_adapter(
 
 def write_config(folder: Path, doc: dict[str, Any]) -> None:
     """Write ``CONFIG_FILE`` into the (temporary) adapter folder ``folder`` once its tensor files are there:
-    ``doc`` with the ``"integrity"`` digests of those files and of ``doc`` itself added."""
+    ``doc`` with the ``"integrity"`` digests of those files and of ``doc`` itself added; and its model card
+    (``README.md``, :func:`~pissa.files.card.adapter_card`, outside the digests)."""
     doc = json.loads(json.dumps(doc))  # the document as it reads back (tuples as lists), for its digest
     files = [TENSORS_FILE] + ([HEAD_FILE] if doc.get("head") else [])
     digests = {name: tensors_digest(folder / name, _entries(folder, name)) for name in files}
     doc[INTEGRITY] = {"algorithm": ALGORITHM, "tensors": digests, "config": doc_digest(doc)}
     (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    (folder / CARD_FILE).write_text(adapter_card(doc), encoding="utf-8")
 
 
 def adapter_doc(
@@ -105,8 +113,10 @@ def adapter_doc(
     head: dict[str, Tensor] | None = None,
     num_labels: int | None = None,
     base: dict[str, str] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``CONFIG_FILE`` document of an adapter: config, the base it was made from, per-layer entries and fingerprints."""
+    """The ``CONFIG_FILE`` document of an adapter: config, the base it was made from, per-layer entries and fingerprints
+    (and the run that trained it, ``training``, when one did)."""
     doc: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -120,6 +130,8 @@ def adapter_doc(
     if head:
         doc["head"] = sorted(head)
         doc["num_labels"] = num_labels
+    if training:
+        doc[TRAINING] = training
     return doc
 
 

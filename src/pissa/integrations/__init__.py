@@ -1,2 +1,3 @@
-"""Other libraries driving pissa models: transformers' Trainer and TRL.
+"""Other libraries around pissa models: transformers' Trainer and TRL (:mod:`.trainer`), and the experiment trackers
+TensorBoard, MLflow and trackio (:mod:`.tracking`, ``--report-to``).
 """

@@ -1,7 +1,7 @@
 """The pure math of federated fine-tuning (FedSVD, arXiv 2505.12805, and its baselines FFA-LoRA and FedAvg of LoRA):
 client weights, aggregation, FedSVD's refactorisation, the Dirichlet (non-IID) client split and the DP-SGD privacy
 budget (Opacus's RDP accountant, over the wide orders :data:`ALPHAS`). ``pissa federate``
-(:mod:`pissa.training.federate`, Flower apps in :mod:`pissa.integrations.flower`) runs it.
+(:mod:`pissa.training.federate`, Flower apps in :mod:`pissa.training.flower`) runs it.
 
 One server step of each algorithm, with ``p_k = n_k / sum_j n_j`` (client k's share of the examples):
 

@@ -61,7 +61,7 @@ def own_calibration(cfg: RunConfig, methods: Sequence[str], path: Path) -> tuple
     gradients = any("gradient" in METHODS[m].needs for m in methods)
     torch.set_num_threads(cfg.threads)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data, columns=cfg.columns, split_name=cfg.data_split)
     num_labels = len(dataset.labels) if kind == "seq-cls" and dataset.labels else None
     model, tokenizer = hub.load_model(cfg.model, kind=kind, num_labels=num_labels, dtype=torch_dtype(cfg.dtype))
     nn.Module.to(model, resolve_device(cfg.device))
@@ -81,13 +81,14 @@ class Comparison:
 
 
 def compare(cfg: CompareConfig, out: str | Path | None = None, *, resume: bool = False,
-            explicit: dict[str, Any] | None = None, sharded: bool = False) -> Comparison:
+            explicit: dict[str, Any] | None = None, sharded: bool = False, command: str | None = None) -> Comparison:
     """``pissa compare``: one :func:`~pissa.training.run.run` per method into ``out/<method>/`` (default
     ``runs/compare``), same data order and seed, plus ``out/report.md`` and ``out/loss.png`` with every curve.
 
     Data-aware methods without ``calibration`` get statistics of the runs' own training split, made once
     into ``out/calibration.safetensors`` (reused by a resumed or a new compare into ``out``). The base model is
     evaluated once for every run that starts at it. Finished runs of an interrupted compare are kept.
+    ``command``: the command line, for each adapter's model card.
     """
     folder = Path(out or "runs/compare")
     with output_folder(folder, resume) as work:
@@ -117,7 +118,7 @@ def compare(cfg: CompareConfig, out: str | Path | None = None, *, resume: bool =
                 if one.method in aware:
                     one = with_calibration(one, work / CALIBRATION_FILE)
                 results[one.method] = run(one, sub, resume=(sub / CHECKPOINT / "state.json").is_file(), sharded=sharded,
-                                          base_eval=base_eval)
+                                          base_eval=base_eval, experiment=folder.name, store=work, command=command)
                 if one.method in aware and distributed.is_main():  # its config names the file where it will stay
                     write_config(sub / RUN_CONFIG, with_calibration(one, folder / CALIBRATION_FILE))
             if base_eval is None and starts_at_base(one):

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pissa.adapter.config import AdapterConfig
+from pissa.data.formats import parse_columns
 from pissa.errors import PissaError
+from pissa.integrations.tracking import TrackingConfig
 from pissa.methods.registry import METHODS, get_method
 from pissa.optim.config import OptimizerConfig
 from pissa.options import resume_safe_field
@@ -29,7 +31,12 @@ class RunConfig:
     """Embedded model (smollm2, minilm) or a local Hugging Face model folder."""
     data: str = "rotten_tomatoes"
     """Embedded dataset (rotten_tomatoes, arithmetic: chat word problems, use --max-length 160), a .jsonl/.json/.csv/.parquet
-    file or a datasets save_to_disk folder with messages (chat), prompt,completion or text,label columns."""
+    file, a datasets save_to_disk folder or a Hub dataset already in the local datasets cache, with messages (chat),
+    conversations (ShareGPT), instruction,output (Alpaca), prompt,completion or text,label columns."""
+    columns: list[str] = field(default_factory=list)
+    """Rename the data's columns to the names above: comma-separated TARGET=SOURCE, e.g. prompt=question,completion=answer."""
+    data_split: str | None = None
+    """The split of a DatasetDict folder or cached Hub dataset to read (default: train, or its only split)."""
     kind: HeadKind = "auto"
     """Model head; auto: the embedded model's, else from config.json's architectures."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -92,16 +99,21 @@ class RunConfig:
     """Checkpoint every N steps (0: only on Ctrl-C)."""
     threads: int = resume_safe_field(default_factory=lambda: len(os.sched_getaffinity(0)))
     """CPU threads (default: the cores available to this process)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (its fields are options of their own)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.optim, dict):
             self.optim = OptimizerConfig(**self.optim)
+        if isinstance(self.tracking, dict):
+            self.tracking = TrackingConfig(**self.tracking)
         self.validate()
 
     def validate(self) -> None:
         """Raise PissaError for any out-of-range option (before anything is loaded or written)."""
+        parse_columns(self.columns)
         for name in ("steps", "batch_size", "grad_accum", "eval_size", "threads", "warmup", "save_every", "val_size",
                      "max_new_tokens", "eval_batch_size", "progressive_step"):
             value = getattr(self, name)

@@ -1,6 +1,6 @@
 """``pissa federate``: the options, the client's local round and the server's step of federated fine-tuning
 (FedSVD and its baselines; the math in :mod:`pissa.methods.federated`, the Flower apps in
-:mod:`pissa.integrations.flower`).
+:mod:`pissa.training.flower`).
 
 One round r of algorithm a, global factors ``(A, B)`` per adapted layer, clients k = 1..K (all sampled)::
 

@@ -20,6 +20,7 @@ from pissa.adapter.progressive import shrink
 from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
+from pissa.integrations.tracking import TRAIN_METRICS, Tracker, Trackers
 from pissa.optim import build_optimizer
 from pissa.runtime import distributed
 from pissa.runtime.devices import autocast, torch_dtype
@@ -106,8 +107,9 @@ def deferred_interrupt() -> Iterator[list[bool]]:
 
 
 def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler | None = None, show: bool = True) -> Progress:
-    """Run steps ``progress.step .. steps - 1``, checkpointing into ``workdir/checkpoint``.
+          scaler: torch.amp.GradScaler | None = None, show: bool = True, tracker: Tracker | None = None) -> Progress:
+    """Run steps ``progress.step .. steps - 1``, checkpointing into ``workdir/checkpoint``; each step's loss, learning
+    rate and gradient norm go to ``tracker`` as :data:`~pissa.integrations.tracking.TRAIN_METRICS`.
 
     On Ctrl-C: finish the current step, checkpoint, raise KeyboardInterrupt. After ``cfg.progressive_step`` steps
     the adapters' masks shrink (:func:`pissa.adapter.progressive.shrink`) before the next step (a run resumed from
@@ -117,7 +119,7 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
     count = cfg.batch_size * cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=progress.step, desc=f"{cfg.method} lr={cfg.learning_rate:g}",
                unit="step", disable=not show or not distributed.is_main(), dynamic_ncols=True)
-    smooth = None
+    smooth, tracker = None, tracker or Trackers()
     with deferred_interrupt() as interrupted:
         while progress.step < cfg.steps:
             if cfg.progressive_step and progress.step == cfg.progressive_step:
@@ -128,7 +130,8 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
             micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]
-            loss, norm = train_step(model, micro, session.kind, optimizer, lr_at(progress.step, cfg), cfg, scaler)
+            lr = lr_at(progress.step, cfg)
+            loss, norm = train_step(model, micro, session.kind, optimizer, lr, cfg, scaler)
             if not math.isfinite(loss):
                 raise PissaError(f"the loss diverged (became {loss}) at step {progress.step + 1}; lower `lr` "
                                  f"(now {cfg.learning_rate:g})")
@@ -137,6 +140,7 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
             progress.tokens += tokens
             progress.train_loss.append([progress.step, loss])
             progress.grad_norm.append([progress.step, norm])
+            tracker.log_metrics(progress.step, dict(zip(TRAIN_METRICS, (loss, lr, norm))))
             elapsed = time.perf_counter() - start
             progress.train_seconds += elapsed
             smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss

@@ -32,6 +32,8 @@ from pissa import options
 from pissa.adapter.save_load import save_adapter
 from pissa.errors import PissaError
 from pissa.files.atomic import atomic_write_text, publish_dir
+from pissa.files.card import training_record
+from pissa.integrations.tracking import open_tracker, prefixed
 from pissa.methods.registry import METHODS
 from pissa.runtime import distributed
 from pissa.runtime.devices import grad_scaler
@@ -55,7 +57,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, sharded: bool = False,
-        base_eval: Evaluation | None = None) -> RunMetrics:
+        base_eval: Evaluation | None = None, experiment: str | None = None, store: Path | None = None,
+        command: str | None = None) -> RunMetrics:
     """One fine-tuning run in ``workdir`` (created here, after validation); returns its metrics.
 
     Writes ``workdir/{config.yaml, metrics.json, loss.png, adapter/}`` (``model/`` for full
@@ -63,6 +66,10 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     ``workdir/checkpoint``. ``sharded``: FSDP2 over the torchrun processes. ``base_eval``: the
     evaluation of a model that starts where this one does (:func:`~pissa.training.session.starts_at_base`),
     reported as ``eval_before`` instead of evaluating again (``pissa compare`` evaluates the base once).
+    ``cfg.tracking``'s trackers get the run named ``cfg.method`` in ``experiment`` (default: ``workdir``'s name), MLflow's
+    default store in ``store`` (default ``workdir``): the config, every step's train metrics and both evaluations
+    (``eval/*`` at step 0 and at step ``steps``), the same values as metrics.json.
+    ``command``: the command line that started the run, for the adapter's model card (``adapter/README.md``).
     """
     started = time.perf_counter()
     ckpt = workdir / CHECKPOINT
@@ -79,15 +86,21 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
     scaler = grad_scaler(session.device, session.dtype)
     progress = load_checkpoint(ckpt, optimizer, scaler) if resume else Progress()
     progress._mark = started  # loading and attaching count towards ``seconds`` too
+    tracker = open_tracker(cfg.tracking, workdir, cfg.method, experiment=experiment or workdir.name, store=store,
+                           config=options.flatten(cfg), resume_step=progress.step if resume else None)
+    ok = False
     try:
         if progress.eval_before is None:
             shared = base_eval if base_eval is not None and starts_at_base(cfg) else None
             progress.eval_before = dict(shared) if shared is not None else session.evaluate()
+            tracker.log_metrics(0, prefixed("eval", progress.eval_before))
             if distributed.is_main():
                 log.info(f"{cfg.method}: before training: {_fmt(progress.eval_before)}"
                          + (" (the base model's, evaluated once for the comparison)" if shared is not None else ""))
-        train(session, workdir, progress, optimizer, scaler, show=show)
+        train(session, workdir, progress, optimizer, scaler, show=show, tracker=tracker)
         eval_after = session.evaluate()
+        tracker.log_metrics(cfg.steps, prefixed("eval", eval_after))
+        ok = True
     except Abort:
         raise
     except KeyboardInterrupt:  # outside a step (evaluation): the model matches ``progress``
@@ -96,12 +109,15 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
         if checkpoint_step(ckpt) is not None and distributed.is_main():
             log.info(f"\ninterrupted at step {progress.step}; checkpoint in {ckpt}; continue with `resume`")
         raise
+    finally:
+        tracker.close(ok)
     if distributed.is_main():
         log.info(f"{cfg.method}: after {cfg.steps} steps: {_fmt(eval_after)}")
     progress.tick()
     metrics = RunMetrics.of(cfg, session, progress, eval_after, sharded)
     if METHODS[cfg.method].adapter:  # gathered on every rank when sharded; rank 0 writes
-        save_adapter(session.model, workdir / "adapter")
+        training = training_record(cfg.data, cfg.steps, metrics.lr, metrics.eval_before, metrics.eval_after, command)
+        save_adapter(session.model, workdir / "adapter", training=training)
     else:
         save_model(session.model, session.tokenizer, workdir / "model")
     if distributed.is_main():
@@ -113,15 +129,16 @@ def run(cfg: RunConfig, workdir: Path, resume: bool = False, show: bool = True, 
 
 
 def finetune(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, explicit: dict[str, Any] | None = None,
-             sharded: bool = False) -> tuple[Path, RunMetrics]:
+             sharded: bool = False, command: str | None = None) -> tuple[Path, RunMetrics]:
     """``pissa finetune``: :func:`run` in ``out`` (default ``runs/finetune-METHOD``) through its ``OUT.partial``
     folder. ``resume``: continue the interrupted run there, with its saved config; ``explicit`` (the values
-    the user set now) may change only resume-safe fields (:func:`resumed_config`). Returns ``(out, metrics)``."""
+    the user set now) may change only resume-safe fields (:func:`resumed_config`); ``command``: the command line,
+    for the adapter's model card. Returns ``(out, metrics)``."""
     folder = Path(out or f"runs/finetune-{cfg.method}")
     with output_folder(folder, resume) as work:
         if resume:
             cfg = resumed_config(work / RUN_CONFIG, RunConfig, explicit or {})
-        metrics = run(cfg, work, resume=resume, sharded=sharded)
+        metrics = run(cfg, work, resume=resume, sharded=sharded, experiment=folder.name, command=command)
     return folder, metrics
 
 

@@ -135,7 +135,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
-    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data)
+    dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data, columns=cfg.columns, split_name=cfg.data_split)
     if kind == "seq-cls" and cfg.pack:
         raise PissaError(f"`pack` joins examples of a causal LM; {cfg.model} is a sequence classifier: drop `pack`")
     if kind == "seq-cls" and dataset.labels is None:

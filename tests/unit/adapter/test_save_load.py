@@ -52,7 +52,7 @@ def test_save_load_round_trip_is_exact(tmp_path, arch, method) -> None:
 def test_adapter_dir_has_no_pickle_and_records_fingerprint(tmp_path) -> None:
     _, model = trained(tiny_llama)
     path = pissa.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
     doc = json.loads((path / "adapter_config.json").read_text())
     assert doc["config"]["rank"] == 4 and len(doc["base_fingerprint"]) == 32
     assert len(doc["layers"]) == 14

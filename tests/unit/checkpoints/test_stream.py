@@ -283,7 +283,9 @@ def test_merged_checkpoint_equals_in_memory_merge(tmp_path, monkeypatch, llama_d
     assert stored.keys() == residual_tensors(src).keys()
     assert_same_tensors(stored, ref)
     # same layout: shard names, index, config and other files (not the residual's shard digests); nothing left behind
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir() if p.name != SHARD_DIGESTS)
+    # (plus the merged model's card)
+    assert sorted(p.name for p in out.iterdir()) == sorted({p.name for p in src.iterdir() if p.name != SHARD_DIGESTS}
+                                                          | {"README.md"})
     for shard in out.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f, safe_open(str(src / shard.name), framework="pt") as g:
             assert f.metadata() == g.metadata() and sorted(f.keys()) == sorted(g.keys())

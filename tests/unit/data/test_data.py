@@ -291,7 +291,7 @@ def test_bad_json_files(tmp_path: Path) -> None:
 
 
 def _save_to_disk(folder: Path, records: list[dict[str, Any]], shards: int = 1, features: dict | None = None) -> Path:
-    """The layout ``datasets.Dataset.save_to_disk`` writes (the package is not installed here): Arrow stream files
+    """The layout ``datasets.Dataset.save_to_disk`` writes (read without the package): Arrow stream files
     ``data-0000i-of-0000n.arrow``, ``state.json`` listing them under ``_data_files``, ``dataset_info.json``."""
     import pyarrow as pa
 
@@ -323,8 +323,10 @@ def test_datasets_save_to_disk_folders(tmp_path: Path) -> None:
 def test_bad_datasets_folders(tmp_path: Path) -> None:
     (tmp_path / "dd").mkdir()
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
-    message = _error(tmp_path / "dd")
-    assert "DatasetDict (splits: train, test)" in message and str(tmp_path / "dd" / "train") in message
+    message = _error(tmp_path / "dd")  # the train split is read, and its folder is missing
+    assert f"'{tmp_path / 'dd' / 'train'}' is a folder without state.json" in message
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"no": "splits"}')
+    assert "unreadable dataset_dict.json" in _error(tmp_path / "dd")
     broken = _save_to_disk(tmp_path / "broken", CHAT)
     (broken / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
     assert "not a readable datasets save_to_disk folder" in _error(broken)

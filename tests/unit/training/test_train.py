@@ -20,6 +20,7 @@ from pissa.cli import main
 from pissa.data.batches import collate
 from pissa.data.datasets import Example, load_data
 from pissa.data.encoding import encode
+from pissa.files.card import read_card
 from pissa.training.checkpoint import WEIGHTS
 from pissa.training.config import RunConfig
 from pissa.training.evaluation import evaluate
@@ -206,6 +207,9 @@ def test_compare_writes_report_plot_and_one_folder_per_method(tiny: Path, tmp_pa
     for method in ("pissa", "lora"):
         m = json.loads((out / method / "metrics.json").read_text())
         assert m["method"] == method and (out / method / "adapter" / "adapter_config.json").is_file()
+        card, body = read_card(out / method / "adapter")  # each method's adapter has its card, with the command
+        assert card["library_name"] == "pissa" and method in card["tags"] and "pissa compare --methods pissa,lora" in body
+        assert f"- learning rate: {m['lr']:g}" in body and f"| after training | {m['eval_after']['accuracy']:.4f}" in body
     a, b = (json.loads((out / m / "metrics.json").read_text()) for m in ("pissa", "lora"))
     assert a["eval_before"] == pytest.approx(b["eval_before"], abs=1e-5)  # both start from the base model's function
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from pissa.cli import main
-from pissa.integrations import flower
-from pissa.integrations.flower import FederatedStrategy, InProcessGrid, federate
 from pissa.methods.federated import client_weights
+from pissa.training import flower
 from pissa.training.federate import FederateConfig
 from pissa.training.federate_out import History
+from pissa.training.flower import FederatedStrategy, InProcessGrid, federate
 
 
 def config(tiny: Path, **kw) -> FederateConfig:
