@@ -24,6 +24,7 @@ from pissa.cli.compare import command_compare
 from pissa.cli.compress import command_compress
 from pissa.cli.eval import command_eval
 from pissa.cli.export import command_export
+from pissa.cli.federate import command_federate
 from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
 from pissa.cli.init import command_init
@@ -43,6 +44,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
     "eval": (command_eval, "lm-evaluation-harness on a base or base + adapter (built-in tasks over pissa's data)"),
     "pretrain": (command_pretrain, "Llama-shaped models from scratch: full vs low-rank vs LOST (low-rank plus sparse)"),
+    "federate": (command_federate, "federated fine-tuning on Flower (FedSVD, FFA-LoRA, FedAvg-LoRA), optionally DP-SGD"),
     "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
 }
 
