@@ -223,3 +223,17 @@ def interrupt_after(monkeypatch, steps: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", step)
+
+
+def pissa_accuracy(model, tokenizer, n: int, max_length: int) -> float:
+    """pissa's likelihood accuracy (the label of largest log-likelihood, :func:`pissa.training.evaluation.evaluate`)
+    on the first ``n`` rotten_tomatoes test examples."""
+    from pissa.data.datasets import load_data
+    from pissa.data.encoding import encode_all
+    from pissa.training.evaluation import evaluate
+
+    data = load_data("rotten_tomatoes")
+    assert data.labels is not None
+    items = encode_all(tokenizer, data.test[:n], data.labels, "causal-lm", max_length)
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in data.labels]
+    return evaluate(model, items, data.labels, label_ids, "causal-lm", tokenizer.pad_token_id)["accuracy"]

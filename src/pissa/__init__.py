@@ -12,7 +12,9 @@ from pissa.adapter.attach import adapted_layers, attach, decompose, merge, regul
 from pissa.adapter.compressed import LowRankLinear, compress, load_compressed
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.export import export_peft
+from pissa.adapter.gguf_export import export_gguf
 from pissa.adapter.layer import PissaLinear
+from pissa.adapter.named import active_adapter, list_adapters, reference, set_adapter, unload_adapter
 from pissa.adapter.save_load import load_adapter, save_adapter
 from pissa.calibration.collect import calibrate
 from pissa.checkpoints.compress import compress_checkpoint
@@ -32,6 +34,7 @@ __all__ = [
     "METHODS",
     "PissaError",
     "PissaLinear",
+    "active_adapter",
     "adapted_layers",
     "attach",
     "calibrate",
@@ -39,15 +42,20 @@ __all__ = [
     "compress_checkpoint",
     "decompose",
     "export_peft",
+    "export_gguf",
     "hub",
     "load_adapter",
     "load_compressed",
+    "list_adapters",
     "load_sharded",
     "merge",
     "merge_checkpoint",
     "merge_state_dict",
+    "reference",
     "regularization",
     "save_adapter",
+    "set_adapter",
     "trainable_parameters",
+    "unload_adapter",
 ]
 __version__ = "0.1.0"

@@ -33,6 +33,8 @@ POSITIONAL = "positional"
 """Field metadata key: the option is a positional argument."""
 CHOICES = "choices"
 """Field metadata key: the values a text option accepts."""
+REPEATABLE = "repeatable"
+"""Field metadata key (a list option): the flag may be given several times, its values joined in order."""
 
 
 @cache

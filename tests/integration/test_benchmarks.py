@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +187,49 @@ def test_scripts_write_through_the_shared_writer(script):
     text = script.read_text()
     assert "add_results_options(" in text and "Results.from_args(" in text, f"{script.name} bypasses benchmarks/_results.py"
     assert "atomic_write_text" not in text and 'add_argument("--out"' not in text
+
+
+# --- smoke runs of benchmark scripts on the tiny model ------------------------------------------------
+
+
+def test_family_sweeps_welore_on_a_compressed_copy_next_to_lora_at_its_default(tiny: Path, tmp_path: Path) -> None:
+    """benchmarks/family.py --methods welore: compresses the model once into the cache, sweeps WeLore-COFT on it,
+    and runs LoRA at its default rate on the original model, each in a fresh process."""
+    from safetensors.torch import load_file
+
+    cache, name = tmp_path / "cache", f"test_family_welore_{os.getpid()}"
+    cmd = [sys.executable, str(BENCHMARKS / "family.py"), "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
+           "--methods", "welore", "--against", "lora", "--lrs", "1e-3,1e-1", "--steps", "2", "--batch-size", "2",
+           "--rank", "2", "--eval-size", "4", "--val-size", "4", "--compressed-cache", str(cache),
+           "--work", str(tmp_path / "work"), "--name", name]
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    out = REPO / "bench_out" / f"{name}.md"
+    try:
+        text = out.read_text()
+    finally:
+        out.unlink(missing_ok=True)
+    [folder] = list(cache.iterdir())
+    assert folder.name.startswith("llama-") and folder.name.endswith("-reduction0.1")
+    assert json.loads((folder / "welore.json").read_text())["requested"] == 0.1
+    factors = sum(t.numel() for k, t in load_file(str(folder / "model.safetensors")).items() if k.endswith((".A", ".B")))
+    assert factors > 0
+    built = (folder / "model.safetensors").stat().st_mtime_ns
+
+    [(_, _, chosen)] = tables(section(text, "## Each method at the learning rate chosen on validation data"))
+    [(_, sweep_header, sweep)] = tables(section(text, "## Learning-rate sweep (validation loss after training; "
+                                                      "chosen rate in bold)"))
+    [(_, header, compare)] = tables(section(text, "## At the chosen rate, next to lora at their defaults"))
+    losses = {float(h.removeprefix("lr ")): float(c.strip("*")) for h, c in zip(sweep_header[1:], sweep[0][1:], strict=True)}
+    best = min(losses, key=losses.__getitem__)
+    assert sweep[0][0] == "welore" and sweep[0][1 + sorted(losses).index(best)].startswith("**")
+    assert chosen[0][:3] == ["welore", f"{best:g}", f"{factors:,}"] and chosen[0][-2:] == ["–", "–"]
+    assert header[:3] == ["method", "model", "lr"] and header[-1] == "peak / lora's"
+    assert compare[0][:4] == ["welore", "compressed", f"{best:g} (chosen)", f"{factors:,}"]
+    assert compare[1][:3] == ["lora", "original", "0.0002 (default)"] and compare[1][9] == "1.00x" and compare[1][-1] == "1.00x"
+    assert compare[0][5] == chosen[0][4]  # both tables show the one run at the chosen rate
+
+    subprocess.run(cmd, check=True, env=env, capture_output=True)  # the compressed copy is reused, not rebuilt
+    (REPO / "bench_out" / f"{name}.md").unlink()
+    assert list(cache.iterdir()) == [folder] and (folder / "model.safetensors").stat().st_mtime_ns == built

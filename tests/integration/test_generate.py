@@ -215,3 +215,31 @@ def test_smollm2_chat(monkeypatch, capsys) -> None:
     assert main(["generate", "--chat", "--max-new-tokens", "8", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([line for line in lines if line.strip()]) >= 2
+
+
+def test_two_adapters_on_one_base_switch_in_the_chat(templated: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--adapter a --adapter b``: the replies after ``/adapter b`` are those of b loaded alone, the base loaded once."""
+    a = _adapter(templated, tmp_path / "a")
+    model, _ = load_model(str(templated))
+    pissa.attach(model, pissa.AdapterConfig(method="lora", rank=2, seed=3))
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.lora_B.add_(0.3 * torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(1)))
+    b = pissa.save_adapter(model, tmp_path / "b")
+    alone = {}
+    for name, folder in (("a", a), ("b", b)):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
+        assert main(["generate", "--chat", "--model", str(templated), "--adapter", str(folder), *FAST]) == 0
+        alone[name] = capsys.readouterr().out
+    assert alone["a"] != alone["b"]
+    loads = []
+    monkeypatch.setattr("pissa.inference.chat.hub.load_model", lambda *a, **k: loads.append(1) or load_model(*a, **k))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/adapter b\n/adapter\n/adapter c\n/adapter a\n"))
+    assert main(["generate", "--chat", "--model", str(templated), "--adapter", str(a), "--adapter", str(b), *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert out == alone["a"]  # history aside, the first reply is a's
+    assert "adapters: *b, a" in err and "adapter 'c' is not an adapter of this model (it has: b, a)" in err
+    assert "adapters: *a, b" in err and loads == [1]
+    monkeypatch.setattr("sys.stdin", io.StringIO("/adapter b\nhello there\n"))
+    assert main(["generate", "--chat", "--model", str(templated), "--adapter", str(a), "--adapter", str(b), *FAST]) == 0
+    assert capsys.readouterr().out == alone["b"]

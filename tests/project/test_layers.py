@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"errors", "options", "methods", "runtime", "files", "adapter"},
     "training": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "inference",
                  "optim", "checkpoints", "integrations"},
-    "integrations": {"errors", "options", "methods", "runtime", "files", "adapter"},
+    "integrations": {"errors", "options", "methods", "runtime", "files", "adapter", "data"},
     "cli": {"errors", "options", "methods", "runtime", "files", "adapter", "data", "calibration", "checkpoints",
             "inference", "analysis", "training", "integrations", "optim"},
 }

@@ -65,6 +65,73 @@ class ExportReport:
     modules_to_save: list[str]
 
 
+@dataclass(frozen=True)
+class LoraForm:
+    """A trained model's update as one plain LoRA per layer, the form every export writes (PEFT, GGUF).
+
+    ``factors[name] = (A (k, in), B (out, k))`` in float32 with the layer's delta ``scalings[name] * B @ A``
+    (:func:`peft_factors`, then :func:`pissa.methods.factors.truncate` to ``max_rank``). ``full_rank``: the
+    largest rank before truncation; ``relative_error`` / ``worst_layer_error``: the truncation's relative
+    Frobenius error over all layers and for the worst one (0 without truncation)."""
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    scalings: dict[str, float]
+    full_rank: int
+    relative_error: float
+    worst_layer_error: float
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: A.shape[0] for name, (A, _) in self.factors.items()}
+
+
+def lora_form(model: nn.Module, max_rank: int | None = None) -> LoraForm:
+    """The LoRA form of every adapted layer of ``model`` (:class:`LoraForm`): rank 2r (or r, see
+    :func:`peft_factors`), or each layer's best rank-``max_rank`` approximation of its update; warns when the
+    residual is quantized (the LoRA applies to the unquantized base)."""
+    layers = _layers_or_fail(model)
+    cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
+    if cfg.quantize is not None:
+        warnings.warn(
+            "the exported LoRA applies to the unquantized base weights; outputs differ from the "
+            "4-bit-residual model by the residual's quantization error",
+            stacklevel=3,
+        )
+    export_rank = METHODS[cfg.method].export_rank
+    factors = {name: peft_factors(layer, export_rank) for name, layer in layers}
+    if max_rank is not None and not max_rank >= 1:
+        raise PissaError(f"`max_rank` must be >= 1, got {max_rank}")
+    full = max(A.shape[0] for A, _ in factors.values())
+    kept = discarded = 0.0
+    worst = 0.0
+    for name, (A, B) in list(factors.items()):
+        if max_rank is not None and max_rank < A.shape[0]:
+            A_k, B_k, S = truncate(A, B, max_rank)
+            factors[name] = (A_k, B_k)
+            lost, total = float((S[max_rank:] ** 2).sum()), float((S**2).sum())
+            kept, discarded = kept + total, discarded + lost
+            worst = max(worst, (lost / total) ** 0.5 if total > 0 else 0.0)
+    return LoraForm(factors, {name: layer.scaling for name, layer in layers}, full,
+                    (discarded / kept) ** 0.5 if kept > 0 else 0.0, worst)
+
+
+def common_alpha(form: LoraForm) -> tuple[int, float]:
+    """``(r, alpha)``: the most common rank (the larger on a tie) and the LoRA alpha ``s * r`` of its layers, so that
+    a server's scaling ``alpha / r`` is the pissa scaling s of those layers."""
+    ranks = form.ranks
+    r = max(set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k))
+    return r, form.scalings[next(n for n, k in ranks.items() if k == r)] * r
+
+
+def export_report(path: str | os.PathLike, form: LoraForm, modules_to_save: list[str]) -> ExportReport:
+    """What an export of ``form`` to ``path`` wrote (:class:`ExportReport`)."""
+    rank = max(form.ranks.values())
+    return ExportReport(path=Path(path), rank=rank, full_rank=form.full_rank,
+                        max_lora_rank=next((v for v in VLLM_RANKS if v >= rank), None),
+                        relative_error=form.relative_error, worst_layer_error=form.worst_layer_error,
+                        modules_to_save=modules_to_save)
+
+
 def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None = None, *,
                 training: dict[str, Any] | None = None) -> ExportReport:
     """Write a Hugging Face PEFT LoRA adapter that reproduces the trained model on the original base.
@@ -80,34 +147,13 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
     """
     layers = _layers_or_fail(model)
     cfg: AdapterConfig = model.pissa_config  # type: ignore[assignment]
-    if cfg.quantize is not None:
-        warnings.warn(
-            "the exported LoRA applies to the unquantized base weights; outputs differ from the "
-            "4-bit-residual model by the residual's quantization error",
-            stacklevel=2,
-        )
-    export_rank = METHODS[cfg.method].export_rank
-    factors = {name: peft_factors(layer, export_rank) for name, layer in layers}
-    scalings = {name: layer.scaling for name, layer in layers}
-    if max_rank is not None and not max_rank >= 1:
-        raise PissaError(f"`max_rank` must be >= 1, got {max_rank}")
-    full = max(A.shape[0] for A, _ in factors.values())
-    kept = discarded = 0.0
-    worst = 0.0
-    for name, (A, B) in list(factors.items()):
-        if max_rank is not None and max_rank < A.shape[0]:
-            A_k, B_k, S = truncate(A, B, max_rank)
-            factors[name] = (A_k, B_k)
-            lost, total = float((S[max_rank:] ** 2).sum()), float((S**2).sum())
-            kept, discarded = kept + total, discarded + lost
-            worst = max(worst, (lost / total) ** 0.5 if total > 0 else 0.0)
-    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    form = lora_form(model, max_rank)
+    factors, scalings, ranks = form.factors, form.scalings, form.ranks
     # PEFT's LoRA scales each layer by lora_alpha / r: the most common rank is "r"; layers of another rank
     # (rank_pattern, EVA) get their own rank and alpha so that every layer keeps its pissa scaling
-    r = max(set(ranks.values()), key=lambda k: (list(ranks.values()).count(k), k))
+    r, alpha = common_alpha(form)
     rank_pattern = {name: k for name, k in ranks.items() if k != r}
     alphas = {name: scalings[name] * k for name, k in ranks.items()}
-    alpha = scalings[next(n for n, k in ranks.items() if k == r)] * r
     alpha_pattern = {name: a for name, a in alphas.items() if a != alpha}
     tensors = {}
     kernels = {name: layer.residual.weight.shape for name, layer in layers if isinstance(layer.residual, nn.Conv2d)}
@@ -144,11 +190,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, max_rank: int | None 
         "inference_mode": True,
         "modules_to_save": head_modules or None,
     }
-    report = ExportReport(
-        path=Path(path), rank=max(ranks.values()), full_rank=full,
-        max_lora_rank=next((v for v in VLLM_RANKS if v >= max(ranks.values())), None),
-        relative_error=(discarded / kept) ** 0.5 if kept > 0 else 0.0, worst_layer_error=worst, modules_to_save=head_modules,
-    )
+    report = export_report(path, form, head_modules)
     note = {k: v for k, v in dataclasses.asdict(report).items() if k != "path"}
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

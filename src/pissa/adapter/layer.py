@@ -12,6 +12,13 @@ update that ``export_peft`` writes. ``train`` names the variables that are train
 
 A Conv2d residual's adapter path is the convolution with the delta reshaped to the kernel
 ``(out, in, kh, kw)`` (same stride, padding and dilation; one group).
+
+Several named adapters (:mod:`pissa.adapter.named`): the layer's attributes hold the *active* adapter; the others
+wait in ``slots`` (an :class:`AdapterSlot` each). The residual is the *held* adapter's ``W - initial_h`` (the first one
+loaded) and stays the only dense weight; with another adapter X active the layer computes
+``y = residual(x) + x initial_h^T - x initial_X^T + shape_X.forward(x)``, i.e. ``(W - initial_X) x + delta_X x``,
+the initial terms as their low-rank products. ``use_initial`` (:func:`pissa.reference`) computes with the
+variables' frozen initial copies instead of their values, without dropout.
 """
 
 from __future__ import annotations
@@ -67,6 +74,14 @@ class PissaLinear(nn.Module):
         self.facts = dict(facts or {})
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_features, self.in_features = dense_shape(residual)
+        self.adapter_name = "default"
+        """The active adapter's name (:func:`pissa.set_adapter`)."""
+        self.held = "default"
+        """The adapter whose initial term the residual subtracted."""
+        self.use_initial = False
+        """Compute with the initial copies of the variables (:func:`pissa.reference`)."""
+        self.slots: nn.ModuleDict | None = None
+        """The inactive named adapters (None: the layer holds one adapter)."""
 
     def tensors(self) -> dict[str, Tensor]:
         """The shape's tensors by name (the parameters and buffers themselves, not copies)."""
@@ -106,23 +121,101 @@ class PissaLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.residual(x)
-        h = self.dropout(x).to(self.dtype)
+        t = self.tensors()
+        if self.use_initial:
+            t, h = self.shape.at_start(t), x.to(self.dtype)
+        else:
+            h = self.dropout(x).to(self.dtype)
         if isinstance(self.residual, nn.Conv2d):
-            kernel = self.delta().reshape(self.residual.weight.shape)
+            kernel = self.shape.delta(t, self.scaling).reshape(self.residual.weight.shape)
             r = self.residual
             h = F.conv2d(h, kernel, None, r.stride, r.padding, r.dilation)
         else:
-            h = self.shape.forward(h, self.tensors(), self.scaling)
+            h = self.shape.forward(h, t, self.scaling)
+        if self.held != self.adapter_name:
+            h = h + self.held_correction(x.to(self.dtype))
         return y + h.to(y.dtype)
+
+    # --- several named adapters (pissa.adapter.named) -------------------------------------------------------
+
+    def _held_slot(self) -> tuple[Shape, dict[str, Tensor], float]:
+        """(shape, tensors, scaling) of the adapter whose initial term the residual subtracted."""
+        if self.held == self.adapter_name:
+            return self.shape, self.tensors(), self.scaling
+        assert self.slots is not None
+        slot = self.slots[self.held]
+        assert isinstance(slot, AdapterSlot)
+        return slot.shape, slot.tensors(), slot.scaling
+
+    def held_correction(self, x: Tensor) -> Tensor:
+        """``x initial_h^T - x initial_X^T`` (..., out): what turns the held residual into the active adapter's."""
+        shape, t, s = self._held_slot()
+        held = shape.initial_forward(x, t, s)
+        mine = self.shape.initial_forward(x, self.tensors(), self.scaling)
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device) if held is None else held
+        return out if mine is None else out - mine
+
+    def names(self) -> list[str]:
+        """The names of the adapters this layer holds: the active one, then the inactive ones (a name starting with
+        ``_`` is the frozen remainder of an unloaded held adapter, not an adapter)."""
+        return [self.adapter_name] + [n for n in (self.slots or {}) if not n.startswith("_")]
+
+    def stash(self) -> AdapterSlot:
+        """Move the active adapter out of the layer's attributes into a new slot (returned, not yet registered)."""
+        slot = AdapterSlot(self.shape, self.tensors(), self.train_parts, self.scaling, self.rank, self.dropout,
+                           self.facts, self.residual_digest)
+        for n in self.tensor_names:
+            delattr(self, n)
+        self.tensor_names = ()
+        return slot
+
+    def install(self, name: str, slot: AdapterSlot) -> None:
+        """Make ``slot`` the active adapter ``name`` (its tensors become the layer's attributes)."""
+        self.shape, self.train_parts, self.scaling, self.rank = slot.shape, slot.train_parts, slot.scaling, slot.rank
+        self.dropout, self.facts, self.residual_digest = slot.dropout, slot.facts, slot.residual_digest
+        self.tensor_names = slot.tensor_names
+        for n, t in slot.tensors().items():
+            delattr(slot, n)
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(n, t)
+            else:
+                self.register_buffer(n, t)
+        self.adapter_name = name
 
     def merged(self) -> nn.Module:
         """A new plain layer (the residual's type, or a dense one for a quantized residual) holding
-        ``W_res + delta`` and the bias; this layer is left unchanged."""
+        ``W_res + delta`` and the bias (the active adapter's residual: ``+ initial_h - initial_X`` when another
+        adapter's is held); this layer is left unchanged."""
         residual = dense_copy(self.residual)
-        set_dense_weight(residual, self.shape.merged(dense_weight(residual), self.tensors(), self.scaling))
+        W = dense_weight(residual)
+        if self.held != self.adapter_name:
+            eye = torch.eye(self.in_features, dtype=torch.float64, device=W.device)
+            W = (W.double() + self.held_correction(eye).T).to(W.dtype)
+        set_dense_weight(residual, self.shape.merged(W, self.tensors(), self.scaling))
         return residual
 
     def extra_repr(self) -> str:
         train = "+".join(self.train_parts)
         return (f"in={self.in_features}, out={self.out_features}, shape={self.shape.name}, "
                 f"{self.shape.describe(self.tensors())}, scaling={self.scaling:g}, train={train}")
+
+
+class AdapterSlot(nn.Module):
+    """An inactive named adapter of a :class:`PissaLinear`: its shape's tensors (variables as frozen parameters,
+    the rest as buffers) and the facts the layer holds for its active adapter."""
+
+    def __init__(self, shape: Shape, tensors: Mapping[str, Tensor], train: tuple[str, ...], scaling: float,
+                 rank: int, dropout: nn.Module, facts: Mapping[str, Any], residual_digest: str) -> None:
+        super().__init__()
+        self.shape, self.train_parts, self.scaling, self.rank = shape, tuple(train), float(scaling), int(rank)
+        self.dropout, self.facts, self.residual_digest = dropout, dict(facts), residual_digest
+        self.tensor_names = tuple(tensors)
+        for name, t in tensors.items():
+            if name in shape.variables:
+                self.register_parameter(name, t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False))
+            else:
+                self.register_buffer(name, t)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The shape's tensors by name (the tensors themselves)."""
+        return {n: getattr(self, n) for n in self.tensor_names}

@@ -19,6 +19,7 @@ from pissa.adapter.attach import adapted_layers, rebuild
 from pissa.adapter.base_layers import dense_weight, is_adaptable, native_weight
 from pissa.adapter.config import AdapterConfig
 from pissa.adapter.layer import PissaLinear
+from pissa.adapter.named import activated, add_adapter, check_name, list_adapters, name_adapter
 from pissa.adapter.shapes import layer_facts
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import TENSORS_FILE, AdapterFiles, base_description, write_adapter
@@ -65,15 +66,18 @@ def gather_adapter(model: nn.Module) -> AdapterContents:
     return AdapterContents(model.pissa_config, tensors, meta, head, num_labels, base)  # type: ignore[arg-type]
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
-    """Write the model's adapters to directory ``path`` (replaced atomically, with its model card ``README.md``);
-    returns the path. ``training``: the run that trained them (:func:`pissa.files.card.training_record`), which
-    the card reports.
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+                 training: dict[str, Any] | None = None) -> Path:
+    """Write the model's adapter to directory ``path`` (replaced atomically, with its model card ``README.md``);
+    returns the path. A model holding several named adapters (:func:`pissa.set_adapter`) writes the active one, or
+    adapter ``name``. ``training``: the run that trained it (:func:`pissa.files.card.training_record`), which the
+    card reports.
 
     Under torch.distributed only rank 0 writes. A model sharded over the processes (FSDP2) is
     gathered first (:func:`gather_adapter`): then every rank must call this.
     """
-    contents = gather_adapter(model)
+    with activated(model, name):
+        contents = gather_adapter(model)
     return contents.write(path, training) if distributed.is_main() else Path(path)
 
 
@@ -101,14 +105,24 @@ def layer_entry(name: str, layer: PissaLinear) -> tuple[dict[str, Tensor], dict[
     return tensors, meta
 
 
-def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles) -> nn.Module:
+def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles, name: str | None = None) -> nn.Module:
     """Adapt ``base`` (the original model, unmodified) with the adapter at ``path`` (a folder, or one already
     opened as :class:`~pissa.files.adapter_dir.AdapterFiles`), in place.
+
+    ``name``: the adapter's name (default ``"default"``). On a model that already holds adapters, ``name`` adds this
+    one next to them (the active one stays active; :func:`pissa.set_adapter` switches): the base is shared, see
+    :mod:`pissa.adapter.named`.
 
     The base may also be the residual model that ``pissa init`` wrote. Refuses any other model.
     A base on the meta device is taken as that residual model, to be filled later
     (:func:`pissa.load_sharded` does both and checks the residual's digests).
     """
+    called = None if name is None else check_name(name)
+    if any(True for _ in adapted_layers(base)):
+        if called is None:
+            raise PissaError(f"this model already has pissa adapters ({', '.join(list_adapters(base))}); pass name= to "
+                             "load another next to them, or load the adapter into the original base model")
+        return add_adapter(base, path if isinstance(path, AdapterFiles) else AdapterFiles(path), called)
     adapter = path if isinstance(path, AdapterFiles) else AdapterFiles(path)  # validated, checked against its digests
     path = adapter.path
     doc = adapter.doc
@@ -149,6 +163,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles) -> nn.
         layers[name] = Init(shape.name, {}, train, facts, rank), tensors
         digests[name] = meta["base_digest"]
     rebuild(base, cfg, layers, digests, residual_ready)
+    if called is not None:
+        name_adapter(base, called)
     if adapter.head_names:
         _load_head(base, Path(path), adapter.head_names, adapter.head())
     return base

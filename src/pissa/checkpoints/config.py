@@ -35,11 +35,14 @@ class ExportConfig:
     adapter: str = field(metadata={POSITIONAL: True})
     """Adapter folder written by save_adapter / pissa finetune."""
     out: str
-    """Output folder (replaced)."""
+    """Output folder (replaced); with format gguf, the .gguf file (replaced)."""
     model: str | None = None
     """The base model the adapter was made from (embedded name or folder); default: the one the adapter records."""
     kind: HeadKind = "auto"
     """Model head; auto: the one the adapter records, else detected like finetune."""
+    format: Literal["peft", "gguf"] = "peft"
+    """peft: a Hugging Face PEFT LoRA folder; gguf: one llama.cpp LoRA adapter file (llama-cli --lora FILE,
+    Ollama's ADAPTER line)."""
     merged: bool = False
     """Write a merged Hugging Face checkpoint (streamed shard by shard) instead of a PEFT LoRA."""
     max_rank: int | None = None
@@ -49,6 +52,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.max_rank is not None and (self.merged or self.max_rank < 1):
             raise PissaError("`max_rank` takes an integer >= 1 and applies to the PEFT export, not to `merged`")
+        if self.merged and self.format != "peft":
+            raise PissaError(f"`format` {self.format} writes a LoRA adapter; `merged` writes a Hugging Face checkpoint")
 
 
 @dataclass

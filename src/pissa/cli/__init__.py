@@ -22,12 +22,15 @@ from pissa.cli.analyze import command_analyze
 from pissa.cli.calibrate import command_calibrate
 from pissa.cli.compare import command_compare
 from pissa.cli.compress import command_compress
+from pissa.cli.eval import command_eval
 from pissa.cli.export import command_export
+from pissa.cli.federate import command_federate
 from pissa.cli.finetune import command_finetune
 from pissa.cli.generate import command_generate
 from pissa.cli.init import command_init
 from pissa.cli.merge_adapters import command_merge_adapters
 from pissa.cli.parser import Parser, flag
+from pissa.cli.pretrain import command_pretrain
 from pissa.errors import PissaError
 
 Command = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int] | None]
@@ -40,6 +43,9 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "analyze": (command_analyze, "spectra, quantization error, intruder dimensions"),
     "calibrate": (command_calibrate, "per-layer activation statistics (and gradients) for data-aware methods"),
     "generate": (command_generate, "talk to a model, with or without an adapter (--chat: a conversation), streamed"),
+    "eval": (command_eval, "lm-evaluation-harness on a base or base + adapter (built-in tasks over pissa's data)"),
+    "pretrain": (command_pretrain, "Llama-shaped models from scratch: full vs low-rank vs LOST (low-rank plus sparse)"),
+    "federate": (command_federate, "federated fine-tuning on Flower (FedSVD, FFA-LoRA, FedAvg-LoRA), optionally DP-SGD"),
     "compress": (command_compress, "WeLore: low-rank factors where they save parameters (non-uniform ranks), the rest dense"),
     "merge-adapters": (command_merge_adapters, "several adapters into RMM's reversible basis (--task: one back) or one "
                        "linear / TIES / DARE merge"),

@@ -1,7 +1,9 @@
 """``pissa generate``: one streamed reply to a prompt, or (``--chat``) a conversation over stdin.
 
 Ctrl-C during a reply stops it (the chat keeps what was shown); Ctrl-C at the prompt, or the end of
-input (Ctrl-D), ends the chat. The model, the prompt rendering and decoding are :mod:`pissa.inference.chat`'s.
+input (Ctrl-D), ends the chat. In the chat, ``/adapter`` lists the loaded adapters and ``/adapter NAME`` switches to
+one (``--adapter`` given several times; the base is shared, :func:`pissa.set_adapter`).
+The model, the prompt rendering and decoding are :mod:`pissa.inference.chat`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pissa.adapter.attach import adapted_layers
+from pissa.adapter.named import active_adapter, list_adapters, set_adapter
 from pissa.cli.parser import add_options, resolve
 from pissa.errors import PissaError
 from pissa.inference.chat import Streamer, Turn, fit, load, reply
@@ -49,6 +53,9 @@ def chat(model: nn.Module, tokenizer: Any, cfg: GenerateConfig, messages: list[T
                 return 0
         if not text.strip():
             continue
+        if text.split()[0] == "/adapter":
+            switch_adapter(model, text.split()[1:])
+            continue
         messages.append({"role": "user", "content": text})
         streamer = Streamer(tokenizer, _write)
         try:
@@ -60,6 +67,22 @@ def chat(model: nn.Module, tokenizer: Any, cfg: GenerateConfig, messages: list[T
             messages.append({"role": "assistant", "content": streamer.text})
         else:
             messages.pop()
+
+
+def switch_adapter(model: nn.Module, words: list[str]) -> None:
+    """The chat's ``/adapter [NAME]``: list the adapters (the active one starred) or make NAME the active one;
+    a mistake is reported on stderr and the chat goes on."""
+    if not any(True for _ in adapted_layers(model)):
+        print("no adapters are loaded (pass --adapter DIR, several times for several)", file=sys.stderr)
+        return
+    try:
+        if words:
+            set_adapter(model, words[0])
+    except PissaError as e:
+        print(str(e).replace("`name`", "adapter"), file=sys.stderr)
+        return
+    active = active_adapter(model)
+    print("adapters: " + ", ".join(f"*{n}" if n == active else n for n in list_adapters(model)), file=sys.stderr)
 
 
 def talk(cfg: GenerateConfig) -> int:
@@ -97,6 +120,6 @@ def talk(cfg: GenerateConfig) -> int:
 
 
 def command_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``pissa generate [--model M] [--adapter DIR] [--chat] [PROMPT]``: options from :class:`GenerateConfig`."""
+    """``pissa generate [--model M] [--adapter DIR]... [--chat] [PROMPT]``: options from :class:`GenerateConfig`."""
     add_options(parser, GenerateConfig)
     return lambda args: talk(resolve(GenerateConfig, args)[0])

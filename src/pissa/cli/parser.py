@@ -5,8 +5,8 @@
 holds exactly what the user typed (:func:`given`): a resumed run can refuse every such option that
 changes the run. Values resolve as ``defaults < --config FILE < the command line`` (:func:`resolve`).
 Types come from the annotations: ``int``, ``float``, ``str``, ``bool`` (``--x`` / ``--no-x``),
-``Literal`` (choices), ``X | None`` (``none`` gives None), lists (comma-separated; a positional list takes one
-word per item), dicts (JSON).
+``Literal`` (choices), ``X | None`` (``none`` gives None), lists (comma-separated; a ``REPEATABLE`` one also
+by repeating the flag; a positional list takes one word per item), dicts (JSON).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from functools import reduce
 from typing import Any, Union
 
 from pissa.errors import PissaError
-from pissa.options import CHOICES, POSITIONAL, C, build, default_of, field_docs, fields_of, read_config_file, show
+from pissa.options import CHOICES, POSITIONAL, REPEATABLE, C, build, default_of, field_docs, fields_of, read_config_file, show
 
 
 class Parser(argparse.ArgumentParser):
@@ -106,6 +106,11 @@ def _one_of(parse: Callable[[str], Any], choices: tuple[str, ...], name: str) ->
     return run
 
 
+def _or_empty(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` whose None (``none``) is an empty list, for a repeatable list option."""
+    return lambda text: [] if (value := parse(text)) is None else value
+
+
 def _keep_suppress(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """``parse`` for an optional positional: argparse passes its absent value (the SUPPRESS default) through it."""
     return lambda text: text if text is argparse.SUPPRESS else parse(text)
@@ -152,8 +157,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str]
         if CHOICES in f.metadata:
             metavar = "{" + ",".join(f.metadata[CHOICES]) + "}"
             parse = _one_of(parse, tuple(f.metadata[CHOICES]), name)
+        action = "store"
+        if f.metadata.get(REPEATABLE):  # each occurrence adds its list; `none` adds nothing
+            action, parse = "extend", _or_empty(parse)
         parser.add_argument(name, type=parse, default=argparse.SUPPRESS, help=help_text, metavar=metavar,
-                            required=default is dataclasses.MISSING, dest=f.name)
+                            required=default is dataclasses.MISSING, dest=f.name, action=action)
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -9,6 +9,7 @@ format                columns                                     examples
 ``sharegpt``          ``conversations`` (optional ``system``)     the conversation, roles renamed
 ``alpaca``            ``instruction``, ``output`` (optional       system?, history turns, user
                       ``input``, ``system``, ``history``)         ``instruction\\n\\ninput``, assistant ``output``
+``preference``        ``prompt``, ``chosen``, ``rejected``        prompt, chosen as completion, ``rejected``
 ``prompt-completion`` ``prompt``, ``completion``                  both verbatim (an empty prompt is allowed)
 ``text-label``        ``text``, ``label``                         ``Text: {text}\\nLabel:`` -> ``" {label}"``
 ====================  ==========================================  ==========================================
@@ -21,9 +22,9 @@ it needs an assistant turn and must end with one. A ``.csv`` cell may hold the l
 ``history`` is a list of ``[instruction, response]`` pairs that come before the row's own instruction.
 
 ``columns`` (``--columns prompt=question,completion=answer``) renames the file's columns to these names before
-detection: ``TARGET=SOURCE``, TARGET one of :data:`COLUMN_NAMES`. A format of another kind (e.g. preference
-rows ``prompt``, ``chosen``, ``rejected``) adds a :class:`Format` row to the table (before any format whose
-columns are a subset of its own).
+detection: ``TARGET=SOURCE``, TARGET one of :data:`COLUMN_NAMES`. Another format adds a :class:`Format` row to
+the table (before any format whose columns are a subset of its own, as ``preference`` comes before
+``prompt-completion``; :mod:`pissa.data.preference` checks its rows for ``--objective dpo``).
 
 Every row is checked before any example is returned: a malformed row is a one-line PissaError naming where it
 is (``line 3`` of a .jsonl file, ``row 3`` otherwise), so nothing trains on half a file.
@@ -37,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pissa.data import preference
 from pissa.data.readers import Row, Table
 from pissa.errors import PissaError
 
@@ -72,6 +74,8 @@ class Example:
     """Chat data: the whole conversation, ending with an assistant turn; the model reads it through
     the chat template and learns every assistant turn. ``completion`` is then the last assistant
     turn and ``prompt`` the JSON text of the messages before it. None for other data."""
+    rejected: str | None = None
+    """Preference data (:mod:`pissa.data.preference`): the rejected answer (``completion`` is the chosen one)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ def _free_rows(rows: list[Row], name: str) -> list[Example]:
     return [Example(p, c, None) for p, c in zip(prompts, column(rows, "completion", name))]
 
 
+def _preference_rows(rows: list[Row], name: str) -> list[Example]:
+    return [Example(p, c, None, rejected=r) for p, c, r in preference.preference_fields(rows, name, column)]
+
+
 def _labelled_rows(rows: list[Row], name: str) -> list[Example]:
     texts = [squash(t) for t in column(rows, "text", name)]
     labels = [squash(label) for label in column(rows, "label", name)]
@@ -141,6 +149,7 @@ FORMATS: tuple[Format, ...] = (
     Format("chat", ("messages",), ("system",), _chat_rows("messages")),
     Format("sharegpt", ("conversations",), ("system",), _chat_rows("conversations")),
     Format("alpaca", ("instruction", "output"), ("input", "system", "history"), _alpaca_rows),
+    Format("preference", preference.COLUMNS, (), _preference_rows),
     Format("prompt-completion", ("prompt", "completion"), (), _free_rows),
     Format("text-label", ("text", "label"), (), _labelled_rows),
 )

@@ -35,10 +35,10 @@ from pissa.adapter.save_load import load_adapter
 from pissa.data.encoding import render_messages
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import recorded_base
-from pissa.inference.config import GenerateConfig
+from pissa.inference.config import GenerateConfig, adapter_names
 from pissa.inference.decoding import end_tokens
 from pissa.runtime import hub
-from pissa.runtime.devices import autocast, model_device, resolve_device, torch_dtype
+from pissa.runtime.devices import DTypeName, autocast, model_device, resolve_device, torch_dtype
 
 Turn = dict[str, str]
 """A chat message: ``{"role": "system" | "user" | "assistant", "content": text}``."""
@@ -84,20 +84,33 @@ class Streamer:
 
 
 def load(cfg: GenerateConfig) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the causal LM ``cfg`` names (the adapter's recorded base when ``--model`` is not
-    given), adapted when ``cfg.adapter`` is set, its frozen base in ``cfg.dtype``, on ``cfg.device``, in eval mode."""
-    name, kind, made_on = cfg.model or "smollm2", "auto", torch_dtype(cfg.dtype)
-    if cfg.adapter is not None:
-        name, kind, _, made_on = recorded_base(cfg.adapter, cfg.model, "auto")
+    """``(model, tokenizer)``: the causal LM ``cfg`` names (:func:`load_causal_lm`), with every adapter of
+    ``cfg.adapter`` (several: named after their folders, the first active)."""
+    return load_causal_lm(cfg.model, cfg.adapter, cfg.device, cfg.dtype, "pissa generate")
+
+
+def load_causal_lm(model_name: str | None, adapters: str | Sequence[str] | None, device_name: str, dtype_name: DTypeName,
+                   command: str) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the causal LM ``model_name`` (the first adapter's recorded base when None, else
+    smollm2), with ``adapters`` loaded (their fingerprints checked against the base; several are named after their
+    folders, :func:`~pissa.inference.config.adapter_names`, the first active), its frozen base in ``dtype_name``,
+    on ``device_name``, in eval mode; ``command`` names the caller in the error for a sequence classifier."""
+    folders = [adapters] if isinstance(adapters, str) else list(adapters or [])
+    name, kind, made_on = model_name or "smollm2", "auto", torch_dtype(dtype_name)
+    if folders:
+        name, kind, _, made_on = recorded_base(folders[0], model_name, "auto")
     if hub.resolve_kind(name, kind) != "causal-lm":
-        raise PissaError(f"pissa generate needs a causal language model, and {name} loads as a sequence classifier"
+        raise PissaError(f"{command} needs a causal language model, and {name} loads as a sequence classifier"
                          f"{' (the head the adapter records)' if kind == 'seq-cls' else ''}; pass `model` with a causal LM")
-    device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
+    device, dtype = resolve_device(device_name), torch_dtype(dtype_name)
     loaded, tokenizer = hub.load_model(name, dtype=made_on)
     model: nn.Module = loaded
-    if cfg.adapter is not None:
-        load_adapter(model, cfg.adapter)
-        factors = {id(p) for _, layer in adapted_layers(model) for p in layer.parameters(recurse=False)}
+    if folders:
+        for folder, adapter in zip(folders, adapter_names(folders)):
+            load_adapter(model, folder, name=adapter if len(folders) > 1 else None)
+        layers = [layer for _, layer in adapted_layers(model)]
+        factors = {id(p) for layer in layers for p in layer.parameters()} - {
+            id(p) for layer in layers for p in layer.residual.parameters()}
         for p in model.parameters():
             if id(p) not in factors and p.is_floating_point():
                 p.data = p.data.to(dtype)

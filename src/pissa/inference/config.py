@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pissa.errors import PissaError
-from pissa.options import POSITIONAL
+from pissa.options import POSITIONAL, REPEATABLE
 
 
 @dataclass
@@ -19,8 +20,10 @@ class GenerateConfig:
     """The prompt; "-" or none: read from stdin (with --chat: an optional first message, the turns then come from stdin)."""
     model: str | None = None
     """Embedded model (smollm2) or a local Hugging Face causal-LM folder; default: the base the adapter records, else smollm2."""
-    adapter: str | None = None
-    """Adapter folder (save_adapter / pissa finetune) applied to the model."""
+    adapter: list[str] | None = field(default=None, metadata={REPEATABLE: True})
+    """Adapter folder (save_adapter / pissa finetune) applied to the model; give it several times to load several
+    onto the one base, each named by its folder (the parent's for a folder called adapter): the first is active,
+    /adapter NAME switches in --chat."""
     chat: bool = False
     """Interactive chat: one message a line from stdin, the history rendered with the tokenizer's chat template;
     Ctrl-C stops a reply, Ctrl-D (or Ctrl-C at the prompt) ends."""
@@ -45,6 +48,10 @@ class GenerateConfig:
     """CPU threads (default: the cores available to this process)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.adapter, str):
+            self.adapter = [self.adapter]
+        if self.adapter is not None and not self.adapter:  # `--adapter none`
+            self.adapter = None
         for name, low in (("max_new_tokens", 1), ("threads", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -57,3 +64,18 @@ class GenerateConfig:
             raise PissaError("`chat` renders the conversation with the chat template; drop `raw`")
         if self.raw and self.system is not None:
             raise PissaError("`system` needs the chat template, which `raw` bypasses; drop one of them")
+
+
+def adapter_names(folders: list[str]) -> list[str]:
+    """A name per adapter folder: its name (its parent's when it is called ``adapter``, as ``pissa finetune``
+    writes ``OUT/adapter``), ``.`` made ``_``, a repeated name numbered (``name-2``)."""
+    names: list[str] = []
+    for folder in folders:
+        path = Path(folder).expanduser().resolve()
+        name = (path.parent.name if path.name == "adapter" and path.parent.name else path.name).replace(".", "_")
+        name = name.lstrip("_") or "adapter"
+        base, k = name, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names

@@ -1,6 +1,7 @@
 """The pure math of federated fine-tuning (FedSVD, arXiv 2505.12805, and its baselines FFA-LoRA and FedAvg of LoRA):
 client weights, aggregation, FedSVD's refactorisation, the Dirichlet (non-IID) client split and the DP-SGD privacy
-budget (Opacus's RDP accountant). The `pissa federate` command (Flower server/client apps) that uses it is not built yet.
+budget (Opacus's RDP accountant, over the wide orders :data:`ALPHAS`). ``pissa federate``
+(:mod:`pissa.training.federate`, Flower apps in :mod:`pissa.training.flower`) runs it.
 
 One server step of each algorithm, with ``p_k = n_k / sum_j n_j`` (client k's share of the examples):
 
@@ -92,17 +93,24 @@ def dirichlet_split(labels: Sequence[int], clients: int, alpha: float | None, se
                      "raise `dirichlet_alpha` or lower `clients`")
 
 
+ALPHAS: list[float] = ([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
+                      + [float(a) for a in range(64, 256, 8)] + [float(2**k) for k in range(8, 13)])
+"""RDP orders the accountant minimises over: Opacus's default (1.1 .. 63) and on up to 4096 (an integer order
+costs its value in terms, so they thin out), so the optimum stays inside the list for large noise or few steps,
+where the default list warns "Optimal order is the largest alpha" and overstates epsilon."""
+
+
 def epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
     """The (eps, ``delta``)-DP budget spent by ``steps`` DP-SGD steps with Poisson sampling rate
     ``sample_rate`` (q = batch / n_k, client k's examples) and noise multiplier ``noise`` (std noise * clip),
-    by Opacus's RDP accountant."""
+    by Opacus's RDP accountant over the orders :data:`ALPHAS`."""
     accountant = RDPAccountant()
     accountant.history = [(noise, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, alphas=ALPHAS))
 
 
 def noise_for(target: float, sample_rate: float, steps: int, delta: float) -> float:
     """The smallest noise multiplier whose :func:`epsilon` after ``steps`` steps at ``sample_rate`` is at most
     ``target`` (Opacus's search over its RDP accountant, tolerance 0.01)."""
     return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant="rdp"))
+                                      steps=steps, accountant="rdp", alphas=ALPHAS))

@@ -142,8 +142,10 @@ METHODS: dict[str, Method] = {
         Method("soka", soka_init, default_lr=3e-3),
         # benchmarks/results/convergence_full.md: validation loss 0.514 / 0.515 / 0.404 / 0.746 at 1e-5 / 3e-5 / 1e-4 / 3e-4
         Method("full", full_init, adapter=False, default_lr=1e-4),
-        # welore: WeLore-COFT on a pissa compress folder (docs/methods/welore.md); no measured lr yet
-        Method("welore", welore_init, adapter=False, compressed=True),
+        # welore: WeLore-COFT on a pissa compress folder (docs/methods/welore.md); benchmarks/results/family_welore.md
+        # (SmolLM2 compressed at reduction 0.1, 15 steps of batch 4), validation loss 0.770 / 0.685 / 0.726 / 0.732 at
+        # 1e-4 / 1e-3 / 3e-3 / 1e-2
+        Method("welore", welore_init, adapter=False, compressed=True, default_lr=1e-3),
     )
 }
 """The registry: name -> :class:`Method`."""

@@ -6,6 +6,7 @@
 
 from pissa.optim.build import build_optimizer, projected_weights, state_bytes
 from pissa.optim.config import OPTIMIZERS, OptimizerConfig, OptimizerName
+from pissa.optim.masters import move_grads
 from pissa.optim.projected import ProjectedAdamW, dct_basis, select_columns, top_singular_vectors
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ProjectedAdamW",
     "build_optimizer",
     "dct_basis",
+    "move_grads",
     "projected_weights",
     "select_columns",
     "state_bytes",

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from pissa.errors import PissaError
 from pissa.optim.config import OptimizerConfig
+from pissa.optim.masters import attach_masters, master_bytes, with_masters
 from pissa.optim.projected import ProjectedAdamW
 
 PROJECTION = {"galore": "galore", "dct-adamw": "dct"}
@@ -34,20 +35,24 @@ def build_optimizer(model: nn.Module, opt: OptimizerConfig, lr: float, weight_de
     """The optimizer of ``model``'s trainable parameters: torch's AdamW (``adamw``), or one :class:`ProjectedAdamW`
     whose first group holds :func:`projected_weights` (GaLore or DCT-AdamW at ``opt.proj_rank``) and whose second
     group, plain AdamW, holds the rest (embeddings, heads, 1-D tensors), so one ``state_dict`` holds everything.
+    A float16 / bfloat16 parameter trains through a float32 master copy (:mod:`pissa.optim.masters`: torch's
+    AdamW in float16 divides by an underflowed ``sqrt(v) + eps``).
     PissaError when a projected weight is sharded (FSDP): the projection needs whole gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params, masters = with_masters([p for p in model.parameters() if p.requires_grad])
     if opt.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    projected = projected_weights(model, opt.proj_rank)
-    if any(_sharded(p) for p in projected):
+        return attach_masters(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), masters)
+    weights = projected_weights(model, opt.proj_rank)
+    if any(_sharded(p) for p in weights):
         raise PissaError(f"`optimizer` {opt.optimizer} projects whole gradients; run it without `fsdp`")
+    master = {id(p): m for p, m in masters}
+    projected = [master.get(id(p), p) for p in weights]
     ids = {id(p) for p in projected}
     groups: list[dict[str, Any]] = [
         {"params": projected, "projection": PROJECTION[opt.optimizer], "rank": opt.proj_rank,
          "every": opt.proj_every, "scale": opt.proj_scale if opt.optimizer == "galore" else 1.0},
         {"params": [p for p in params if id(p) not in ids]},
     ]
-    return ProjectedAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+    return attach_masters(ProjectedAdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay), masters)
 
 
 def _sharded(p: Tensor) -> bool:
@@ -57,10 +62,11 @@ def _sharded(p: Tensor) -> bool:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer``'s state (moments, bases, indices, step counts), and of the tensors
-    held by objects in it (other optimizers keep some there: galore-torch's projector is a GaLoreProjector)."""
+    held by objects in it (other optimizers keep some there: galore-torch's projector is a GaLoreProjector), and of
+    the float32 masters of low-precision parameters (:mod:`pissa.optim.masters`)."""
     total = 0
     for state in optimizer.state.values():
         for v in state.values():
             held = [v] if isinstance(v, Tensor) else [t for t in getattr(v, "__dict__", {}).values() if isinstance(t, Tensor)]
             total += sum(t.numel() * t.element_size() for t in held)
-    return total
+    return total + master_bytes(optimizer)

@@ -151,6 +151,22 @@ def load_model(
     return model, finish_loaded(model, tokenizer, name_or_path, kind)
 
 
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of an embedded model or a local model folder alone (``pissa pretrain`` builds its model);
+    it has a pad token (its eos token when it had none) and an eos token, else PissaError."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PissaError(f"cannot load the tokenizer of '{name_or_path}': {str(err).strip().splitlines()[0]}") from err
+    if tokenizer.eos_token is None:
+        raise PissaError(f"the tokenizer of '{name_or_path}' has no eos token to end documents with")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def finish_loaded(model: Any, tokenizer: Any, name_or_path: str, kind: Kind) -> Any:
     """Give a loaded model's tokenizer a pad token (its eos token when it had none) and the model's config that
     pad token id when unset; record its base for save_adapter. Returns the tokenizer."""

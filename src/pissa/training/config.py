@@ -32,7 +32,8 @@ class RunConfig:
     data: str = "rotten_tomatoes"
     """Embedded dataset (rotten_tomatoes, arithmetic: chat word problems, use --max-length 160), a .jsonl/.json/.csv/.parquet
     file, a datasets save_to_disk folder or a Hub dataset already in the local datasets cache, with messages (chat),
-    conversations (ShareGPT), instruction,output (Alpaca), prompt,completion or text,label columns."""
+    conversations (ShareGPT), instruction,output (Alpaca), prompt,completion, prompt,chosen,rejected (preference, for
+    --objective dpo) or text,label columns."""
     columns: list[str] = field(default_factory=list)
     """Rename the data's columns to the names above: comma-separated TARGET=SOURCE, e.g. prompt=question,completion=answer."""
     data_split: str | None = None
@@ -90,6 +91,12 @@ class RunConfig:
     """AdamW decoupled weight decay (0: decay would pull PiSSA's factors, and W, towards zero)."""
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer (its fields are options of their own)."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """What training minimizes. sft: the loss of the completions (of the labels for a classifier); dpo: DPO's
+    preference loss on prompt,chosen,rejected rows, with the model at its initial factors as the reference
+    (pissa.reference: the exact base for PiSSA, no second copy of the model)."""
+    beta: float = 0.1
+    """DPO's beta: how far the policy's log-ratio to the reference is scaled (larger: stay closer to the reference)."""
     reg_weight: float = 0.0
     """Weight of pissa.regularization in the loss (SORSA's orthonormality penalty; SaRA's nuclear norm of its update)."""
     progressive_step: int = 0
@@ -132,6 +139,12 @@ class RunConfig:
             raise PissaError(f"`kind` must be auto, causal-lm or seq-cls, got {self.kind!r}")
         if self.eval not in ("auto", "generate", "likelihood"):
             raise PissaError(f"`eval` must be auto, generate or likelihood, got {self.eval!r}")
+        if self.objective not in ("sft", "dpo"):
+            raise PissaError(f"`objective` must be sft or dpo, got {self.objective!r}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise PissaError(f"`beta` must be a positive number, got {self.beta}")
+        if self.objective == "dpo" and self.pack:
+            raise PissaError("`pack` joins examples into rows; DPO scores each answer on its own: drop `pack`")
         if self.eval_data is not None and self.val_size:
             raise PissaError("`eval_data` and `val_size` both choose what is scored; pass one of them")
         spec = METHODS.get(self.method)
@@ -181,7 +194,7 @@ class Launch:
     """Where a command writes and how it runs (not part of the run's result)."""
 
     out: str | None = None
-    """Output folder; default: runs/finetune-METHOD (finetune), runs/compare (compare)."""
+    """Output folder; default: runs/finetune-METHOD (finetune), runs/compare (compare), runs/pretrain (pretrain)."""
     resume: bool = False
     """Continue the interrupted run in OUT.partial; an option that differs from the interrupted run's is refused."""
     nproc: int = 1

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,14 +22,26 @@ from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
 from pissa.integrations.tracking import TRAIN_METRICS, Tracker, Trackers
-from pissa.optim import build_optimizer
+from pissa.optim import build_optimizer, move_grads
 from pissa.runtime import distributed
-from pissa.runtime.devices import autocast, torch_dtype
+from pissa.runtime.devices import DTypeName, autocast, torch_dtype
 from pissa.runtime.hub import Kind
 from pissa.training.checkpoint import CHECKPOINT, Progress, save_checkpoint
 from pissa.training.config import RunConfig
+from pissa.training.preference import PairBatch, dpo_loss_sum
 from pissa.training.schedule import lr_at, step_indices
 from pissa.training.session import Session
+
+
+class StepOptions(Protocol):
+    """What :func:`train_step` reads of a run's config (a RunConfig, a PretrainConfig)."""
+
+    @property
+    def dtype(self) -> DTypeName: ...
+    @property
+    def reg_weight(self) -> float: ...
+    @property
+    def max_grad_norm(self) -> float: ...
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -36,10 +49,12 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg.optim, lr_at(0, cfg), cfg.weight_decay)
 
 
-def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, optimizer: torch.optim.Optimizer,
-               lr: float, cfg: RunConfig, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+def train_step(model: nn.Module, micro_batches: Sequence[Batch | PairBatch], kind: Kind, optimizer: torch.optim.Optimizer,
+               lr: float, cfg: StepOptions, scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """Accumulate gradients over ``micro_batches``, clip, and take one AdamW step at ``lr``.
 
+    The loss is the completions' (:func:`~pissa.data.loss.loss_sum`), or DPO's for preference pairs
+    (:func:`~pissa.training.preference.dpo_loss_sum`, ``cfg.beta``, one term per pair).
     Each micro-batch's summed loss is divided by the step's total number of targets, so the
     gradient is that of the mean loss over the whole step whatever the split (over micro-batches
     and, under torchrun, over ranks: ``model`` is then DDP and each rank holds a share). Adds
@@ -56,7 +71,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
         last = i == len(micro_batches) - 1
         with distributed.no_sync(model, skip=not last):  # DDP all-reduces in the last backward only
             with autocast(device, dtype):
-                loss = loss_sum(model, b, kind) / total
+                summed = dpo_loss_sum(model, b, _beta(cfg)) if isinstance(b, PairBatch) else loss_sum(model, b, kind)
+                loss = summed / total
             step_loss += loss.item()
             if last and cfg.reg_weight > 0:
                 reg = regularization(model)
@@ -65,6 +81,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
             scaled = loss * ranks  # DDP averages over ranks; times ranks: the sum, i.e. the whole step's gradient
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
     step_loss = distributed.all_sum([step_loss])[0]
+    move_grads(optimizer)  # float16/bfloat16 weights' gradients to their float32 masters, before unscaling and clipping
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -78,6 +95,14 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], kind: Kind, opt
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, norm
+
+
+def _beta(cfg: StepOptions) -> float:
+    """DPO's beta of a config that has one (a RunConfig; preference pairs come only from its runs)."""
+    beta = getattr(cfg, "beta", None)
+    if beta is None:
+        raise TypeError(f"preference pairs need a config with `beta`, not {type(cfg).__name__}")
+    return float(beta)
 
 
 class Abort(KeyboardInterrupt):

@@ -59,8 +59,11 @@ class RunMetrics:
     """What was scored: ``test``, ``validation`` (``val_size``) or ``eval_data``."""
     eval_kind: str
     accuracy_kind: str
-    """``exact_match`` (generation), ``label`` (best candidate label) or ``token`` (argmax token)."""
+    """``exact_match`` (generation), ``label`` (best candidate label), ``token`` (argmax token) or ``reward`` (DPO: chosen
+    reward above the rejected one)."""
     tokens: int
+    objective: str = "sft"
+    """``sft`` or ``dpo`` (then ``eval_*`` add the reward margin and the mean chosen / rejected rewards)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,6 +91,7 @@ class RunMetrics:
             train_examples=len(session.train), eval_examples=len(session.test),
             eval_split="validation" if cfg.val_size else "eval_data" if cfg.eval_data else "test",
             eval_kind=session.eval_kind,
-            accuracy_kind="exact_match" if session.eval_kind == "generate" else "label" if labels is not None else "token",
-            tokens=progress.tokens,
+            accuracy_kind="reward" if cfg.objective == "dpo" else "exact_match" if session.eval_kind == "generate"
+            else "label" if labels is not None else "token",
+            tokens=progress.tokens, objective=cfg.objective,
         )

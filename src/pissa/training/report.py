@@ -23,8 +23,10 @@ def window_mean(curve: Sequence[Sequence[float]], step: float, window: int = WIN
     return sum(values) / len(values) if values and any(s == step for s, _ in curve) else None
 
 
-def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.PathLike, title: str = "") -> Path:
-    """One PNG with every curve ``{name: [[step, loss], ...]}``: raw losses faint, a moving average solid."""
+def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.PathLike, title: str = "", *,
+                xlabel: str = "step", ylabel: str = "training loss (completion tokens)", smooth: bool = True) -> Path:
+    """One PNG with every curve ``{name: [[step, loss], ...]}``: raw losses faint, a moving average solid
+    (``smooth`` False: each curve as it is, with markers, e.g. one point per federated round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,12 +38,15 @@ def plot_losses(curves: dict[str, Sequence[Sequence[float]]], path: str | os.Pat
             continue
         color = f"C{i}"
         steps = [s for s, _ in curve]
+        if not smooth:
+            ax.plot(steps, [v for _, v in curve], color=color, marker="o", linewidth=1.8, label=name)
+            continue
         ax.plot(steps, [loss for _, loss in curve], color=color, alpha=0.25, linewidth=0.8)
         means = (window_mean(curve, s) for s in steps)
-        smooth = [math.nan if m is None else m for m in means]  # never None here (every step is in the curve)
-        ax.plot(steps, smooth, color=color, linewidth=1.8, label=f"{name} (mean of {WINDOW} steps)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (completion tokens)")
+        averaged = [math.nan if m is None else m for m in means]  # never None here (every step is in the curve)
+        ax.plot(steps, averaged, color=color, linewidth=1.8, label=f"{name} (mean of {WINDOW} steps)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if any(curves.values()):

@@ -35,6 +35,7 @@ from pissa.files.atomic import atomic_write_text, publish_dir
 from pissa.files.card import training_record
 from pissa.integrations.tracking import open_tracker, prefixed
 from pissa.methods.registry import METHODS
+from pissa.options import C
 from pissa.runtime import distributed
 from pissa.runtime.devices import grad_scaler
 from pissa.training.checkpoint import (
@@ -183,11 +184,12 @@ RUN_CONFIG = "config.yaml"
 """The resolved run configuration every run writes into OUT (``--config`` reads it back)."""
 
 
-def write_config(path: Path, cfg: RunConfig) -> None:
+def write_config(path: Path, cfg: Any) -> None:
+    """A config dataclass (a RunConfig, a PretrainConfig) as ``path``'s YAML, atomically."""
     atomic_write_text(path, options.config_text(cfg))
 
 
-def resumed_config(saved: Path, cls: type[RunConfig], explicit: dict[str, Any]) -> RunConfig:
+def resumed_config(saved: Path, cls: type[C], explicit: dict[str, Any]) -> C:
     """The interrupted run's config; an option given now (on the command line or in ``--config``) that
     changes the run is an error naming it and both values. Resume-safe options (threads, the
     checkpoint interval) take their new values."""

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 
-from pissa.training.config import RunConfig
+
+class Schedule(Protocol):
+    """What :func:`lr_at` reads of a run's config (a RunConfig, a PretrainConfig)."""
+
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def schedule(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
 
 
 @lru_cache(maxsize=4)
@@ -27,7 +39,7 @@ def step_indices(n: int, seed: int, step: int, count: int) -> list[int]:
     return [_epoch_order(n, seed, p // n)[p % n] for p in positions]
 
 
-def lr_at(step: int, cfg: RunConfig) -> float:
+def lr_at(step: int, cfg: Schedule) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up over ``warmup`` steps from
     ``lr / warmup``, then constant or cosine decay to 0 at ``steps``."""
     lr = cfg.learning_rate

@@ -4,6 +4,7 @@ that an exact method's adapted model computes what the base computed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pissa.runtime.hub import Kind
 from pissa.training.checkpoint import restore_trained, verify_checkpoint
 from pissa.training.config import RunConfig
 from pissa.training.evaluation import EvalKind, choose_eval, evaluate, evaluate_generation
+from pissa.training.preference import PairBatch, evaluate_preference, pair_batch
 from pissa.training.schedule import step_indices
 from pissa.training.streamed import load_streamed, streams
 
@@ -54,6 +56,8 @@ class Session:
     start: dict[str, float] | None = None
     """The start check of a fresh adapter (:func:`start_check`); None when resumed, fully fine-tuned or loaded
     sharded from a streamed decomposition (the base is never whole in one process to compare with)."""
+    rejected: tuple[list[Encoded], list[Encoded]] | None = None
+    """``--objective dpo``: the rejected answers of ``train`` and ``test`` (whose completions are the chosen ones)."""
 
     @property
     def pad_id(self) -> int:
@@ -64,9 +68,12 @@ class Session:
         """The frozen base's dtype (the autocast dtype when it is a half type)."""
         return torch_dtype(self.cfg.dtype)
 
-    def batch(self, indices: Sequence[int]) -> Batch:
-        """The training examples ``indices`` as one batch: padded rows, or packed ones (``--pack``)."""
+    def batch(self, indices: Sequence[int]) -> Batch | PairBatch:
+        """The training examples ``indices`` as one batch: padded rows, or packed ones (``--pack``); preference
+        pairs for ``--objective dpo``."""
         items = [self.train[i] for i in indices]
+        if self.rejected is not None:
+            return pair_batch(items, [self.rejected[0][i] for i in indices], self.pad_id, self.device)
         if self.cfg.pack:
             return collate_packed(items, self.pad_id, self.cfg.max_length, self.dtype, self.device)
         return collate(items, self.pad_id, self.kind, self.device)
@@ -79,6 +86,8 @@ class Session:
         """
         items = self.test if self.sharded else distributed.my_share(self.test)
         references = self.references if self.sharded else distributed.my_share(self.references)
+        if self.rejected is not None:
+            return self._evaluate_preference(items)
         with autocast(self.device, self.dtype):
             if not items:
                 result = {"loss": 0.0, "accuracy": 0.0}
@@ -94,6 +103,18 @@ class Session:
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
+
+    def _evaluate_preference(self, items: list[Encoded]) -> dict[str, float]:
+        """:func:`~pissa.training.preference.evaluate_preference` of the test pairs (each rank its share, combined)."""
+        assert self.rejected is not None
+        rejected = self.rejected[1] if self.sharded else distributed.my_share(self.rejected[1])
+        with autocast(self.device, self.dtype):
+            result = evaluate_preference(self.model, items, rejected, self.pad_id, self.cfg.beta, self.cfg.eval_batch_size)
+        if self.sharded:
+            return result
+        keys = sorted(result)
+        totals = distributed.all_sum([result[k] * len(items) for k in keys] + [float(len(items))])
+        return {k: v / max(1.0, totals[-1]) for k, v in zip(keys, totals)}
 
     def metric_weights(self, items: Sequence[Encoded]) -> tuple[float, float]:
         """What :func:`~pissa.training.evaluation.evaluate` averages over: (loss terms, accuracy terms) of ``items``."""
@@ -136,6 +157,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data, columns=cfg.columns, split_name=cfg.data_split)
+    check_objective(cfg, kind, dataset)
     if kind == "seq-cls" and cfg.pack:
         raise PissaError(f"`pack` joins examples of a causal LM; {cfg.model} is a sequence classifier: drop `pack`")
     if kind == "seq-cls" and dataset.labels is None:
@@ -162,6 +184,7 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     test = encode_all(tokenizer, dataset.test[: cfg.eval_size], dataset.labels, kind, cfg.max_length)
     references = [e.completion for e in dataset.test[: cfg.eval_size]]
     eval_kind = choose_eval(cfg.eval, kind, dataset.labels, references, cfg.eval_data or cfg.data)
+    rejected = preference_pairs(cfg, kind, dataset, tokenizer)
     label_ids = None
     if kind == "causal-lm" and dataset.labels is not None:
         label_ids = [list(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in dataset.labels]
@@ -187,7 +210,36 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     if sharded and not streamed:
         distributed.shard(model, device)
     model.train()
-    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded, start)
+    return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded, start,
+                   rejected)
+
+
+def check_objective(cfg: RunConfig, kind: Kind, dataset: Dataset) -> None:
+    """A PissaError when the objective and the data (or model) do not go together."""
+    preference = dataset.train[0].rejected is not None
+    if cfg.objective == "sft":
+        if preference:
+            raise PissaError(f"{cfg.data} has prompt,chosen,rejected rows (preference data): add `objective` dpo")
+        return
+    if not preference:
+        raise PissaError(f"`objective` dpo trains on prompt,chosen,rejected rows; {cfg.data} has none")
+    if kind != "causal-lm" or not METHODS[cfg.method].adapter:
+        raise PissaError("`objective` dpo needs a causal LM and an adapter method (its reference is the adapter's "
+                         "initial factors)")
+    if dataset.test and dataset.test[0].rejected is None:
+        raise PissaError(f"`eval_data` '{cfg.eval_data}' must be preference rows too (prompt,chosen,rejected)")
+
+
+def preference_pairs(cfg: RunConfig, kind: Kind, dataset: Dataset, tokenizer: Any) -> tuple[list[Encoded], list[Encoded]] | None:
+    """The rejected answers of the train and test examples, encoded, for ``--objective dpo`` (None for sft)."""
+    if cfg.objective == "sft":
+        return None
+
+    def rejected(examples: list) -> list[Encoded]:
+        return encode_all(tokenizer, [dataclasses.replace(e, completion=e.rejected) for e in examples], None, kind,
+                          cfg.max_length)
+
+    return rejected(dataset.train), rejected(dataset.test[: cfg.eval_size])
 
 
 START_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}

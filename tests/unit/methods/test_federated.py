@@ -8,6 +8,7 @@ from opacus.accountants import RDPAccountant
 
 from pissa.errors import PissaError
 from pissa.methods.federated import (
+    ALPHAS,
     client_weights,
     dirichlet_split,
     epsilon,
@@ -80,7 +81,22 @@ def test_epsilon_is_opacus_accounting_step_by_step_and_noise_for_meets_the_targe
     stepped = RDPAccountant()
     for _ in range(steps):
         stepped.step(noise_multiplier=1.1, sample_rate=q)
-    assert epsilon(1.1, q, steps, delta) == pytest.approx(stepped.get_epsilon(delta), rel=1e-9)
+    assert epsilon(1.1, q, steps, delta) == pytest.approx(stepped.get_epsilon(delta, alphas=ALPHAS), rel=1e-9)
+    assert epsilon(1.1, q, steps, delta) <= stepped.get_epsilon(delta) + 1e-12  # more orders: never a looser bound
     assert epsilon(1.1, q, 2 * steps, delta) > epsilon(1.1, q, steps, delta) > epsilon(2.0, q, steps, delta)
     sigma = noise_for(8.0, q, steps, delta)
     assert epsilon(sigma, q, steps, delta) <= 8.0 < epsilon(sigma * 0.9, q, steps, delta)
+
+
+def test_large_noise_finds_its_optimal_order_inside_the_wide_list() -> None:
+    """Opacus's default orders end at 63: there it warns and overstates eps; ALPHAS reaches the optimum."""
+    q, steps, delta = 0.01, 5, 1e-5
+    with pytest.warns(UserWarning, match="largest alpha"):
+        default = RDPAccountant()
+        default.history = [(8.0, q, steps)]
+        loose = default.get_epsilon(delta)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tight = epsilon(8.0, q, steps, delta)
+    assert 0 < tight < loose

@@ -53,6 +53,17 @@ class Shape:
         dt = pass_dtype(W, term)
         return (W.to(dt) - term.to(dt)).to(W.dtype)
 
+    def initial_forward(self, x: Tensor, t: Tensors, s: float) -> Tensor | None:
+        """``x (..., in) @ initial^T``, ``(..., out)``; None when the initial term is zero. Several adapters on one
+        base (:mod:`pissa.adapter.named`) add the held adapter's and subtract the active one's."""
+        term = self.initial(t, s)
+        return None if term is None else F.linear(x, term.to(x.dtype))
+
+    def at_start(self, t: Tensors) -> dict[str, Tensor]:
+        """``t`` with every variable replaced by its frozen initial copy: the tensors the layer started from
+        (:func:`pissa.reference`)."""
+        return {k: t[self.variables[k]] if k in self.variables and self.variables[k] in t else v for k, v in t.items()}
+
     def delta(self, t: Tensors, s: float) -> Tensor:
         """The current term ``(out, in)`` in the variables' dtype, differentiable in the trainable tensors."""
         raise NotImplementedError

@@ -45,6 +45,15 @@ class LowRank(Shape):
             return W
         return residual_of(W, A, B, s, core)
 
+    def initial_forward(self, x: Tensor, t: Tensors, s: float) -> Tensor:
+        """``s (x A0^T) [core0] B0^T`` (residual factors ``Br Ar`` when present), never forming the ``(out, in)``
+        term; zero for LoRA (B0 = 0), computed anyway (adding zeros is exact, and no device sync tests B0)."""
+        A, B, core = self._initial_factors(t)
+        h = F.linear(x, A.to(x.dtype))
+        if core is not None:
+            h = h * core.to(x.dtype) if core.dim() == 1 else F.linear(h, core.to(x.dtype))
+        return F.linear(h, B.to(x.dtype)) * s
+
     def delta(self, t: Tensors, s: float) -> Tensor:
         return s * (fold_core(t["lora_B"], t.get("lora_core")) @ t["lora_A"])
 
