@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pissa.adapter.shapes import get_shape
+from pissa.adapter.shapes.lowrank import FACTOR_A, FACTOR_B, LOWRANK
 from pissa.errors import PissaError
 from pissa.files.adapter_dir import INTEGRITY, AdapterFiles, write_adapter
 from pissa.files.atomic import atomic_dir
@@ -97,8 +98,8 @@ def open_adapters(paths: Sequence[str | os.PathLike]) -> list[AdapterFiles]:
             raise PissaError(f"adapter at {a.path} has trained head parameters ({a.head_names[0]}, ...); "
                              "merge-adapters merges the adapters of models without a trained head")
         for name, meta in a.layers.items():
-            shape = get_shape(meta.get("shape", "lowrank"))
-            trained = meta.get("train", ["lora_A", "lora_B"])
+            shape = get_shape(meta.get("shape", LOWRANK))
+            trained = meta.get("train", [FACTOR_A, FACTOR_B])
             if not shape.rank_axes or any(k not in shape.rank_axes for k in trained):
                 raise PissaError(f"adapter at {a.path}: layer {name} ({shape.name}, training {', '.join(trained)}) has "
                                  "no factors of a rank to merge per position; merge low-rank adapters")
@@ -137,8 +138,8 @@ def _layer_factors(adapters: list[AdapterFiles], name: str) -> tuple[dict[str, T
     """Layer ``name``: its frozen tensors (the first adapter's; every adapter's must be equal), the movements
     ``(T, *factor shape)`` in float64 of each trained factor, and each factor's rank axis."""
     meta = adapters[0].layers[name]
-    shape = get_shape(meta.get("shape", "lowrank"))
-    trained = list(meta.get("train", ["lora_A", "lora_B"]))
+    shape = get_shape(meta.get("shape", LOWRANK))
+    trained = list(meta.get("train", [FACTOR_A, FACTOR_B]))
     layers = [a.layer(name) for a in adapters]
     frozen = {k: v for k, v in layers[0].items() if k not in trained}
     for a, t in zip(adapters[1:], layers[1:], strict=True):
@@ -177,7 +178,7 @@ def merge_adapters(paths: Sequence[str | os.PathLike], out: str | os.PathLike, p
         frozen, moves, axes = _layer_factors(adapters, name)
         tensors.update({f"{name}.{k}": v for k, v in frozen.items()})
         for k, move in moves.items():
-            dtype = frozen[get_shape(adapters[0].layers[name].get("shape", "lowrank")).variables[k]].dtype
+            dtype = frozen[get_shape(adapters[0].layers[name].get("shape", LOWRANK)).variables[k]].dtype
             stack = torch.stack([_positions(m, axes[k]) for m in move], -1)  # (n, r, T)
             basis = rmm_basis(stack, p)
             stored = basis.basis.to(dtype), basis.coefficients.to(dtype)
@@ -240,11 +241,11 @@ def rebuild_task(merged: str | os.PathLike, task: str, out: str | os.PathLike) -
     source = doc["adapter"]
     tensors: dict[str, Tensor] = {}
     for name, meta in source["layers"].items():
-        shape = get_shape(meta.get("shape", "lowrank"))
+        shape = get_shape(meta.get("shape", LOWRANK))
         prefix = f"{name}."
         frozen = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         tensors.update({prefix + k: v for k, v in frozen.items()})
-        for k in meta.get("train", ["lora_A", "lora_B"]):
+        for k in meta.get("train", [FACTOR_A, FACTOR_B]):
             x0 = frozen[shape.variables[k]]
             move = stored[f"{prefix}{k}.basis"].double() @ stored[f"{prefix}{k}.coefficients"][:, :, t : t + 1].double()
             tensors[prefix + k] = (x0.double() + _unpositions(move.squeeze(-1), shape.rank_axes[k], x0.shape)).to(x0.dtype)
@@ -263,7 +264,7 @@ def merge_single(paths: Sequence[str | os.PathLike], out: str | os.PathLike, met
     for name in tqdm(list(adapters[0].layers), desc=method, unit="layer", disable=not progress):
         frozen, moves, _ = _layer_factors(adapters, name)
         tensors.update({f"{name}.{k}": v for k, v in frozen.items()})
-        variables = get_shape(adapters[0].layers[name].get("shape", "lowrank")).variables
+        variables = get_shape(adapters[0].layers[name].get("shape", LOWRANK)).variables
         for k, move in moves.items():
             merged = (linear_merge(move) if method == "linear" else ties_merge(move, density) if method == "ties"
                       else dare_merge(move, drop, generator))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pissa.adapter.attach import adapted_layers
+from pissa.adapter.shapes.lowrank import FACTOR_A, FACTOR_B
 from pissa.data.batches import Batch
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
@@ -114,7 +115,7 @@ def get_factors(session: Session) -> Factors:
     """Copies of every adapted layer's current ``lora_A`` and ``lora_B`` (float32 or the factor dtype)."""
     found: Factors = {}
     for name, layer in adapted_layers(session.model):
-        for part in ("lora_A", "lora_B"):
+        for part in (FACTOR_A, FACTOR_B):
             found[f"{name}.{part}"] = layer.tensors()[part].detach().clone()
     return found
 
@@ -122,11 +123,11 @@ def get_factors(session: Session) -> Factors:
 def set_factors(session: Session, factors: Factors, algorithm: str) -> None:
     """Load ``factors`` into the adapted layers; ``lora_B`` trains, ``lora_A`` only for fedavg-lora."""
     for name, layer in adapted_layers(session.model):
-        for part in ("lora_A", "lora_B"):
+        for part in (FACTOR_A, FACTOR_B):
             param = getattr(layer, part)
             with torch.no_grad():
                 param.copy_(factors[f"{name}.{part}"])
-            param.requires_grad_(part == "lora_B" or algorithm == "fedavg-lora")
+            param.requires_grad_(part == FACTOR_B or algorithm == "fedavg-lora")
             param.grad = None
 
 
@@ -244,9 +245,9 @@ def server_step(algorithm: str, old: Factors, updates: Sequence[Factors], counts
     redo = algorithm == "fedsvd" and refactors(round_, every, warmup)
     product, ortho = 0.0, 0.0
     for key in old:
-        if not key.endswith(".lora_B"):
+        if not key.endswith(f".{FACTOR_B}"):
             continue
-        a_key = key[: -len("lora_B")] + "lora_A"
+        a_key = key[: -len(FACTOR_B)] + FACTOR_A
         B = weighted_mean([u[key] for u in updates], p)
         A = weighted_mean([u[a_key] for u in updates], p) if algorithm == "fedavg-lora" else old[a_key]
         if redo:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from pissa import options  # noqa: E402
 from pissa.adapter.attach import adapted_layers  # noqa: E402
 from pissa.adapter.save_load import save_adapter  # noqa: E402
+from pissa.adapter.shapes.lowrank import CORE, FACTOR_B  # noqa: E402
 from pissa.errors import PissaError  # noqa: E402
 from pissa.files.atomic import atomic_write_text  # noqa: E402
 from pissa.training.federate import (  # noqa: E402
@@ -231,7 +232,7 @@ def start_server(cfg: FederateConfig, work: Path) -> Server:
     the privacy plan); every user error surfaces here, before anything is written."""
     session = prepare(cfg.run_config())
     for name, layer in adapted_layers(session.model):
-        if "lora_B" not in layer.tensor_names or "lora_core" in layer.tensor_names:
+        if FACTOR_B not in layer.tensor_names or CORE in layer.tensor_names:
             raise PissaError(f"federated averaging needs B A factors; {name} is a {layer.shape.name} adapter: "
                              "use `init` lora or pissa")
     shares = client_shares(session, cfg)

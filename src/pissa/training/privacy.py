@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers
 from pissa.adapter.layer import PissaLinear
+from pissa.adapter.shapes.lowrank import CORE, FACTOR_A, FACTOR_B, LOWRANK
 from pissa.errors import PissaError
 
 
@@ -37,7 +38,7 @@ def lowrank_grad_sample(layer: PissaLinear, activations: Sequence[Tensor], backp
     g = backprops.to(layer.dtype)
     s = layer.scaling
     found: dict[Any, Tensor] = {}  # keyed by the parameters themselves
-    A, B = t["lora_A"], t["lora_B"]
+    A, B = t[FACTOR_A], t[FACTOR_B]
     if B.requires_grad:
         found[B] = s * torch.einsum("n...o,n...r->nor", g, x @ A.detach().T)
     if A.requires_grad:
@@ -49,7 +50,7 @@ def check_private(model: nn.Module) -> None:
     """A PissaError unless every adapted layer is one per-sample gradients are written for: a low-rank adapter
     (no core) on a linear layer, without dropout (its mask would differ from the one the formula assumes)."""
     for name, layer in adapted_layers(model):
-        if layer.shape.name != "lowrank" or "lora_core" in layer.tensor_names or isinstance(layer.residual, nn.Conv2d):
+        if layer.shape.name != LOWRANK or CORE in layer.tensor_names or isinstance(layer.residual, nn.Conv2d):
             raise PissaError(f"DP-SGD needs a low-rank B A adapter on linear layers; {name} is "
                              f"{layer.shape.name}: use `method` pissa or lora")
         if not isinstance(layer.dropout, nn.Identity):

@@ -14,6 +14,12 @@ from pissa.adapter.shapes.base import Shape, Tensors
 from pissa.errors import PissaError
 from pissa.methods.factors import Init, fold_core, merged_weight, orthonormality, residual_of
 
+FACTOR_A, FACTOR_B, CORE = "lora_A", "lora_B", "lora_core"
+"""The low-rank shape's trainable tensors ``A (r, in)``, ``B (out, r)`` and the optional core, by name: the
+names code outside the protocol uses for B A methods (federated rounds, merging, per-sample gradients)."""
+LOWRANK = "lowrank"
+"""The low-rank shape's name (what an adapter folder records per layer; an old folder's layers, without one)."""
+
 
 class LowRank(Shape):
     """``delta = s * B @ [core @] A`` with ``lora_A (r, in)``, ``lora_B (out, r)`` and an optional ``lora_core``
@@ -21,10 +27,10 @@ class LowRank(Shape):
     ``Ar (r, in)``, ``Br (out, r)`` (frozen) replace ``B0 A0`` in the residual: ``W - s Br Ar``.
     Facts: ``orthonormal`` (SORSA's penalty ``||B^T B - I||_F + ||A A^T - I||_F``)."""
 
-    name = "lowrank"
-    variables = {"lora_A": "A0", "lora_B": "B0", "lora_core": "core0"}
-    required = ("lora_A", "lora_B", "A0", "B0")
-    rank_axes = {"lora_A": 0, "lora_B": 1}
+    name = LOWRANK
+    variables = {FACTOR_A: "A0", FACTOR_B: "B0", CORE: "core0"}
+    required = (FACTOR_A, FACTOR_B, "A0", "B0")
+    rank_axes = {FACTOR_A: 0, FACTOR_B: 1}
 
     @staticmethod
     def _initial_factors(t: Tensors) -> tuple[Tensor, Tensor, Tensor | None]:
