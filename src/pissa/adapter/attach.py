@@ -34,7 +34,7 @@ from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
-from pissa.runtime.memory import release_file_pages
+from pissa.runtime.memory import release_file_pages, trim_heap
 
 BATCH_BYTES = 1 << 29
 """Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
@@ -126,6 +126,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
             del module, W
             bar.update(1)
     bar.close()
+    trim_heap()  # the replaced weights and the SVD workspace, freed above, leave the process's memory
     return _freeze_base(model, cfg)
 
 

@@ -114,3 +114,26 @@ def release_file_pages(tensors: list[Tensor]) -> int:
     except OSError:  # no /proc (a sandbox): nothing released, nothing changed
         return done
     return done
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # glibc's; absent from musl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim(0)``); True if any were returned.
+
+    Freed memory of allocations below glibc's mmap threshold stays in the heap, counted in the process's RSS:
+    attach frees one weight per layer (a bfloat16 base's converted weights are heap memory) and its SVD
+    workspace, so a PiSSA run otherwise carries them through training. A no-op (False) without glibc."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
