@@ -118,12 +118,12 @@ def load_adapter(base: nn.Module, path: str | os.PathLike | AdapterFiles, name: 
     (:func:`pissa.load_sharded` does both and checks the residual's digests).
     """
     called = None if name is None else check_name(name)
+    adapter = path if isinstance(path, AdapterFiles) else AdapterFiles(path)  # validated, checked against its digests
     if any(True for _ in adapted_layers(base)):
         if called is None:
             raise PissaError(f"this model already has pissa adapters ({', '.join(list_adapters(base))}); pass name= to "
                              "load another next to them, or load the adapter into the original base model")
-        return add_adapter(base, path if isinstance(path, AdapterFiles) else AdapterFiles(path), called)
-    adapter = path if isinstance(path, AdapterFiles) else AdapterFiles(path)  # validated, checked against its digests
+        return add_adapter(base, adapter, called)
     path = adapter.path
     doc = adapter.doc
     cfg = AdapterConfig.from_dict(doc["config"])
