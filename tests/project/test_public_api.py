@@ -23,3 +23,14 @@ def test_the_embedded_models_are_pissa_hub() -> None:
     from pissa.hub import load_model  # `pissa.hub` as a module path, as users import it
 
     assert pissa.hub.load_model is load_model is importlib.import_module("pissa.runtime.hub").load_model
+
+
+def test_importing_pissa_leaves_the_root_logger_alone() -> None:
+    """No import of the command line (every command and its libraries: Flower, Opacus, trackers) configures
+    logging for the application: the root logger gets no handler, so no line is printed twice."""
+    import subprocess
+    import sys
+
+    code = "import logging, pissa.cli; print(len(logging.getLogger().handlers))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"

@@ -14,15 +14,23 @@ One server step of each algorithm, with ``p_k = n_k / sum_j n_j`` (client k's sh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from torch import Tensor
 
-from pissa.errors import PissaError
+_root_handlers = list(logging.getLogger().handlers)
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+
+# opacus (opacus.utils.module_utils) calls logging.basicConfig when imported, giving the root logger a handler, so
+# every later log line of the program printed twice; a library must leave the root logger to the application
+logging.getLogger().handlers[:] = _root_handlers
+
+from torch import Tensor  # noqa: E402
+
+from pissa.errors import PissaError  # noqa: E402
 
 
 def client_weights(counts: Sequence[int]) -> list[float]:
