@@ -34,7 +34,7 @@ from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
-from pissa.runtime.memory import release_file_pages, trim_heap
+from pissa.runtime.memory import release_spans, spans_of, trim_heap
 
 BATCH_BYTES = 1 << 29
 """Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
@@ -116,16 +116,19 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         return initial_factors([weights[n] for n in batch], cfg, [layer_seed(cfg.seed, n) for n in batch],
                                rank=ranks[batch[0]], stats=stats, names=batch)
 
+    released: list[tuple[int, int]] = []
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
     for batch, factors in distributed.shared_map(batches, factorize, costs):
         for i, n in enumerate(batch):
             init = factors.layer(i).to(cfg.torch_factor_dtype)
             module, W = modules.pop(n), weights.pop(n)  # the replaced weight is freed here, not when attach returns
-            set_module(model, n, _make_layer(module, W, init, cfg, weight_digest(native_weight(module))))
+            digest = weight_digest(native_weight(module))
+            set_module(model, n, _make_layer(module, W, init, cfg, digest, released=released))
             del module, W
             bar.update(1)
     bar.close()
+    release_spans(released)  # a memory-mapped checkpoint's pages of the replaced weights
     trim_heap()  # the replaced weights and the SVD workspace, freed above, leave the process's memory
     return _freeze_base(model, cfg)
 
@@ -234,14 +237,15 @@ def _freeze_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
 def _make_layer(
     module: nn.Module, W: Tensor, init: Init, cfg: AdapterConfig, digest: str, is_residual: bool = False,
-    residual_digest: str | None = None, tensors: dict[str, Tensor] | None = None,
+    residual_digest: str | None = None, tensors: dict[str, Tensor] | None = None, *, released: list[tuple[int, int]],
 ) -> PissaLinear:
     """Swap ``module``'s weight ``W (out, in)`` for its residual and wrap it; the one place a layer is built.
 
     ``init`` holds the method's initial tensors of the layer (scaled); ``tensors``: the layer's whole state
     instead (a saved adapter: trained values and frozen initial copies), which rebuilds the same residual.
     ``is_residual``: W already is the residual (a model written by ``pissa init``), keep it
-    (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known.
+    (quantized if ``cfg.quantize``), its digest ``residual_digest`` when known. ``released`` gets the byte range of
+    a weight the layer replaced, for the caller to give back in one pass (:func:`pissa.runtime.memory.release_spans`).
     """
     shape = SHAPES[init.shape]
     t = shape.start(init) if tensors is None else tensors
@@ -252,8 +256,8 @@ def _make_layer(
         module = quantize_residual(module, residual, cfg.quantize)
     elif residual is not W:
         set_dense_weight(module, residual)
-    if native_weight(module) is not replaced:  # a memory-mapped checkpoint's pages of it stay resident otherwise
-        release_file_pages([replaced])
+    if native_weight(module) is not replaced:
+        released += spans_of([replaced])  # given back by the caller, one pass for all layers (runtime.memory)
     layer = PissaLinear(module, shape, t, init.train, scaling, init.rank, cfg.dropout, init.meta)
     layer.base_digest = digest
     known = residual_digest if is_residual and cfg.quantize is None else None
@@ -278,12 +282,14 @@ def rebuild(
     """
     if any(True for _ in adapted_layers(model)):
         raise PissaError("this model already has pissa adapters; load the adapter into the original base model")
+    released: list[tuple[int, int]] = []
     for n, (init, tensors) in layers.items():
         module = model.get_submodule(n)
         known = residual_ready.get(n) if isinstance(residual_ready, Mapping) else None
         layer = _make_layer(module, dense_weight(module).detach(), init, cfg, digests[n], n in residual_ready, known,
-                            tensors)
+                            tensors, released=released)
         set_module(model, n, layer)
+    release_spans(released)  # a memory-mapped checkpoint's pages of the replaced weights
     return _freeze_base(model, cfg)
 
 

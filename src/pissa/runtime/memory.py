@@ -90,13 +90,25 @@ def unmodified_runs(entries: bytes, address: int, page: int = mmap.PAGESIZE) -> 
     return runs
 
 
+def spans_of(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """``[start, end)`` byte addresses of the contiguous CPU ``tensors`` (their own bytes, not the rest of a storage
+    they may share); others have none."""
+    return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+            if t.device.type == "cpu" and t.is_contiguous() and t.numel()]
+
+
 def release_file_pages(tensors: list[Tensor]) -> int:
-    """Take out of this process the unmodified pages that the contiguous CPU ``tensors`` occupy in file mappings
-    (their own bytes, not the rest of a storage they may share); the number of bytes released (0 where nothing
-    applies, or where the kernel refuses, which changes nothing)."""
+    """Take out of this process the unmodified pages that the contiguous CPU ``tensors`` occupy in file mappings;
+    the number of bytes released (:func:`release_spans`)."""
+    return release_spans(spans_of(tensors))
+
+
+def release_spans(spans: list[tuple[int, int]]) -> int:
+    """Take out of this process the unmodified pages of the byte ranges ``spans`` that lie in file mappings, reading
+    ``/proc/self/maps`` once for all; the number of bytes released (0 where nothing applies, or where the kernel
+    refuses, which changes nothing). A range whose tensor was freed since is safe too: only pages that are still
+    some file's own contents are dropped, and those read back unchanged."""
     madvise = _madvise()
-    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
-             if t.device.type == "cpu" and t.is_contiguous() and t.numel()]
     if madvise is None or not spans:
         return 0
     page = mmap.PAGESIZE
