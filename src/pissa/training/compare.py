@@ -93,9 +93,7 @@ def compare(cfg: CompareConfig, out: str | Path | None = None, *, resume: bool =
     folder = Path(out or "runs/compare")
     with output_folder(folder, resume) as work:
         if resume:
-            resumed = resumed_config(work / RUN_CONFIG, CompareConfig, explicit or {})
-            assert isinstance(resumed, CompareConfig)
-            cfg = resumed
+            cfg = resumed_config(work / RUN_CONFIG, CompareConfig, explicit or {})
         elif distributed.is_main():
             work.mkdir(parents=True, exist_ok=True)
             write_config(work / RUN_CONFIG, cfg)

@@ -298,9 +298,7 @@ def federate(cfg: FederateConfig, out: str | Path | None = None, *, resume: bool
     folder = Path(out or "runs/federate")
     with output_folder(folder, resume) as work:
         if resume:
-            resumed = resumed_config(work / RUN_CONFIG, FederateConfig, explicit or {})
-            assert isinstance(resumed, FederateConfig)
-            cfg = resumed
+            cfg = resumed_config(work / RUN_CONFIG, FederateConfig, explicit or {})
         server = start_server(cfg, work)
         work.mkdir(parents=True, exist_ok=True)
         if not resume:
