@@ -25,7 +25,7 @@ from pissa.methods.registry import METHODS
 from pissa.runtime import distributed, hub
 from pissa.runtime.devices import autocast, enable_gradient_checkpointing, resolve_device, torch_dtype
 from pissa.runtime.hub import Kind
-from pissa.training.checkpoint import restore_trained, verify_checkpoint
+from pissa.training.checkpoint import restore_trained
 from pissa.training.config import RunConfig
 from pissa.training.evaluation import EvalKind, choose_eval, evaluate, evaluate_generation
 from pissa.training.preference import PairBatch, evaluate_preference, pair_batch
@@ -168,12 +168,10 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
     compressed = is_compressed(cfg.model)
     streamed = (sharded and scratch is not None and not compressed
                 and streams(cfg.method, kind, hub.resolve_model(cfg.model), torch_dtype(cfg.dtype)))
-    if streamed:
+    if streamed:  # a resumed run's checkpoint was verified before prepare (run)
         assert scratch is not None
-        if checkpoint is not None:
-            verify_checkpoint(checkpoint)
-        model, tokenizer = load_streamed(cfg.model, hub.resolve_model(cfg.model), cfg.adapter, torch_dtype(cfg.dtype),
-                                         device, scratch, None if checkpoint is None else checkpoint / "adapter")
+        model, tokenizer = load_streamed(cfg.model, cfg.adapter, torch_dtype(cfg.dtype), device, scratch,
+                                         None if checkpoint is None else checkpoint / "adapter")
     elif compressed and kind == "causal-lm":
         model, tokenizer = load_compressed(cfg.model, dtype=torch_dtype(cfg.dtype))
     else:

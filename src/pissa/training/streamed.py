@@ -49,12 +49,15 @@ def streams(method: str, kind: Kind, model_dir: Path, dtype: torch.dtype) -> boo
     return {d for d in stored if d.is_floating_point} == {dtype}
 
 
-def load_streamed(name: str, model_dir: Path, cfg: AdapterConfig, dtype: torch.dtype, device: torch.device,
+def load_streamed(name: str, cfg: AdapterConfig, dtype: torch.dtype, device: torch.device,
                   scratch: Path, trained: Path | None = None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the sharded, adapted causal LM of checkpoint ``model_dir`` (the model ``name``),
-    its base in ``dtype``; ``scratch``: where the streamed decomposition is (made here when missing);
-    ``trained``: a saved adapter (a resumed run's) to load instead of the fresh one. Every rank calls it."""
+    """``(model, tokenizer)``: the sharded, adapted causal LM ``name`` (its checkpoint folder,
+    :func:`~pissa.runtime.hub.resolve_model`), its base in ``dtype``; ``scratch``: where the streamed decomposition
+    is (made here when missing); ``trained``: a saved adapter (a resumed run's) to load instead of the fresh one.
+    Every rank calls it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = hub.resolve_model(name)
 
     if not (scratch / "adapter").is_dir():
         init_checkpoint(model_dir, scratch, cfg, progress=True)
