@@ -34,10 +34,12 @@ from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
-from pissa.runtime.memory import release_spans, spans_of, trim_heap
+from pissa.runtime.memory import free_blas_buffers, release_paged_in, release_spans, resident_file_pages, spans_of, trim_heap
 
-BATCH_BYTES = 1 << 29
-"""Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
+BATCH_BYTES = 1 << 26
+"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (64 MiB): the batch's
+float32 copy and its workspace are transient memory on top of the model, kept well below what training takes
+(on SmolLM2 a 512 MiB batch of 60 MLP weights lifted a bfloat16 run's peak above its load's)."""
 
 ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
 """Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
@@ -117,6 +119,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
                                rank=ranks[batch[0]], stats=stats, names=batch)
 
     released: list[tuple[int, int]] = []
+    resident = resident_file_pages()
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
     for batch, factors in distributed.shared_map(batches, factorize, costs):
@@ -127,10 +130,22 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
             set_module(model, n, _make_layer(module, W, init, cfg, digest, released=released))
             del module, W
             bar.update(1)
+        del factors
+        give_back(released)  # per batch: the replaced weights and the workspace never pile up over the batches
     bar.close()
-    release_spans(released)  # a memory-mapped checkpoint's pages of the replaced weights
-    trim_heap()  # the replaced weights and the SVD workspace, freed above, leave the process's memory
+    free_blas_buffers()  # the LAPACK workspace MKL keeps after the SVDs
+    trim_heap()
+    release_paged_in(resident)  # the decomposition's code (LAPACK kernels), read once
     return _freeze_base(model, cfg)
+
+
+def give_back(released: list[tuple[int, int]]) -> None:
+    """Return to the system the memory of weights just replaced: the memory-mapped checkpoint's pages of the byte
+    ranges ``released`` (emptied; :func:`~pissa.runtime.memory.release_spans`) and the C heap's free pages, where the
+    replaced weights of a converted (e.g. bfloat16) base and the SVD workspace went (:func:`~pissa.runtime.memory.trim_heap`)."""
+    release_spans(released)
+    released.clear()
+    trim_heap()
 
 
 def statistics_for(cfg: AdapterConfig) -> tuple[Calibration | None, tuple[Need, ...]]:

@@ -24,6 +24,8 @@ import sys
 from bisect import bisect_right
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
+from typing import BinaryIO
 
 from torch import Tensor
 
@@ -128,6 +130,52 @@ def release_spans(spans: list[tuple[int, int]]) -> int:
     return done
 
 
+def resident_file_pages() -> dict[tuple[int, int], bytes]:
+    """Which pages of each file mapping ``(start, end)`` are in this process's memory now: one byte per page, 1 for
+    present; ``{}`` without ``/proc``. The snapshot :func:`release_paged_in` compares with."""
+    out = {}
+    try:
+        with open("/proc/self/maps") as f:
+            mappings = file_mappings(f.read())
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            for start, end in mappings:
+                out[start, end] = _present(pagemap, start, end)
+    except OSError:
+        return {}
+    return out
+
+
+def _present(pagemap: BinaryIO, start: int, end: int) -> bytes:
+    """One byte per page of ``[start, end)``: 1 where the page is in memory (its pagemap entry's PRESENT bit)."""
+    pagemap.seek(start // mmap.PAGESIZE * 8)
+    entries = pagemap.read((end - start) // mmap.PAGESIZE * 8)
+    return bytes(entry >> 63 for (entry,) in struct.iter_unpack("<Q", entries))
+
+
+def paged_in(before: dict[tuple[int, int], bytes], now: dict[tuple[int, int], bytes]) -> list[tuple[int, int]]:
+    """``[start, end)`` runs of the file-mapped pages present in the snapshot ``now`` but not in ``before``
+    (:func:`resident_file_pages`; a mapping new since ``before`` counts as all absent then)."""
+    spans: list[tuple[int, int]] = []
+    page = mmap.PAGESIZE
+    for (start, end), present in now.items():
+        was = before.get((start, end), bytes(len(present)))
+        for i, (p, w) in enumerate(zip(present, was)):
+            if p and not w:
+                at = start + i * page
+                if spans and spans[-1][1] == at:
+                    spans[-1] = (spans[-1][0], at + page)
+                else:
+                    spans.append((at, at + page))
+    return spans
+
+
+def release_paged_in(before: dict[tuple[int, int], bytes]) -> int:
+    """Take out of this process the unmodified file pages brought into memory since the snapshot ``before``
+    (:func:`resident_file_pages`): code and data that some one-off work (a decomposition's LAPACK kernels) read
+    once. Safe as :func:`release_spans` is: what is read again maps back unchanged. The bytes released."""
+    return release_spans(paged_in(before, resident_file_pages())) if before else 0
+
+
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
@@ -139,6 +187,34 @@ def _malloc_trim() -> Callable[[int], int] | None:
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
     return fn
+
+
+@cache
+def _mkl_free_buffers() -> Callable[[], None] | None:
+    import torch
+
+    if not sys.platform.startswith("linux") or not torch.backends.mkl.is_available():
+        return None
+    for lib in (None, str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")):  # MKL linked in statically
+        for name in ("mkl_free_buffers", "mkl_serv_free_buffers"):
+            try:
+                fn = getattr(ctypes.CDLL(lib), name)
+            except (OSError, AttributeError):
+                continue
+            fn.argtypes, fn.restype = [], None
+            return fn
+    return None
+
+
+def free_blas_buffers() -> bool:
+    """Give back the workspace that MKL's memory manager caches after LAPACK calls (``mkl_free_buffers``; on
+    SmolLM2 about 8 MB after its SVDs, which training never uses); True if there was such a function to call.
+    Without MKL (another BLAS, macOS, an ARM build) a no-op (False)."""
+    fn = _mkl_free_buffers()
+    if fn is None:
+        return False
+    fn()
+    return True
 
 
 def trim_heap() -> bool:

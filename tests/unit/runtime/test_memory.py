@@ -135,3 +135,70 @@ def test_trim_heap_returns_freed_heap_pages() -> None:
     assert trim_heap()
     assert anonymous_rss() <= before - 40 * 2**20  # measured: about 70 of the 125 MiB come back
     assert all(b[0].item() == 1.0 for b in kept)
+
+
+def test_paged_in_finds_the_pages_present_now_and_not_before() -> None:
+    from pissa.runtime.memory import paged_in
+
+    before = {(0, 4 * PAGE): bytes([1, 0, 0, 1])}
+    now = {(0, 4 * PAGE): bytes([1, 1, 1, 0]), (10 * PAGE, 12 * PAGE): bytes([0, 1])}  # the second mapping is new
+    assert paged_in(before, now) == [(PAGE, 3 * PAGE), (11 * PAGE, 12 * PAGE)]
+    assert paged_in(now, now) == []
+
+
+@linux_only
+def test_release_paged_in_drops_what_was_read_since_the_snapshot_and_keeps_the_rest(tmp_path) -> None:
+    from pissa.runtime.memory import release_paged_in, resident_file_pages
+
+    file = tmp_path / "data.bin"
+    file.write_bytes(bytes(range(256)) * (64 * PAGE // 256))
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        first = m[: 8 * PAGE]  # read before the snapshot: stays (with its neighbours, the kernel's fault-around)
+        kept = resident_file_bytes(file)
+        snapshot = resident_file_pages()
+        later = m[8 * PAGE :]  # read after it: released
+        assert kept <= 32 * PAGE and resident_file_bytes(file) == 64 * PAGE
+        assert release_paged_in(snapshot) >= 64 * PAGE - kept
+        assert resident_file_bytes(file) == kept
+        assert m[: 8 * PAGE] == first and m[8 * PAGE :] == later  # read back from the file, unchanged
+    assert release_paged_in({}) == 0  # no snapshot (no /proc): nothing to compare with
+
+
+@linux_only
+def test_free_blas_buffers_finds_mkl_where_torch_uses_it_and_changes_no_result() -> None:
+    from pissa.runtime.memory import free_blas_buffers
+
+    W = torch.randn(200, 120, generator=torch.Generator().manual_seed(0))
+    before = torch.linalg.svd(W, full_matrices=False)
+    assert free_blas_buffers() == torch.backends.mkl.is_available()
+    after = torch.linalg.svd(W, full_matrices=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 26])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attach_keeps_no_reference_to_the_weights_it_replaced(monkeypatch, batch_bytes, dtype) -> None:
+    """After PiSSA's attach no parameter or buffer of the model shares memory with a replaced weight (so freeing
+    it frees its memory), and what was replaced is given back after every batch of decompositions."""
+    from helpers import tiny_llama
+
+    import pissa.adapter.attach as attach_module
+
+    given: list[int] = []
+    release = attach_module.release_spans
+    monkeypatch.setattr(attach_module, "BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(attach_module, "release_spans", lambda spans: given.append(len(spans)) or release(spans))
+    model = tiny_llama(dtype)
+    originals = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    held = [(w.untyped_storage().data_ptr(), w.untyped_storage().nbytes()) for w in originals]  # alive: no reuse
+    pissa.attach(model, pissa.AdapterConfig(method="pissa", rank=4))
+    for t in [*model.parameters(), *model.buffers()]:
+        at = t.untyped_storage().data_ptr()
+        assert not any(lo <= at < lo + n for lo, n in held)
+    batches = len(list(attach_module._batches([str(i) for i in range(len(originals))],
+                                              {str(i): w for i, w in enumerate(originals)},
+                                              dict.fromkeys(map(str, range(len(originals))), 4))))
+    assert len(given) == batches > (1 if batch_bytes == 1 else 0)  # one give-back per batch
+    assert sum(given) == len(originals)  # each replaced weight's range given back once
