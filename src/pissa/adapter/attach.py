@@ -9,6 +9,7 @@ Everything but the trainable tensors is frozen.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
@@ -34,12 +35,23 @@ from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
 from pissa.methods.svd import MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
-from pissa.runtime.memory import free_blas_buffers, release_paged_in, release_spans, resident_file_pages, spans_of, trim_heap
+from pissa.runtime.memory import (
+    free_blas_buffers,
+    mapped_copy,
+    release_paged_in,
+    release_spans,
+    resident_file_pages,
+    spans_of,
+    trim_heap,
+)
 
-BATCH_BYTES = 1 << 26
-"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (64 MiB): the batch's
-float32 copy and its workspace are transient memory on top of the model, kept well below what training takes
-(on SmolLM2 a 512 MiB batch of 60 MLP weights lifted a bfloat16 run's peak above its load's)."""
+BATCH_BYTES = 1 << 27
+"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (128 MiB). The batch's
+float32 copy and its workspace are transient memory on top of the model (a 512 MiB batch of SmolLM2's 60 MLP
+weights lifted a bfloat16 run's peak above its load's). Not less: a batch's bfloat16 pass copy (half of it)
+then stays above glibc's largest dynamic mmap threshold (32 MiB), so freeing it leaves the threshold where
+training alone would put it; a freed 32 MiB block raised it, and the heap then kept more of training's
+transient tensors (measured: +5 MB at the whole run's peak on SmolLM2 at 64 MiB)."""
 
 ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
 """Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
@@ -133,9 +145,11 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
         del factors
         give_back(released)  # per batch: the replaced weights and the workspace never pile up over the batches
     bar.close()
+    release_paged_in(resident)  # the decomposition's code (LAPACK kernels), read once
+    del resident
+    gc.collect()  # the batches' factors in reference cycles go before the heap is trimmed
     free_blas_buffers()  # the LAPACK workspace MKL keeps after the SVDs
     trim_heap()
-    release_paged_in(resident)  # the decomposition's code (LAPACK kernels), read once
     return _freeze_base(model, cfg)
 
 
@@ -266,6 +280,8 @@ def _make_layer(
     t = shape.start(init) if tensors is None else tensors
     scaling = cfg.scaling_for(init.rank)
     residual = W if is_residual else shape.residual(W, t, scaling)
+    if residual is not W and cfg.quantize is None:
+        residual = mapped_copy(residual)  # outside the heap, as a memory-mapped checkpoint's weight is
     replaced = native_weight(module)
     if cfg.quantize is not None:
         module = quantize_residual(module, residual, cfg.quantize)

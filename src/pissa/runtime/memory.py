@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
+import torch
 from torch import Tensor
 
 MADV_DONTNEED = 4
@@ -189,10 +190,22 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
+def mapped_copy(t: Tensor) -> Tensor:
+    """A copy of the CPU tensor ``t`` in memory of its own (an anonymous ``mmap``), outside the C heap.
+
+    A long-lived tensor (a frozen residual weight) in the heap pins the heap around it: the transient tensors of
+    training fill the gaps between such blocks and what they free there stays in the process, while the heap
+    of a model whose weights live in a checkpoint's mapping has no such blocks. In a mapping of its own the
+    memory goes back to the system when the tensor is freed. Elsewhere (a GPU tensor, no bytes) ``t`` itself."""
+    if t.device.type != "cpu" or not t.numel():
+        return t
+    buffer = mmap.mmap(-1, t.numel() * t.element_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    out = torch.frombuffer(buffer, dtype=t.dtype, count=t.numel()).view(t.shape)
+    return out.copy_(t)
+
+
 @cache
 def _mkl_free_buffers() -> Callable[[], None] | None:
-    import torch
-
     if not sys.platform.startswith("linux") or not torch.backends.mkl.is_available():
         return None
     for lib in (None, str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")):  # MKL linked in statically

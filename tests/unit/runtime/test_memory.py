@@ -182,9 +182,8 @@ def test_free_blas_buffers_finds_mkl_where_torch_uses_it_and_changes_no_result()
 def test_attach_keeps_no_reference_to_the_weights_it_replaced(monkeypatch, batch_bytes, dtype) -> None:
     """After PiSSA's attach no parameter or buffer of the model shares memory with a replaced weight (so freeing
     it frees its memory), and what was replaced is given back after every batch of decompositions."""
-    from helpers import tiny_llama
-
     import pissa.adapter.attach as attach_module
+    from helpers import tiny_llama
 
     given: list[int] = []
     release = attach_module.release_spans
@@ -202,3 +201,19 @@ def test_attach_keeps_no_reference_to_the_weights_it_replaced(monkeypatch, batch
                                               dict.fromkeys(map(str, range(len(originals))), 4))))
     assert len(given) == batches > (1 if batch_bytes == 1 else 0)  # one give-back per batch
     assert sum(given) == len(originals)  # each replaced weight's range given back once
+
+
+@linux_only
+def test_mapped_copy_holds_equal_values_outside_the_heap() -> None:
+    from pissa.runtime.memory import mapped_copy
+
+    t = torch.randn(300, 200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    copy = mapped_copy(t)
+    assert torch.equal(copy, t) and copy.dtype == t.dtype and copy.shape == t.shape and copy.is_contiguous()
+    assert copy.data_ptr() % PAGE == 0 and copy.data_ptr() != t.data_ptr()
+    heap = next(tuple(int(x, 16) for x in line.split()[0].split("-"))
+                for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith("[heap]"))
+    assert not heap[0] <= copy.data_ptr() < heap[1]
+    copy.add_(1)  # its own writable memory: t is unchanged
+    assert not torch.equal(copy, t)
+    assert mapped_copy(torch.empty(0)).numel() == 0
