@@ -13,6 +13,12 @@ from the unchanged file. A private copy is never dropped (that would lose what w
 even if some other tensor still viewed those pages; it only costs a re-read then. Unlike asking the kernel
 to reclaim the pages (``MADV_PAGEOUT``), this works while other processes map the same file. Elsewhere
 (macOS, Windows, a tensor not in a file mapping, a GPU tensor) it does nothing.
+
+The rest of what a decomposition leaves behind, so that a PiSSA run holds no more than a LoRA run at the same
+rank: the file pages it brought in once (LAPACK's code in libtorch: :func:`resident_file_pages` before,
+:func:`release_paged_in` after), MKL's cached LAPACK workspace (:func:`free_blas_buffers`), the C heap's free
+pages (:func:`trim_heap`); and :func:`mapped_copy` keeps a long-lived residual out of the heap, where a
+checkpoint's own weights never are.
 """
 
 from __future__ import annotations
