@@ -32,12 +32,17 @@ from pissa.methods.inputs import InitOptions, Need, Stats, calibration_hint, lay
 from pissa.methods.qpissa import refine
 from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
-from pissa.methods.svd import MatrixBatch, compute_dtype, stack
+from pissa.methods.svd import CHUNK_BYTES, MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
 from pissa.runtime.memory import release_spans, spans_of, trim_heap
 
 BATCH_BYTES = 1 << 29
-"""Equal-shape weights are decomposed in batches of at most this many bytes (512 MiB)."""
+"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (512 MiB)."""
+
+CPU_BATCH_BYTES = 2 * CHUNK_BYTES
+"""On the CPU, batches hold at most this many bytes of float32 (8 MiB, two of SmolLM2's MLP weights): a batch's
+weights are still in the cache when their residuals are formed right after its decomposition
+(:data:`pissa.methods.svd.CHUNK_BYTES`)."""
 
 ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
 """Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
@@ -55,13 +60,14 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
 def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int],
              batched: bool = True) -> Iterator[list[str]]:
     """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32
-    (to single layers when not ``batched``: :attr:`~pissa.methods.registry.Method.batched`)."""
+    (CPU_BATCH_BYTES on the CPU; to single layers when not ``batched``: :attr:`~pissa.methods.registry.Method.batched`)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for n in names:
         W = weights[n]
         groups[(tuple(W.shape), ranks[n], W.dtype, W.device)].append(n)
-    for (shape, _, _, _), group in groups.items():
-        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1])) if batched else 1
+    for (shape, _, _, device), group in groups.items():
+        cap = CPU_BATCH_BYTES if device.type == "cpu" else BATCH_BYTES
+        per = max(1, cap // (4 * shape[0] * shape[1])) if batched else 1
         for i in range(0, len(group), per):
             yield group[i : i + per]
 
