@@ -13,11 +13,14 @@ ten passes of width r over each weight. Per rank the file gives:
   exact rank-r SVD), mean and max over layers and rounds (round i's inits are seeded with i);
 - the paired ratios: per comparison, the ratio of the two times taken in the same round (wall and
   CPU): median, min, max, and in how many rounds pissa was faster;
-- every round's times and order.
+- every round's times and order;
+- with ``--profile``, where the time goes: one more init of each kind under ``torch.profiler``, its
+  operators by self CPU time (the profiler's own overhead included, so shares, not absolute times).
 
     .venv/bin/python benchmarks/init_speed.py                        # ranks 16 and 64, 5 rounds each
     .venv/bin/python benchmarks/init_speed.py --ranks 16 --repeats 1 # quick
     .venv/bin/python benchmarks/init_speed.py --full-svd             # also PEFT's full SVD (slow: ~1 min a round)
+    .venv/bin/python benchmarks/init_speed.py --profile              # and a profile of each init per rank
 
 Writes ``bench_out/NAME.md`` (``--update-results``: ``benchmarks/results/NAME.md``).
 """
@@ -52,8 +55,25 @@ def ranks(text: str) -> list[int]:
     return out
 
 
+PROFILE_ROWS = 12
+"""Operators listed per profiled init."""
+
+
+def profile_rows(base: torch.nn.Module, rank: int, label: str) -> list[list[str]]:
+    """The top :data:`PROFILE_ROWS` operators of one init of ``label`` by self CPU time: name, calls, seconds, share."""
+    from torch.profiler import profile
+
+    model = copy.deepcopy(base)
+    with profile() as prof:
+        timed_init(model, rank, "all-linear", PEFT_INIT.get(label))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [[e.key, str(e.count), f"{e.self_cpu_time_total / 1e6:.3f}", f"{e.self_cpu_time_total / total:.1%}"]
+            for e in events[:PROFILE_ROWS]] + [["(all operators)", "", f"{total / 1e6:.3f}", "100.0%"]]
+
+
 def run_rank(res: Results, model_name: str, base: torch.nn.Module, names: list[str], rank: int, labels: list[str],
-             repeats: int) -> None:
+             repeats: int, profiled: bool = False) -> None:
     """All rounds at one rank, and its section of the results file."""
     opt = optimal_residuals(base, names, rank)
     for label in labels:  # warm-up, untimed: first-call imports and setup of each code path
@@ -94,6 +114,10 @@ def run_rank(res: Results, model_name: str, base: torch.nn.Module, names: list[s
     res.table(["round", "order", *labels],
               [[str(i + 1), order_log[i], *(f"{wall[k][i]:.2f} / {cpu[k][i]:.2f}" for k in labels)]
                for i in range(repeats)])
+    if profiled:
+        for label in labels[:2]:
+            res.heading(f"Where the time goes at rank {rank}: {label}", level=3)
+            res.table(["operator", "calls", "self CPU (s)", "share"], profile_rows(base, rank, label), align="lrrr")
 
 
 def main() -> None:
@@ -102,6 +126,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=ranks, default=[16, 64], help="comma-separated ranks, one section each")
     ap.add_argument("--repeats", type=int, default=5, help="alternated rounds per rank")
     ap.add_argument("--full-svd", action="store_true", help="also time PEFT's full-SVD init (slow)")
+    ap.add_argument("--profile", action="store_true", help="profile one init of pissa and of pissa_niter_4 per rank")
     add_results_options(ap, "init_speed")
     args = ap.parse_args()
 
@@ -110,7 +135,7 @@ def main() -> None:
         names = find_targets(base, "all-linear")
         labels = [PISSA, NITER4] + ([FULL] if args.full_svd else [])
         for rank in args.ranks:
-            run_rank(res, args.model, base, names, rank, labels, args.repeats)
+            run_rank(res, args.model, base, names, rank, labels, args.repeats, args.profile)
 
 
 if __name__ == "__main__":
