@@ -96,10 +96,14 @@ def parse_grids(items: Sequence[str], methods: Sequence[str]) -> dict[str, list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=RunConfig.model)
+    p.add_argument("--data", default=RunConfig.data)
     p.add_argument("--methods", default="pissa,lora")
     p.add_argument("--grid", action="append", default=[], help="METHOD=LR,LR,... (repeatable; default: GRIDS)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=RunConfig.steps, help="steps of every run (the default budget)")
+    p.add_argument("--rank", type=int, default=AdapterConfig.rank)
+    p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     p.add_argument("--val-size", type=int, default=200, help="validation reviews carved from the training data")
     p.add_argument("--eval-size", type=int, default=200, help="test reviews of the final comparison")
     p.add_argument("--factor", type=float, default=2.0, help="step past a grid's edge")
@@ -113,8 +117,9 @@ def main() -> None:
     grids = parse_grids(args.grid, methods)
 
     def config(method: str, lr: float | None, seed: int) -> RunConfig:
-        return RunConfig(adapter=AdapterConfig(method=method, seed=seed), lr=lr, steps=args.steps,
-                         eval_size=args.eval_size, threads=1, save_every=0)
+        return RunConfig(model=args.model, data=args.data, adapter=AdapterConfig(method=method, rank=args.rank, seed=seed),
+                         lr=lr, steps=args.steps, batch_size=args.batch_size, eval_size=args.eval_size, threads=1,
+                         save_every=0)
 
     title = "Default learning rates of PiSSA and LoRA (SmolLM2-135M-Instruct, Rotten Tomatoes)"
     ctx = multiprocessing.get_context("spawn")
@@ -143,8 +148,10 @@ def main() -> None:
         if wrong:
             raise SystemExit(f"default_lr of {wrong} differs from the chosen {chosen}: set the method records "
                              "(pissa/methods/registry.py) to the chosen rates, then rerun with the same --work")
-        jobs = {pool.submit(compare_run, CompareConfig(methods=methods, adapter=AdapterConfig(seed=s), steps=args.steps,
-                                                       eval_size=args.eval_size, threads=1, save_every=0),
+        jobs = {pool.submit(compare_run, CompareConfig(model=args.model, data=args.data, methods=methods,
+                                                       adapter=AdapterConfig(rank=args.rank, seed=s), steps=args.steps,
+                                                       batch_size=args.batch_size, eval_size=args.eval_size, threads=1,
+                                                       save_every=0),
                             str(work / f"final-seed{s}")): s for s in seeds}
         final = {jobs[job]: job.result() for job in cf.as_completed(jobs)}
         final_section(res, args, final, methods, seeds, chosen)
@@ -160,7 +167,9 @@ def sweep_section(res: Results, args: argparse.Namespace, runs: dict, methods: S
                   chosen: dict[str, float]) -> None:
     meta = next(iter(runs.values()))
     res.heading("Learning-rate sweep (validation split)")
-    res.add(f"Rank 16, {args.steps} steps of batch 8, cosine schedule with 10 warm-up steps (the defaults), seeds "
+    res.add(f"{args.model}, rank {args.rank}, {args.steps} steps of batch {args.batch_size}, cosine schedule with 10 "
+            f"warm-up steps (the defaults: rank {AdapterConfig.rank}, {RunConfig.steps} steps of batch "
+            f"{RunConfig.batch_size}), seeds "
             f"{', '.join(map(str, seeds))}, one torch thread per run, {args.jobs} runs at once. Trained on "
             f"{meta['train_examples']:,} training reviews; validation: the other {meta['eval_examples']} reviews of the "
             f"training split (hash of the prompt, seed {VAL_SEED}). The test split was not read. Score: validation loss "
@@ -185,7 +194,7 @@ def sweep_section(res: Results, args: argparse.Namespace, runs: dict, methods: S
 def final_section(res: Results, args: argparse.Namespace, final: dict[int, dict[str, dict]], methods: Sequence[str],
                   seeds: Sequence[int], chosen: dict[str, float]) -> None:
     res.heading("pissa compare at the new defaults (test split)")
-    res.add(f"For each seed, `pissa compare --methods {','.join(methods)} --seed S --threads 1` "
+    res.add(f"For each seed, `pissa compare --methods {','.join(methods)} --seed S --threads 1` on {args.model} "
             f"(pissa.training.compare.compare; {', '.join(f'{m} lr {chosen[m]:g}' for m in methods)}, the method records' "
             f"default_lr), {args.steps} steps on the whole training split, {args.eval_size} test reviews scored before and "
             f"after. Training losses: mean over the {WINDOW} steps ending at the step shown.")
