@@ -92,9 +92,10 @@ def seeded(seeds: Sequence[int], shape: tuple[int, ...], like: Tensor, normal: b
     return torch.stack(out).to(like.device)
 
 
-def _orthonormal_rows(Y: Tensor, basis: Tensor, max_rounds: int = 3) -> Tensor:
+def _orthonormal_rows(Y: Tensor, basis: Tensor, max_rounds: int = 3) -> tuple[Tensor, Tensor | None, bool]:
     """Orthonormal rows ``(L, b, d)`` spanning ``Y (L, b, d)`` minus its components along the
-    orthonormal rows of ``basis (L, c, d)``.
+    orthonormal rows of ``basis (L, c, d)``; with Y's coefficients ``Y basis^T (L, b, c)`` (None without a basis),
+    and whether one round was enough (False: the coefficients do not describe the rows returned).
 
     Classical Gram-Schmidt twice ("CGS2"), then a Householder QR. That is enough while Y keeps a
     part outside the basis well above rounding. When W has lower rank than the Krylov space,
@@ -105,14 +106,18 @@ def _orthonormal_rows(Y: Tensor, basis: Tensor, max_rounds: int = 3) -> Tensor:
     part outside a basis of c < d rows, so one more round fixes them).
     """
     tol = 1000 * torch.finfo(Y.dtype).eps
-    for _ in range(max_rounds):
+    coefficients, clean = None, True
+    for rnd in range(max_rounds):
         if basis.shape[-2]:
-            for _ in range(2):
-                Y = torch.baddbmm(Y, Y @ basis.mT, basis, alpha=-1)
+            for i in range(2):
+                P = Y @ basis.mT
+                coefficients = P if rnd == 0 and i == 0 else coefficients
+                Y = torch.baddbmm(Y, P, basis, alpha=-1)
         Y = torch.linalg.qr(Y.mT).Q.mT
         if not basis.shape[-2] or float((Y @ basis.mT).abs().amax()) <= tol:
             break
-    return Y
+        clean = False
+    return Y, coefficients, clean
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -207,7 +212,8 @@ def krylov_chunk(
         Z_j = Q_j M
 
     so the rows of ``Q (t b, d)`` span the Krylov space of ``M M^T`` started at ``M Z_0^T``, and
-    ``T = Z Z^T = Q M M^T Q^T`` is its projected matrix, with no further pass over W. The top-k
+    ``T = Z Z^T = Q M M^T Q^T`` is its projected matrix, with no further pass over W: all but its last block row
+    are the Gram-Schmidt coefficients ``(Z_{j-1} M^T) Q_{<j}^T`` of the steps (a product less per step). The top-k
     eigenvectors V of T give the Ritz vectors ``X = Q^T V (d, k)``. These passes run in
     the pass dtype (bf16 on most CPUs), whose rounding would show in the factors of weights
     with fast-decaying spectra, so the Rayleigh-Ritz step is redone in full precision on the k
@@ -234,13 +240,26 @@ def krylov_chunk(
     warm = rows2.topk(block // 2, dim=-1).indices  # (L, b // 2)
     gauss = seeded(seeds, (block - block // 2, D), Q).to(Wl.dtype)
     z = torch.cat([gauss, fwd.gather(-2, warm.unsqueeze(-1).expand(*warm.shape, D))], -2)
+    # T = Z Z^T from the Gram-Schmidt coefficients: step j's Y = Z_{j-1} M^T, so Y Q_{<j}^T = Z_{j-1} Z_{<j}^T is
+    # T's block row j-1 left of the diagonal block's end, which is all that eigh reads (its lower triangle)
+    T = Q.new_zeros(*batch, t * block, t * block)
+    assembled = True
     for j in range(t):
         rows = slice(j * block, (j + 1) * block)
-        Q[..., rows, :] = _orthonormal_rows((z @ fwd.mT).to(work), Q[..., : j * block, :])
+        Q[..., rows, :], coefficients, clean = _orthonormal_rows((z @ fwd.mT).to(work), Q[..., : j * block, :])
+        assembled = assembled and clean
+        if j:
+            assert coefficients is not None  # a basis of j * block rows
+            T[..., (j - 1) * block : j * block, : j * block] = coefficients
         z = Q[..., rows, :].to(Wl.dtype) @ fwd
         Z[..., rows, :] = z
     del fwd
-    X = torch.linalg.eigh(Z @ Z.mT).eigenvectors[..., -k:].mT @ Q  # (L, k, d): orthonormal Ritz rows
+    last = slice((t - 1) * block, None)
+    if assembled:
+        T[..., last, :] = Z[..., last, :] @ Z.mT
+    else:  # a rank-deficient W took more rounds: the coefficients miss the rows that were redone
+        T = Z @ Z.mT
+    X = torch.linalg.eigh(T).eigenvectors[..., -k:].mT @ Q  # (L, k, d): orthonormal Ritz rows
     return _rayleigh_ritz(X, W, tall, energy, k, work)
 
 
