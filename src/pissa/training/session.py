@@ -86,6 +86,8 @@ class Session:
         activations of more than its share.
         """
         items = distributed.my_share(self.test)
+        if self.sharded:
+            memory.trim_heap()  # training's freed small blocks, before the evaluation's activations
         with distributed.lockstep(self.model, self.device):
             if self.rejected is not None:
                 return self._evaluate_preference(items)
