@@ -177,8 +177,8 @@ def return_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     glibc starts at 128 KiB but raises the threshold to the size of each mapped block freed (up to 32 MiB), so
     once a large tensor is freed, the activations below that size come from the heap, whose freed holes stay in the
     process's RSS. An FSDP rank frees each decoder block's all-gathered weights after every use, so its threshold
-    soon sits above every activation: measured on SmolLM2-135M with 2 processes, a rank's peak RSS was 2.0 GiB
-    with the moving threshold and 1.2 GiB with it fixed (benchmarks/results/fsdp_memory.md). A fixed threshold
-    costs a fresh mapping (its pages zeroed on first touch) per large allocation."""
+    soon sits above every activation: profiled on SmolLM2-135M with 2 processes, a rank's peak RSS was 2.0 GiB
+    with the moving threshold and 1.2 GiB with it fixed, nothing else changed. A fixed threshold costs a fresh
+    mapping (its pages zeroed on first touch) per large allocation."""
     mallopt = _mallopt()
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False
