@@ -135,3 +135,34 @@ def test_trim_heap_returns_freed_heap_pages() -> None:
     assert trim_heap()
     assert anonymous_rss() <= before - 40 * 2**20  # measured: about 70 of the 125 MiB come back
     assert all(b[0].item() == 1.0 for b in kept)
+
+
+FREED_BLOCKS = """
+import sys, torch
+from pissa.runtime.memory import return_freed_blocks
+def anonymous_rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+if sys.argv[1] == "fixed":
+    assert return_freed_blocks()
+big = torch.ones(2 * 2**20)  # 8 MiB, freed: glibc's moving threshold rises to 8 MiB
+del big
+blocks = [torch.ones(64 * 1024) for _ in range(400)]  # 400 x 256 KiB = 100 MiB, touched
+kept = blocks[1::2]
+before = anonymous_rss()
+del blocks  # every other block: 50 MiB between blocks still in use
+print(before - anonymous_rss())
+"""
+
+
+@linux_only
+def test_return_freed_blocks_gives_freed_activations_back_at_once(tmp_path) -> None:
+    """Once a large block is freed, glibc serves smaller ones from the heap, whose holes stay in the RSS;
+    with the threshold fixed (:func:`~pissa.runtime.memory.return_freed_blocks`) each freed block leaves the process."""
+    import subprocess
+
+    script = tmp_path / "blocks.py"
+    script.write_text(FREED_BLOCKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    given_back = {mode: int(subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
+                                           check=True).stdout) for mode in ("moving", "fixed")}
+    assert given_back["moving"] <= 10 * 2**20 and given_back["fixed"] >= 45 * 2**20, given_back
