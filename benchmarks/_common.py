@@ -450,26 +450,31 @@ def optimal_residuals(model: nn.Module, names: list[str], rank: int) -> dict[str
 
 
 def timed_init(model: nn.Module, rank: int, targets: str | list[str],
-               peft_init: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+               peft_init: str | None = None, cpu: list[float] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """(seconds of the init call alone, {layer name: residual weight}) of one init on ``model``:
     ``pissa.attach`` when ``peft_init`` is None, else ``get_peft_model(init_lora_weights=peft_init)``.
-    The clock stops after the device finished the work (CUDA synchronize)."""
+    The clock stops after the device finished the work (CUDA synchronize). ``cpu``: gets the process's CPU
+    seconds of the same region appended (less sensitive than wall time to other processes on a shared CPU)."""
     from peft import LoraConfig, get_peft_model
 
     device = next(model.parameters()).device
     sync(device)
     if peft_init is None:
         cfg = pissa.AdapterConfig(rank=rank, targets=targets)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pissa.attach(model, cfg)
         sync(device)
         seconds = time.perf_counter() - start
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu_start)
         return seconds, {n: dense_weight(layer.residual).detach() for n, layer in pissa.adapted_layers(model)}
     lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=peft_init, target_modules=targets)  # type: ignore[arg-type]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     peft_model = get_peft_model(model, lora)
     sync(device)
     seconds = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(time.process_time() - cpu_start)
     prefix = "base_model.model."
     residuals = {
         n[len(prefix):]: m.base_layer.weight.detach()

@@ -272,7 +272,9 @@ def test_fsdp_finetune_equals_one_process_and_resumes_after_ctrl_c(tmp_path, tin
 
     from pissa.cli import main
 
-    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE]
+    # evaluation batches of 2: the ranks' shares of the 9 test examples take 3 and 2 forwards (in lockstep)
+    args = ["finetune", "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"), *FINETUNE,
+            "--eval-batch-size", "2"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     torchrun(INTERRUPT, tmp_path, *args, "--out", str(tmp_path / "fsdp"), "--fsdp")
     assert (tmp_path / "fsdp.partial" / "sharded-init" / "adapter").is_dir()
@@ -356,22 +358,30 @@ def reference_logits(checkpoint: Path, adapter: Path) -> torch.Tensor:
 
 
 SHARDED = """
-import sys, torch
+import gc, sys, torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 import pissa
 from pissa.runtime import distributed
 from helpers import IDS
 
+def largest_tensor():  # bytes of the largest tensor storage this process holds (a DTensor: its local shard)
+    gc.collect()
+    tensors = [getattr(o, "_local_tensor", o) for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+    return max(t.untyped_storage().nbytes() for t in tensors)
+
 def main(out):  # the sharded model lives in a function: a module global would hold the group until finalization
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{out}/residual"))
     pissa.load_sharded(model, f"{out}/residual", f"{out}/adapter", device="cpu")
     local = sum(p.to_local().numel() for p in model.parameters())
-    with torch.no_grad():
-        logits = model(input_ids=IDS).logits
+    loaded = largest_tensor()
     rank = distributed.world()[0]
-    save_file({"logits": logits, "local": torch.tensor(local)}, f"{out}/rank{rank}.safetensors")
+    with torch.no_grad(), distributed.lockstep(model, torch.device("cpu")):  # rank 0: a row a forward; rank 1: both at once
+        rows = [model(input_ids=IDS[i : i + 1]).logits for i in range(len(IDS))] if rank == 0 else [model(input_ids=IDS).logits]
+    logits = torch.cat(rows)
+    save_file({"logits": logits, "local": torch.tensor(local), "loaded": torch.tensor(loaded),
+               "after_lockstep": torch.tensor(largest_tensor())}, f"{out}/rank{rank}.safetensors")
 
 assert distributed.init_from_env()
 main(sys.argv[1])
@@ -380,16 +390,22 @@ main(sys.argv[1])
 
 def test_load_sharded_builds_a_pissa_init_checkpoint_on_two_processes_from_the_meta_device(tmp_path, one_thread) -> None:
     """`pissa init` output loaded onto a meta-device Llama by 2 FSDP2 processes: each rank holds
-    half of every weight and the sharded model computes the logits of the whole base plus adapter."""
+    half of every weight (no rank holds a whole embedding, after loading nor after forwards in lockstep)
+    and the sharded model computes the logits of the whole base plus adapter, also when the ranks run
+    different numbers of forwards (:func:`~pissa.runtime.distributed.lockstep`)."""
     base = llama_checkpoint(tmp_path)
     init_checkpoint(base, tmp_path / "out", pissa.AdapterConfig(**CFG), progress=False)
     torchrun(SHARDED, tmp_path, str(tmp_path / "out"))
     expected = reference_logits(base, tmp_path / "out" / "adapter")
     ranks = [load_file(str(tmp_path / "out" / f"rank{r}.safetensors")) for r in range(2)]
-    total = sum(p.numel() for p in pissa.load_adapter(llama_checkpoint_model(base), tmp_path / "out" / "adapter").parameters())
+    whole = pissa.load_adapter(llama_checkpoint_model(base), tmp_path / "out" / "adapter")
+    total = sum(p.numel() for p in whole.parameters())
     assert sum(int(r["local"]) for r in ranks) == total
     assert all(0.45 * total <= int(r["local"]) <= 0.55 * total for r in ranks)  # no rank holds the whole base
+    embedding = whole.get_input_embeddings().weight
+    half = embedding.numel() * embedding.element_size() // 2
     for r in ranks:
+        assert int(r["loaded"]) <= half and int(r["after_lockstep"]) <= half, (int(r["loaded"]), int(r["after_lockstep"]))
         assert torch.allclose(r["logits"], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -233,3 +233,59 @@ def test_family_sweeps_welore_on_a_compressed_copy_next_to_lora_at_its_default(t
     subprocess.run(cmd, check=True, env=env, capture_output=True)  # the compressed copy is reused, not rebuilt
     (REPO / "bench_out" / f"{name}.md").unlink()
     assert list(cache.iterdir()) == [folder] and (folder / "model.safetensors").stat().st_mtime_ns == built
+
+
+def _load_benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_default_lr_extends_a_grid_past_the_edge_holding_the_best() -> None:
+    next_rate = _load_benchmark("default_lr").next_rate
+    assert next_rate({1e-4: 2.0, 1e-3: 1.0}, 2.0) == 2e-3
+    assert next_rate({1e-4: 1.0, 1e-3: 2.0}, 2.0) == 5e-5
+    assert next_rate({1e-4: 2.0, 1e-3: 1.0, 1e-2: 1.5}, 2.0) is None
+    assert next_rate({1e-4: 1.0}, 2.0) is None
+
+
+def test_default_lr_sweeps_seeds_then_compares_at_the_method_records(tiny: Path, tmp_path: Path) -> None:
+    """benchmarks/default_lr.py on the tiny model: the sweep's per-seed validation losses and their mean, the final
+    pissa compare per seed at the records' default_lr, the paired differences; refused (nothing written) when a
+    record differs from the chosen rate."""
+    from pissa.methods.registry import METHODS
+
+    pissa_lr, lora_lr = METHODS["pissa"].learning_rate, METHODS["lora"].learning_rate
+    name = f"test_default_lr_{os.getpid()}"
+    cmd = [sys.executable, str(BENCHMARKS / "default_lr.py"), "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
+           "--seeds", "0,1", "--steps", "2", "--batch-size", "2", "--rank", "2", "--val-size", "4", "--eval-size", "4",
+           "--jobs", "2", "--work", str(tmp_path / "work"), "--name", name, "--grid", f"lora={lora_lr:g}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([*cmd, "--grid", f"pissa={pissa_lr:g}"], check=True, env=env, capture_output=True)
+    out = REPO / "bench_out" / f"{name}.md"
+    try:
+        text = out.read_text()
+    finally:
+        out.unlink(missing_ok=True)
+    [(_, header, loss), _] = tables(section(text, "## Learning-rate sweep (validation split)"))
+    assert header == ["method", "lr", "mean ± sd", "seed 0", "seed 1"]
+    assert [row[:2] for row in loss] == [["pissa", f"{pissa_lr:g}"], ["lora", f"{lora_lr:g}"]]
+    for row in loss:
+        mean = float(row[2].strip("*").split(" ± ")[0])
+        assert row[2].startswith("**") and abs(mean - (float(row[3]) + float(row[4])) / 2) < 1e-4
+    [(_, _, final)] = tables(section(text, "## pissa compare at the new defaults (test split)"))
+    [(_, _, diffs)] = tables(section(text, "## Does pissa end ahead of lora?"))
+    after = {(row[0], row[1]): [float(x) for x in row[3:]] for row in final}
+    [row] = [r for r in diffs if r[0] == "test loss after"]
+    expected = [p - q for p, q in zip(after["pissa", "test loss after"], after["lora", "test loss after"], strict=True)]
+    assert [float(x) for x in row[2:4]] == pytest.approx(expected, abs=2e-4)
+    assert row[4] == f"{sum(d < 0 for d in expected)} of 2"
+
+    refused = subprocess.run([*cmd, "--grid", f"pissa={pissa_lr * 10:g}"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "differs from the chosen" in refused.stderr and not out.exists()

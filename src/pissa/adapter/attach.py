@@ -33,7 +33,7 @@ from pissa.methods.inputs import InitOptions, Need, Stats, calibration_hint, lay
 from pissa.methods.qpissa import refine
 from pissa.methods.quantize import check_quantizable, quantizer
 from pissa.methods.registry import ADAPTERS, Decomposition, check_weight, get_method, init_structured, method_rank
-from pissa.methods.svd import MatrixBatch, compute_dtype, stack
+from pissa.methods.svd import CHUNK_BYTES, MatrixBatch, compute_dtype, stack
 from pissa.runtime import distributed
 from pissa.runtime.memory import (
     free_blas_buffers,
@@ -45,13 +45,17 @@ from pissa.runtime.memory import (
     trim_heap,
 )
 
-BATCH_BYTES = 1 << 27
-"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (128 MiB). The batch's
-float32 copy and its workspace are transient memory on top of the model (a 512 MiB batch of SmolLM2's 60 MLP
-weights lifted a bfloat16 run's peak above its load's). Not less: a batch's bfloat16 pass copy (half of it)
-then stays above glibc's largest dynamic mmap threshold (32 MiB), so freeing it leaves the threshold where
-training alone would put it; a freed 32 MiB block raised it, and the heap then kept more of training's
-transient tensors (measured: +5 MB at the whole run's peak on SmolLM2 at 64 MiB)."""
+BATCH_BYTES = 1 << 29
+"""Equal-shape weights are decomposed in batches of at most this many bytes of float32 (512 MiB)."""
+
+CPU_BATCH_BYTES = 2 * CHUNK_BYTES
+"""On the CPU, batches hold at most this many bytes of float32 (8 MiB, two of SmolLM2's MLP weights): a batch's
+weights are still in the cache when their residuals are formed right after its decomposition
+(:data:`pissa.methods.svd.CHUNK_BYTES`)."""
+GIVE_BACK_BYTES = 1 << 26
+"""attach gives the memory of replaced weights back (pages released, heap trimmed) whenever this many bytes of
+them (64 MiB) were replaced since the last time, so that neither they nor the decompositions' workspace pile up
+over the batches (a 512 MiB batch of SmolLM2's 60 MLP weights lifted a bfloat16 run's peak above its load's)."""
 
 ADAPT_HOOKS: list[Callable[[nn.Module, bool], None]] = []
 """Each is called as ``hook(model, adapted)`` at the end of attach / load_adapter (True) and of merge
@@ -69,13 +73,14 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, PissaLinear]]:
 def _batches(names: list[str], weights: dict[str, Tensor], ranks: Mapping[str, int],
              batched: bool = True) -> Iterator[list[str]]:
     """Group layer names by (shape, rank, dtype, device), each group cut to at most BATCH_BYTES of float32
-    (to single layers when not ``batched``: :attr:`~pissa.methods.registry.Method.batched`)."""
+    (CPU_BATCH_BYTES on the CPU; to single layers when not ``batched``: :attr:`~pissa.methods.registry.Method.batched`)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for n in names:
         W = weights[n]
         groups[(tuple(W.shape), ranks[n], W.dtype, W.device)].append(n)
-    for (shape, _, _, _), group in groups.items():
-        per = max(1, BATCH_BYTES // (4 * shape[0] * shape[1])) if batched else 1
+    for (shape, _, _, device), group in groups.items():
+        cap = CPU_BATCH_BYTES if device.type == "cpu" else BATCH_BYTES
+        per = max(1, cap // (4 * shape[0] * shape[1])) if batched else 1
         for i in range(0, len(group), per):
             yield group[i : i + per]
 
@@ -131,6 +136,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
                                rank=ranks[batch[0]], stats=stats, names=batch)
 
     released: list[tuple[int, int]] = []
+    pending = 0  # bytes of weights replaced since the last give_back
     resident = resident_file_pages()
     costs = [len(b) * weights[b[0]].numel() for b in batches]
     # under torch.distributed each rank factorizes a share of the batches; all receive every result
@@ -140,10 +146,14 @@ def attach(model: nn.Module, cfg: AdapterConfig, *, progress: bool = False) -> n
             module, W = modules.pop(n), weights.pop(n)  # the replaced weight is freed here, not when attach returns
             digest = weight_digest(native_weight(module))
             set_module(model, n, _make_layer(module, W, init, cfg, digest, released=released))
+            pending += W.numel() * W.element_size()
             del module, W
             bar.update(1)
         del factors
-        give_back(released)  # per batch: the replaced weights and the workspace never pile up over the batches
+        if pending >= GIVE_BACK_BYTES:
+            give_back(released)
+            pending = 0
+    give_back(released)
     bar.close()
     release_paged_in(resident)  # the decomposition's code (LAPACK kernels), read once
     del resident

@@ -224,6 +224,38 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@contextlib.contextmanager
+def lockstep(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Within the block, each rank may call the sharded ``model`` (:func:`shard`) a different number of times, e.g.
+    to score its own share of the test examples; a no-op for a model that is not sharded.
+
+    Every forward of a sharded model is a collective (each block all-gathers its weights), so the ranks must run
+    their forwards together. Here each forward is one round: every rank first says whether it has a forward to run
+    (:func:`any_rank`, before FSDP's own pre-forward hook); a rank that has finished its work runs a forward of one
+    token (its output dropped) in every round until no rank has work left. On exit the root unit's all-gathered
+    weights (the root keeps them after a forward, waiting for a backward that no evaluation runs) are freed.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    def announce(module: nn.Module, args: tuple) -> None:
+        any_rank(True)  # this rank runs a forward in this round
+
+    handle = model.register_forward_pre_hook(announce, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+    idle = torch.zeros((1, 1), dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        while any_rank(False):  # a round in which another rank runs a forward: join it
+            model(input_ids=idle)
+    model.train(was_training)
+    cast(FSDPModule, model).reshard()
+
+
 def full(t: Tensor) -> Tensor:
     """The whole tensor of an FSDP2 shard (a collective: every rank must call it, in the same order); ``t`` itself otherwise."""
     return t.full_tensor() if isinstance(t, DTensor) else t

@@ -244,3 +244,36 @@ def trim_heap() -> bool:
     workspace, so a PiSSA run otherwise carries them through training. A no-op (False) without glibc."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: the size from which an allocation gets its own ``mmap`` (unmapped when freed)."""
+MMAP_THRESHOLD = 128 * 1024
+"""glibc's initial threshold, which :func:`return_freed_blocks` keeps fixed."""
+
+
+@cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).mallopt  # glibc's; absent from musl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def return_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """From now on, serve every allocation of ``threshold`` bytes or more from its own memory mapping, given back
+    to the system the moment it is freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); True if set, False without glibc.
+
+    glibc starts at 128 KiB but raises the threshold to the size of each mapped block freed (up to 32 MiB), so
+    once a large tensor is freed, the activations below that size come from the heap, whose freed holes stay in the
+    process's RSS. An FSDP rank frees each decoder block's all-gathered weights after every use, so its threshold
+    soon sits above every activation: profiled on SmolLM2-135M with 2 processes, a rank's peak RSS was 2.0 GiB
+    with the moving threshold and 1.2 GiB with it fixed, nothing else changed. A fixed threshold costs a fresh
+    mapping (its pages zeroed on first touch) per large allocation."""
+    mallopt = _mallopt()
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False

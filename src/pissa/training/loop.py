@@ -26,6 +26,7 @@ from pissa.optim import build_optimizer, move_grads
 from pissa.runtime import distributed
 from pissa.runtime.devices import DTypeName, autocast, torch_dtype
 from pissa.runtime.hub import Kind
+from pissa.runtime.memory import trim_heap
 from pissa.training.checkpoint import CHECKPOINT, Progress, save_checkpoint
 from pissa.training.config import RunConfig
 from pissa.training.preference import PairBatch, dpo_loss_sum
@@ -152,6 +153,8 @@ def train(session: Session, workdir: Path, progress: Progress, optimizer: torch.
                     raise PissaError("`progressive_step` changes parameter shapes, which a multi-process run cannot "
                                      "follow; run it in one process or set `progressive_step` 0")
                 shrink(session.model, optimizer)
+            if session.sharded:  # the last step's freed small blocks, before this step's activations
+                trim_heap()
             start = time.perf_counter()
             idx = step_indices(len(session.train), cfg.seed, progress.step, count)
             micro = [session.batch(distributed.my_share(idx[j : j + cfg.batch_size])) for j in range(0, count, cfg.batch_size)]

@@ -22,7 +22,7 @@ from pissa.data.encoding import Encoded, encode_all
 from pissa.data.loss import loss_sum
 from pissa.errors import PissaError
 from pissa.methods.registry import METHODS
-from pissa.runtime import distributed, hub
+from pissa.runtime import distributed, hub, memory
 from pissa.runtime.devices import autocast, enable_gradient_checkpointing, resolve_device, torch_dtype
 from pissa.runtime.hub import Kind
 from pissa.training.checkpoint import restore_trained
@@ -81,25 +81,26 @@ class Session:
     def evaluate(self) -> dict[str, float]:
         """Test loss and accuracy; under torchrun each rank scores its share and the means are combined.
 
-        A sharded model runs every forward on all ranks together (each all-gathers its blocks),
-        so there every rank scores all items, in the same batches, and no combining is needed.
+        A sharded model runs every forward on all ranks together (each all-gathers its blocks): there the ranks
+        score their shares in lockstep (:func:`~pissa.runtime.distributed.lockstep`), so no rank holds the
+        activations of more than its share.
         """
-        items = self.test if self.sharded else distributed.my_share(self.test)
-        references = self.references if self.sharded else distributed.my_share(self.references)
-        if self.rejected is not None:
-            return self._evaluate_preference(items)
-        with autocast(self.device, self.dtype):
-            if not items:
-                result = {"loss": 0.0, "accuracy": 0.0}
-            elif self.eval_kind == "generate":
-                result = evaluate_generation(
-                    self.model, self.tokenizer, items, references, pad_id=self.pad_id,
-                    max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.eval_batch_size)
-            else:
-                result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                                  batch_size=self.cfg.eval_batch_size)
+        items = distributed.my_share(self.test)
         if self.sharded:
-            return result
+            memory.trim_heap()  # training's freed small blocks, before the evaluation's activations
+        with distributed.lockstep(self.model, self.device):
+            if self.rejected is not None:
+                return self._evaluate_preference(items)
+            with autocast(self.device, self.dtype):
+                if not items:
+                    result = {"loss": 0.0, "accuracy": 0.0}
+                elif self.eval_kind == "generate":
+                    result = evaluate_generation(
+                        self.model, self.tokenizer, items, distributed.my_share(self.references), pad_id=self.pad_id,
+                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.eval_batch_size)
+                else:
+                    result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
+                                      batch_size=self.cfg.eval_batch_size)
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}
@@ -107,11 +108,9 @@ class Session:
     def _evaluate_preference(self, items: list[Encoded]) -> dict[str, float]:
         """:func:`~pissa.training.preference.evaluate_preference` of the test pairs (each rank its share, combined)."""
         assert self.rejected is not None
-        rejected = self.rejected[1] if self.sharded else distributed.my_share(self.rejected[1])
+        rejected = distributed.my_share(self.rejected[1])
         with autocast(self.device, self.dtype):
             result = evaluate_preference(self.model, items, rejected, self.pad_id, self.cfg.beta, self.cfg.eval_batch_size)
-        if self.sharded:
-            return result
         keys = sorted(result)
         totals = distributed.all_sum([result[k] * len(items) for k in keys] + [float(len(items))])
         return {k: v / max(1.0, totals[-1]) for k, v in zip(keys, totals)}
@@ -154,6 +153,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
         raise PissaError(f"`batch_size` {cfg.batch_size} is smaller than the {distributed.world()[1]} processes; "
                          "each process takes a share of every micro-batch")
     torch.set_num_threads(cfg.threads)
+    if sharded:  # an FSDP rank frees all-gathered blocks all the time: keep freed activations out of its RSS
+        memory.return_freed_blocks()
     device = resolve_device(cfg.device)
     kind = hub.resolve_kind(cfg.model, cfg.kind)
     dataset = load_data(cfg.data, cfg.val_size, cfg.eval_data, columns=cfg.columns, split_name=cfg.data_split)
@@ -207,6 +208,8 @@ def prepare(cfg: RunConfig, checkpoint: Path | None = None, sharded: bool = Fals
         enable_gradient_checkpointing(model)
     if sharded and not streamed:
         distributed.shard(model, device)
+    if sharded:
+        memory.trim_heap()  # loading's freed buffers
     model.train()
     return Session(cfg, kind, model, tokenizer, dataset, train, test, label_ids, device, eval_kind, references, sharded, start,
                    rejected)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import pissa
 from helpers import WEIGHT_ONLY, decaying
+from pissa.methods import svd
 from pissa.methods.registry import METHODS
 from pissa.methods.svd import truncated_svd
 
@@ -127,6 +128,44 @@ def test_batched_equals_single() -> None:
     U1, S1, Vh1 = truncated_svd(Ws[1:2], 6, seeds=[6])
     assert torch.allclose(S[1], S1[0], rtol=1e-5)
     assert torch.allclose((U[1] * S[1]) @ Vh[1], (U1[0] * S1[0]) @ Vh1[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("m, n", [(300, 200), (200, 300)])  # tall (column norms from W * W) and wide
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_chunked_krylov_equals_one_batch(monkeypatch, m, n, as_tensor) -> None:
+    """On the CPU the Krylov SVD takes a batch a few matrices at a time (svd.CHUNK_BYTES), each chunk converted
+    into one reused buffer: the factors equal those of one chunk, and every residual is within 0.1% of the one
+    from torch.linalg.svd."""
+    Ws = [decaying(m, n, 0.95, s).float() for s in range(5)]
+    batch = torch.stack(Ws) if as_tensor else Ws
+    whole = truncated_svd(batch, 6, seeds=[0, 1, 2, 3, 4])  # 5 matrices of 120 kB in bf16: one chunk
+    monkeypatch.setattr(svd, "CHUNK_BYTES", 2 * m * n * 2)  # two per chunk: 2, 2, 1
+    U, S, Vh = truncated_svd(batch, 6, seeds=[0, 1, 2, 3, 4])
+    for i, W in enumerate(Ws):
+        assert torch.allclose((U[i] * S[i]) @ Vh[i], (whole[0][i] * whole[1][i]) @ whole[2][i], atol=1e-5)
+        _, s_exact, _ = torch.linalg.svd(W.double())
+        optimal = s_exact[6:].square().sum().sqrt().item()
+        assert (W.double() - (U[i] * S[i]).double() @ Vh[i].double()).norm().item() <= 1.001 * optimal
+
+
+@pytest.mark.parametrize("m, n", [(200, 60), (60, 200)])
+def test_gram_path_is_optimal_without_lapack_svd(monkeypatch, m, n) -> None:
+    """When the Krylov space would span the whole small side (4 steps of 16 >= 60), float32 weights take the Gram
+    matrix's eigenvectors and a float32 Rayleigh-Ritz step (svd.gram_chunk), not LAPACK's SVD: every residual is
+    within 0.1% of torch.linalg.svd's, the singular values agree to 1e-5, and the factors are orthonormal."""
+    def no_lapack(*args, **kwargs):
+        raise AssertionError("the exact SVD ran")
+
+    Ws = torch.stack([decaying(m, n, 0.97, s).float() for s in range(3)])
+    monkeypatch.setattr(svd, "exact_svd", no_lapack)
+    U, S, Vh = truncated_svd(Ws, 10, seeds=[0, 1, 2])
+    for i, W in enumerate(Ws):
+        s_exact = torch.linalg.svdvals(W.double())
+        assert torch.allclose(S[i].double(), s_exact[:10], rtol=1e-5)
+        assert torch.allclose(U[i].mT @ U[i], torch.eye(10), atol=1e-5)
+        assert torch.allclose(Vh[i] @ Vh[i].mT, torch.eye(10), atol=1e-5)
+        residual = (W.double() - (U[i] * S[i]).double() @ Vh[i].double()).norm().item()
+        assert residual <= 1.001 * s_exact[10:].square().sum().sqrt().item()
 
 
 @pytest.mark.parametrize(
