@@ -31,7 +31,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -184,16 +184,21 @@ def release_paged_in(before: dict[tuple[int, int], bytes]) -> int:
 
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """glibc's function ``name`` (returning a C int) with ``argtypes``; None off Linux or without it (musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc's; absent from musl
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _glibc("malloc_trim", ctypes.c_size_t)
 
 
 def mapped_copy(t: Tensor) -> Tensor:
@@ -252,17 +257,8 @@ MMAP_THRESHOLD = 128 * 1024
 """glibc's initial threshold, which :func:`return_freed_blocks` keeps fixed."""
 
 
-@cache
 def _mallopt() -> Callable[[int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).mallopt  # glibc's; absent from musl
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    return _glibc("mallopt", ctypes.c_int, ctypes.c_int)
 
 
 def return_freed_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
