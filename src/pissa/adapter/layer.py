@@ -182,12 +182,15 @@ class PissaLinear(nn.Module):
                 self.register_buffer(n, t)
         self.adapter_name = name
 
-    def merged(self) -> nn.Module:
+    def merged(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A new plain layer (the residual's type, or a dense one for a quantized residual) holding
         ``W_res + delta`` and the bias (the active adapter's residual: ``+ initial_h - initial_X`` when another
-        adapter's is held); this layer is left unchanged."""
+        adapter's is held); this layer is left unchanged. ``dtype``: the merged weight's (default: the
+        residual's); the sum is formed in the factors' dtype either way."""
         residual = dense_copy(self.residual)
         W = dense_weight(residual)
+        if dtype is not None:
+            W = W.to(dtype)
         if self.held != self.adapter_name:
             eye = torch.eye(self.in_features, dtype=torch.float64, device=W.device)
             W = (W.double() + self.held_correction(eye).T).to(W.dtype)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pissa.adapter.attach import adapted_layers, set_module
-from pissa.adapter.base_layers import dense_weight
+from pissa.adapter.base_layers import dense_weight, is_conv1d
 from pissa.adapter.layer import PissaLinear
 from pissa.adapter.quantized import QuantizedLinear
 from pissa.data.encoding import Encoded
@@ -200,29 +200,98 @@ def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: in
 
 
 @contextmanager
-def merged_for_inference(model: nn.Module) -> Iterator[bool]:
-    """Within the block, each adapted layer of ``model`` is replaced by its merged copy (``W_res + s B A``,
-    :meth:`~pissa.adapter.layer.PissaLinear.merged`); the adapted layers are put back on exit. Yields whether it merged.
+def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[bool]:
+    """Within the block, ``model``'s linear layers compute with merged weights in ``dtype``; every replaced
+    module is put back on exit (the model's outputs are then bit-identical to before). Yields whether it merged.
 
-    One matmul per layer instead of three: decoding a token costs the base model's time. Done only when
-    every adapted layer computes in float32 (a float32 residual, dense or 4-bit, float32 factors, no
-    autocast) and holds plain tensors (not FSDP shards): the merged weight then gives the same outputs
-    to float32 rounding (a half-precision base would round the merged weight to its dtype, which it
-    does not do unmerged). Costs one extra copy of the adapted weights while it lasts.
+    ``torch.float32``: each adapted layer is replaced by its merged copy (``W_res + s B A``,
+    :meth:`~pissa.adapter.layer.PissaLinear.merged`): one matmul per layer instead of three, so decoding a
+    token costs the base model's time. Done only when every adapted layer computes in float32 (a float32
+    residual, dense or 4-bit, float32 factors, no autocast): the merged weight then gives the same outputs
+    to float32 rounding (a half-precision base would round the merged weight to its dtype, which it does
+    not do unmerged). Costs one float32 copy of the adapted weights while it lasts.
+
+    ``torch.bfloat16``: each adapted layer (a Linear or Conv1D residual, dense, half or 4-bit, dequantized)
+    is replaced by a :class:`CastLinear` holding ``W_res + s B A`` formed in float32 and rounded to
+    bfloat16; so are the other plain linear layers and the output head (a bfloat16 copy of its weight,
+    also when it is tied to the input embedding, whose lookup is left as it is). Only these matmuls run in
+    bfloat16 (about 2x float32's speed on CPUs with AVX512-BF16 or AMX, and on GPUs); the norms, attention,
+    the residual stream and the loss stay in the model's dtype. The outputs move by bfloat16 rounding (a
+    relative 2^-9 per weight), so greedy tokens can differ where two logits nearly tie. Costs 2 bytes per
+    weight of the replaced layers while it lasts: half of the float32 merge's copies.
+
+    Either way a model holding FSDP shards (DTensor parameters) is left as it is (yields False).
     """
-    layers = list(adapted_layers(model))
-    if not layers or torch.is_autocast_enabled() or not all(_float32_layer(layer) for _, layer in layers):
-        yield False
-        return
-    with torch.no_grad():
-        merged = [(name, layer.merged()) for name, layer in layers]
+    swaps: list[tuple[str, nn.Module, nn.Module]]  # (name, the module there, its stand-in)
+    if dtype == torch.float32:
+        layers = list(adapted_layers(model))
+        if not layers or torch.is_autocast_enabled() or not all(_float32_layer(layer) for _, layer in layers):
+            yield False
+            return
+        with torch.no_grad():
+            swaps = [(name, layer, layer.merged()) for name, layer in layers]
+    elif dtype == torch.bfloat16:
+        if any(hasattr(t, "device_mesh") for t in [*model.parameters(), *model.buffers()]):
+            yield False  # FSDP's DTensor shards: no whole weight to merge in this process
+            return
+        with torch.no_grad():
+            swaps = [(name, old, _cast_copy(old, dtype)) for name, old in _linear_layers(model)]
+    else:
+        raise PissaError(f"`eval_dtype` must be float32 or bfloat16, got {dtype}")
     try:
-        for name, new in merged:
+        for name, _, new in swaps:
             set_module(model, name, new)
         yield True
     finally:
-        for name, layer in layers:
-            set_module(model, name, layer)
+        for name, old, _ in swaps:
+            set_module(model, name, old)
+
+
+class CastLinear(nn.Module):
+    """A frozen linear layer whose matmul runs in its weight's dtype:
+    ``y = (x.to(W.dtype) @ W^T).to(x.dtype) + b`` with ``W (out, in)`` and the bias (kept in its own
+    dtype) added in ``x``'s dtype. :func:`merged_for_inference` puts it in place of a layer for a while."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every adapted layer with a Linear or Conv1D residual and of every plain ``nn.Linear`` or
+    Conv1D outside them (the output head included), in module order."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, PissaLinear):
+                residual = child.residual
+                if isinstance(residual, QuantizedLinear) or type(residual) is nn.Linear or is_conv1d(residual):
+                    out.append((prefix + name, child))
+            elif type(child) is nn.Linear or is_conv1d(child):
+                out.append((prefix + name, child))
+            else:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return out
+
+
+def _cast_copy(layer: nn.Module, dtype: torch.dtype) -> CastLinear:
+    """``layer`` as a :class:`CastLinear` in ``dtype``: an adapted layer's merged weight formed in float32
+    (at least) and then rounded, a plain layer's weight copied and rounded."""
+    module = layer.merged(torch.float32) if isinstance(layer, PissaLinear) else layer
+    bias = getattr(module, "bias", None)
+    return CastLinear(dense_weight(module).detach().to(dtype, copy=True).contiguous(), bias)
 
 
 def _float32_layer(layer: PissaLinear) -> bool:

@@ -4,6 +4,7 @@ generation (greedy decoding, exact match of the final answer; :mod:`pissa.infere
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,25 +31,34 @@ def evaluate(
     kind: Kind,
     pad_id: int,
     batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     """``{"loss": mean per-target loss, "accuracy": fraction correct}`` on ``items`` (eval mode).
 
     ``label_ids``: the completion tokens of each label (causal LM with labels). When every label
     is one distinct token, one forward pass per example scores all labels at once; otherwise
     each (example, label) pair is scored as its own sequence. Examples are batched by length.
+    ``dtype`` bfloat16 runs the linear layers' matmuls in bfloat16 on merged copies
+    (:func:`~pissa.inference.decoding.merged_for_inference`); float32 scores the model as it is.
     """
     items = sorted(items, key=lambda e: len(e.ids))  # similar lengths together: little padding
     was_training = model.training
     model.eval()
     try:
-        if kind == "seq-cls":
-            return _eval_seq_cls(model, items, pad_id, batch_size)
-        if labels is None:
-            return _eval_free_text(model, items, pad_id, batch_size)
-        assert label_ids is not None
-        return _eval_labels(model, items, label_ids, pad_id, batch_size)
+        with merged_for_inference(model, dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            return _evaluate(model, items, labels, label_ids, kind, pad_id, batch_size)
     finally:
         model.train(was_training)
+
+
+def _evaluate(model: nn.Module, items: Sequence[Encoded], labels: Sequence[str] | None,
+              label_ids: Sequence[Sequence[int]] | None, kind: Kind, pad_id: int, batch_size: int) -> dict[str, float]:
+    if kind == "seq-cls":
+        return _eval_seq_cls(model, items, pad_id, batch_size)
+    if labels is None:
+        return _eval_free_text(model, items, pad_id, batch_size)
+    assert label_ids is not None
+    return _eval_labels(model, items, label_ids, pad_id, batch_size)
 
 
 def _chunks(items: Sequence, size: int):
@@ -130,26 +140,40 @@ def choose_eval(setting: str, kind: Kind, labels: Sequence[str] | None, referenc
 
 @torch.no_grad()
 def evaluate_generation(model: nn.Module, tokenizer, items: Sequence[Encoded], references: Sequence[str], *,
-                        pad_id: int, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
+                        pad_id: int, max_new_tokens: int, batch_size: int = 64,
+                        dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """``{"loss": teacher-forced mean target NLL, "accuracy": exact-match fraction}`` on ``items`` (eval mode).
 
     ``references[i]`` is the reference completion of ``items[i]``; the model continues
-    ``items[i].ids[:n_prompt]`` greedily (:func:`generate`) and the decoded text (special tokens
-    skipped) is matched with :func:`answers_match`.
+    ``items[i].ids[:n_prompt]`` greedily (:func:`generated_texts`, its matmuls in ``dtype``) and the
+    decoded text is matched with :func:`answers_match`.
     """
     if len(items) != len(references):
         raise PissaError(f"{len(items)} examples but {len(references)} references; pass one reference per example")
     if not items:
         return {"loss": 0.0, "accuracy": 0.0}
+    loss, texts = generated_texts(model, tokenizer, items, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, dtype=dtype)
+    correct = sum(answers_match(text, ref) for text, ref in zip(texts, references))
+    return {"loss": loss, "accuracy": correct / len(items)}
+
+
+@torch.no_grad()
+def generated_texts(model: nn.Module, tokenizer, items: Sequence[Encoded], *, pad_id: int, max_new_tokens: int,
+                    batch_size: int = 64, dtype: torch.dtype = torch.float32) -> tuple[float, list[str]]:
+    """``(teacher-forced mean target NLL, greedy continuation of each item's context as text)`` (eval mode).
+
+    One pass of :func:`~pissa.inference.decoding.score_and_generate`, at most ``batch_size`` rows at
+    once, on the layers merged in ``dtype`` (:func:`~pissa.inference.decoding.merged_for_inference`:
+    float32 gives the unmerged model's tokens, bfloat16 runs the matmuls in bfloat16); the texts are
+    decoded with special tokens skipped.
+    """
     was_training = model.training
     model.eval()
     try:
-        with merged_for_inference(model):
+        with merged_for_inference(model, dtype):
             total, count, outputs = score_and_generate(model, items, pad_id=pad_id, end_ids=end_tokens(tokenizer, model),
                                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
     finally:
         model.train(was_training)
-    loss = total / max(1, count)
-    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    correct = sum(answers_match(text, ref) for text, ref in zip(texts, references))
-    return {"loss": loss, "accuracy": correct / len(items)}
+    return total / max(1, count), tokenizer.batch_decode(outputs, skip_special_tokens=True)

@@ -88,6 +88,7 @@ class Session:
         items = distributed.my_share(self.test)
         if self.sharded:
             memory.trim_heap()  # training's freed small blocks, before the evaluation's activations
+        eval_dtype = torch_dtype(self.cfg.eval_dtype)
         with distributed.lockstep(self.model, self.device):
             if self.rejected is not None:
                 return self._evaluate_preference(items)
@@ -97,10 +98,10 @@ class Session:
                 elif self.eval_kind == "generate":
                     result = evaluate_generation(
                         self.model, self.tokenizer, items, distributed.my_share(self.references), pad_id=self.pad_id,
-                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.eval_batch_size)
+                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.eval_batch_size, dtype=eval_dtype)
                 else:
                     result = evaluate(self.model, items, self.dataset.labels, self.label_ids, self.kind, self.pad_id,
-                                      batch_size=self.cfg.eval_batch_size)
+                                      batch_size=self.cfg.eval_batch_size, dtype=eval_dtype)
         loss_w, acc_w = self.metric_weights(items)
         loss, loss_n, acc, acc_n = distributed.all_sum([result["loss"] * loss_w, loss_w, result["accuracy"] * acc_w, acc_w])
         return {"loss": loss / loss_n, "accuracy": acc / acc_n}

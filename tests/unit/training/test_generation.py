@@ -286,6 +286,18 @@ def test_finetune_on_chat_data_evaluates_by_generation(chat_model: Path, tmp_pat
     assert held["eval_split"] == "eval_data" and held["train_examples"] == 60 and held["eval_examples"] == 4
 
 
+def test_eval_dtype_flag_scores_in_bfloat16(chat_model: Path, tmp_path: Path) -> None:
+    """--eval-dtype bfloat16 (a flag generated from RunConfig) reaches both evaluations: losses near float32's."""
+    fp32 = _run(chat_model, tmp_path / "fp32")
+    bf16 = _run(chat_model, tmp_path / "bf16", "--eval-dtype", "bfloat16")
+    assert "eval_dtype: bfloat16" in (tmp_path / "bf16" / "config.yaml").read_text()
+    for key in ("eval_before", "eval_after"):
+        assert bf16[key]["loss"] != fp32[key]["loss"]  # it did score in bfloat16
+        assert bf16[key]["loss"] == pytest.approx(fp32[key]["loss"], rel=0.02)
+    lik = _run(chat_model, tmp_path / "lik", "--eval", "likelihood", "--eval-dtype", "bfloat16")
+    assert lik["eval_before"]["loss"] == pytest.approx(bf16["eval_before"]["loss"], rel=1e-4)
+
+
 def test_eval_options_refuse_bad_combinations(chat_model: Path, tiny: Path, tmp_path: Path, capsys) -> None:
     cases = [
         [*("--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl")), "--eval", "generate"],  # labelled
