@@ -289,3 +289,33 @@ def test_default_lr_sweeps_seeds_then_compares_at_the_method_records(tiny: Path,
 
     refused = subprocess.run([*cmd, "--grid", f"pissa={pissa_lr * 10:g}"], env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "differs from the chosen" in refused.stderr and not out.exists()
+
+
+def test_generation_eval_paired_difference() -> None:
+    paired_difference = _load_benchmark("generation_eval").paired_difference
+    assert paired_difference([True, True, False, False], [True, False, False, False]) == (0.25, 0.25)
+    assert paired_difference([True, False], [True, False]) == (0.0, 0.0)
+
+
+def test_generation_eval_runs_anchor_float32_and_bfloat16_side_by_side() -> None:
+    """benchmarks/generation_eval.py, quick form on the embedded SmolLM2: pissa float32 agrees with transformers'
+    generate answer by answer (else the script fails), bfloat16 is reported against float32."""
+    name = f"test_generation_eval_{os.getpid()}"
+    cmd = [sys.executable, str(BENCHMARKS / "generation_eval.py"), "--n", "4", "--batch-size", "4", "--anchor-batch", "4",
+           "--max-new-tokens", "6", "--threads", "1", "--name", name]
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}, capture_output=True)
+    out = REPO / "bench_out" / f"{name}.md"
+    try:
+        text = out.read_text()
+    finally:
+        out.unlink(missing_ok=True)
+    [(_, header, rows), (_, _, [bf16])] = tables(text.splitlines())
+    assert header[:3] == ["variant", "eval dtype", "batch"] and header[-2:] == ["same answers", "same texts"]
+    assert [r[:2] for r in rows] == [["anchor", "float32"], ["pissa", "float32"], ["pissa", "bfloat16"]]
+    assert rows[1][-2] == "4/4" and rows[1][5].endswith("x")
+    assert float(rows[1][7]) == pytest.approx(float(rows[0][7]), rel=1e-4)  # the anchor's loss
+    acc_bf16, acc_fp32, diff = float(bf16[0]), float(bf16[1]), float(bf16[2])
+    assert acc_fp32 == float(rows[1][6]) and acc_bf16 == float(rows[2][6]) and diff == pytest.approx(acc_bf16 - acc_fp32)
+    assert abs(diff) <= 2 * float(bf16[3]) + 1e-9 and re.fullmatch(r"[0-4]/4", bf16[4])
+    assert float(bf16[6]) == pytest.approx(float(rows[2][7]) - float(rows[1][7]), abs=2e-6)
