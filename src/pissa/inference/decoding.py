@@ -233,8 +233,8 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
         with torch.no_grad():
             swaps = [(name, layer, layer.merged()) for name, layer in layers]
     elif dtype == torch.bfloat16:
-        if any(hasattr(t, "device_mesh") for t in [*model.parameters(), *model.buffers()]):
-            yield False  # FSDP's DTensor shards: no whole weight to merge in this process
+        if _sharded(model):
+            yield False  # no whole weight to merge in this process
             return
         with torch.no_grad():
             swaps = [(name, old, _cast_copy(old, dtype)) for name, old in _linear_layers(model)]
@@ -297,9 +297,13 @@ def _cast_copy(layer: nn.Module, dtype: torch.dtype) -> CastLinear:
 
 
 def _float32_layer(layer: PissaLinear) -> bool:
-    tensors = [p for p in layer.parameters()] + [b for b in layer.buffers()]
-    if any(hasattr(t, "device_mesh") for t in tensors):
-        return False  # FSDP's DTensor shards
+    if _sharded(layer):
+        return False
     residual = layer.residual
     dtype = residual.weight_dtype if isinstance(residual, QuantizedLinear) else dense_weight(residual).dtype
     return dtype == torch.float32 and all(p.dtype == torch.float32 for p in layer.parameters())
+
+
+def _sharded(module: nn.Module) -> bool:
+    """``module`` holds FSDP's DTensor shards (a tensor with a device mesh)."""
+    return any(hasattr(t, "device_mesh") for t in [*module.parameters(), *module.buffers()])
