@@ -122,6 +122,7 @@ def main() -> None:
         variants = [("anchor", "float32", args.anchor_batch)] + [("pissa", d, args.batch_size) for d in dtypes]
         times: dict[tuple[str, str, int], list[float]] = {v: [] for v in variants}
         outputs: dict[tuple[str, str, int], tuple[float, list[str]]] = {}
+        correct: dict[tuple[str, str, int], list[bool]] = {}
         for round_ in range(args.rounds):
             for v in variants if round_ % 2 == 0 else variants[::-1]:
                 start = time.perf_counter()
@@ -132,10 +133,9 @@ def main() -> None:
                     outputs[v] = generated_texts(model, tokenizer, items, pad_id=pad, max_new_tokens=args.max_new_tokens,
                                                  batch_size=v[2], dtype=torch_dtype(v[1]))
                 times[v].append(time.perf_counter() - start)
-                accuracy = sum(answers_match(t, r) for t, r in zip(outputs[v][1], references)) / len(items)
+                correct[v] = [answers_match(t, r) for t, r in zip(outputs[v][1], references)]
                 print(f"round {round_} {v[0]} {v[1]} batch {v[2]}: {times[v][-1]:.1f} s, loss {outputs[v][0]:.6f}, "
-                      f"accuracy {accuracy:.3f}", flush=True)
-        correct = {v: [answers_match(t, r) for t, r in zip(outputs[v][1], references)] for v in variants}
+                      f"accuracy {statistics.fmean(correct[v]):.3f}", flush=True)
         base = statistics.median(times[variants[0]])
         base_loss, base_texts = outputs[variants[0]]
         fp32 = ("pissa", "float32", args.batch_size)
@@ -148,9 +148,10 @@ def main() -> None:
                          f"{statistics.fmean(correct[v]):.3f}", f"{loss:.6f}", f"{answers}/{len(items)}",
                          f"{whole}/{len(items)}"])
         loss, texts = outputs[fp32]
-        if abs(loss - base_loss) > 1e-4 * abs(base_loss) or same(texts, base_texts)[0] != len(items):
+        answers = same(texts, base_texts)[0]
+        if abs(loss - base_loss) > 1e-4 * abs(base_loss) or answers != len(items):
             raise SystemExit(f"pissa float32 disagrees with the anchor: loss {loss} vs {base_loss}, "
-                             f"{len(items) - same(texts, base_texts)[0]} of {len(items)} answers differ")
+                             f"{len(items) - answers} of {len(items)} answers differ")
         res.add(f"SmolLM2-135M-Instruct float32, PiSSA rank {args.rank} on every projection (B perturbed), the first "
                 f"{args.n} problems of the arithmetic test split, greedy, at most {args.max_new_tokens} new tokens, "
                 f"torch threads {args.threads}, {args.rounds} round(s) (times: median, then each round). "
