@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pissa.data.datasets import VAL_SEED
+from pissa.errors import PissaError
+from pissa.options import build, flatten_doc
 from pissa.training.config import RunConfig
 from pissa.training.run import run
 
@@ -32,13 +34,26 @@ def run_cached(cfg: RunConfig, workdir: Path, val_size: int | None = None) -> di
         cfg = dataclasses.replace(cfg, val_size=val_size, eval_size=val_size)
     record = json.loads(json.dumps({"config": cfg.to_dict()}))
     metrics_file, record_file = workdir / "metrics.json", workdir / "benchmark-run.json"
-    if metrics_file.is_file() and record_file.is_file() and json.loads(record_file.read_text()) == record:
+    if metrics_file.is_file() and record_file.is_file() and same_run(json.loads(record_file.read_text()), cfg):
         return json.loads(metrics_file.read_text())
     record_file.unlink(missing_ok=True)
     metrics = run(cfg, workdir, show=False).to_dict()
     assert metrics["eval_split"] == ("validation" if val_size else "test")
     record_file.write_text(json.dumps(record, indent=2))
     return metrics
+
+
+def same_run(record: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a stored ``{"config": ...}`` record describes ``cfg``'s run. Options added to RunConfig after the record
+    was written count at their defaults (a new option's default keeps the old behaviour), so adding one does not
+    invalidate finished runs; a record naming an option that no longer exists never matches."""
+    if not isinstance(record.get("config"), dict):
+        return False
+    try:
+        stored = build(RunConfig, flatten_doc(record["config"]))
+    except (PissaError, TypeError, ValueError):
+        return False
+    return json.loads(json.dumps(stored.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
 
 
 def bracketed_sweep(score, grid: list[float], factor: float, extend: int) -> tuple[dict[float, float], float]:

@@ -158,14 +158,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise PissaError(f"config file {path} cannot be parsed ({str(e).splitlines()[0]}); fix it or write a new one") from None
     if not isinstance(doc, dict):
         raise PissaError(f"config file {path} must hold a mapping of option names to values")
-    return _flatten_doc(doc)
+    return flatten_doc(doc)
 
 
-def _flatten_doc(doc: dict[str, Any]) -> dict[str, Any]:
+def flatten_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A nested config mapping (a config file, ``dataclasses.asdict``) as flat ``{field: value}`` (``extra`` kept whole)."""
     out: dict[str, Any] = {}
     for k, v in doc.items():
         if isinstance(v, dict) and k != "extra":
-            out.update(_flatten_doc(v))
+            out.update(flatten_doc(v))
         else:
             out[str(k).replace("-", "_")] = v
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -252,6 +253,24 @@ def test_default_lr_extends_a_grid_past_the_edge_holding_the_best() -> None:
     assert next_rate({1e-4: 1.0, 1e-3: 2.0}, 2.0) == 5e-5
     assert next_rate({1e-4: 2.0, 1e-3: 1.0, 1e-2: 1.5}, 2.0) is None
     assert next_rate({1e-4: 1.0}, 2.0) is None
+
+
+def test_cached_runs_survive_a_new_option_but_not_a_changed_one() -> None:
+    """A sweep run's stored record still matches after RunConfig gains an option (absent: its default), never after a
+    value changes or when it names an option RunConfig no longer has."""
+    from pissa.training.config import RunConfig
+
+    same_run = _load_benchmark("_validation").same_run
+    cfg = RunConfig(lr=2.5e-4, steps=150, save_every=0)
+    record = json.loads(json.dumps({"config": cfg.to_dict()}))
+    assert same_run(record, cfg)
+    older = json.loads(json.dumps(record))
+    del older["config"]["eval_dtype"], older["config"]["tracking"]
+    assert same_run(older, cfg)
+    assert not same_run(older, dataclasses.replace(cfg, eval_dtype="bfloat16"))
+    assert not same_run(record, dataclasses.replace(cfg, lr=5e-4))
+    assert not same_run({"config": {**record["config"], "removed_option": 1}}, cfg)
+    assert not same_run({}, cfg)
 
 
 def test_default_lr_sweeps_seeds_then_compares_at_the_method_records(tiny: Path, tmp_path: Path) -> None:
