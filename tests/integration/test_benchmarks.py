@@ -198,6 +198,8 @@ def test_family_sweeps_welore_on_a_compressed_copy_next_to_lora_at_its_default(t
     and runs LoRA at its default rate on the original model, each in a fresh process."""
     from safetensors.torch import load_file
 
+    from pissa.methods.registry import METHODS
+
     cache, name = tmp_path / "cache", f"test_family_welore_{os.getpid()}"
     cmd = [sys.executable, str(BENCHMARKS / "family.py"), "--model", str(tiny / "llama"), "--data", str(tiny / "data.jsonl"),
            "--methods", "welore", "--against", "lora", "--lrs", "1e-3,1e-1", "--steps", "2", "--batch-size", "2",
@@ -228,7 +230,8 @@ def test_family_sweeps_welore_on_a_compressed_copy_next_to_lora_at_its_default(t
     assert chosen[0][:3] == ["welore", f"{best:g}", f"{factors:,}"] and chosen[0][-2:] == ["–", "–"]
     assert header[:3] == ["method", "model", "lr"] and header[-1] == "peak / lora's"
     assert compare[0][:4] == ["welore", "compressed", f"{best:g} (chosen)", f"{factors:,}"]
-    assert compare[1][:3] == ["lora", "original", "0.0002 (default)"] and compare[1][9] == "1.00x" and compare[1][-1] == "1.00x"
+    assert compare[1][:3] == ["lora", "original", f"{METHODS['lora'].learning_rate:g} (default)"]
+    assert compare[1][9] == "1.00x" and compare[1][-1] == "1.00x"
     assert compare[0][5] == chosen[0][4]  # both tables show the one run at the chosen rate
 
     subprocess.run(cmd, check=True, env=env, capture_output=True)  # the compressed copy is reused, not rebuilt
