@@ -19,9 +19,8 @@ target tokens, as the likelihood evaluation computes it.
 Cost (:func:`evaluate_generation`): the decoder's matmuls, nothing else. So each batch runs one
 forward over ``[pad | context | reference completion | pad]`` that yields both the loss and the
 contexts' KV cache (:func:`score_and_generate`: the contexts are run once, not once for the loss
-and again for generation); decoding is a plain loop over a ``DynamicCache`` whose layers keep room
-for the new tokens (:func:`reserved_cache`: a step writes one position instead of copying the cache) and
-in which rows that ended leave the batch; and in float32 the adapted layers are swapped for merged copies while it
+and again for generation); decoding is a plain loop over ``DynamicCache`` in which rows that
+ended leave the batch; and in float32 the adapted layers are swapped for merged copies while it
 runs (:func:`merged_for_inference`: one matmul per layer instead of three). None of it changes
 the greedy tokens beyond float32 rounding (tested against ``generate`` and the separate loss pass).
 With ``--eval-dtype bfloat16`` the merged layers and the head multiply in bfloat16 instead (about
@@ -36,7 +35,6 @@ data (labelled, or free text without such answers) is scored by likelihood.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -105,63 +103,6 @@ def _decode(model: nn.Module, cache: Any, logits: Tensor, attention: Tensor, row
                        past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def reserved_cache(model: nn.Module, reserve: int) -> Any:
-    """A ``DynamicCache`` for ``model`` whose plain (full-attention) layers keep ``reserve`` positions of room
-    (:func:`reserved_layer_class`); sliding-window and other special layers stay as transformers makes them."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache, layer = DynamicCache(config=getattr(model, "config", None)), reserved_layer_class()
-    cache.layers = [layer(reserve) if type(old) is DynamicLayer else old for old in cache.layers]
-    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # no config: layers are made on first use
-        cache.layer_class_to_replicate = functools.partial(layer, reserve)  # type: ignore[assignment]
-    return cache
-
-
-@functools.cache
-def reserved_layer_class() -> type:
-    """``ReservedLayer``, a transformers ``DynamicLayer`` (made on first use: transformers is imported lazily)
-    whose keys and values ``(B, H, T, D)`` are views of buffers with room for ``reserve`` more positions. A
-    decoding step writes its position in place, where ``DynamicLayer.update`` concatenates (copies) the whole
-    cache at every step of every layer; the values are the same. A full buffer is replaced by one with
-    ``reserve`` positions of room again; ``crop`` shortens the views, ``batch_select_indices`` copies the rows kept."""
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        def __init__(self, reserve: int) -> None:
-            super().__init__()
-            self.reserve = reserve
-            self.buffers: tuple[Tensor, Tensor] | None = None
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length, new = self.get_seq_length(), key_states.shape[-2]
-            if self.buffers is None or length + new > self.buffers[0].shape[-2]:
-                room = length + new + self.reserve
-                keys, values = (s.new_empty((*s.shape[:-2], room, s.shape[-1])) for s in (key_states, value_states))
-                if length:
-                    assert self.keys is not None and self.values is not None
-                    keys[..., :length, :], values[..., :length, :] = self.keys, self.values
-                self.buffers = keys, values
-            keys, values = self.buffers
-            keys[..., length : length + new, :], values[..., length : length + new, :] = key_states, value_states
-            self.keys, self.values = keys[..., : length + new, :], values[..., : length + new, :]
-            return keys[..., : length + new, :], values[..., : length + new, :]
-
-        def batch_select_indices(self, indices: Tensor) -> None:
-            if self.buffers is not None and (length := self.get_seq_length()) > 0:
-                keys, values = self.buffers[0][indices, ...], self.buffers[1][indices, ...]
-                self.buffers = keys, values
-                self.keys, self.values = keys[..., :length, :], values[..., :length, :]
-
-        def reset(self) -> None:
-            self.buffers = None
-            super().reset()
-
-    return ReservedLayer
-
-
 def _cut(out: list[list[int]], end_ids: Sequence[int]) -> list[list[int]]:
     ends = {int(t) for t in end_ids}
     return [new[: next((k for k, t in enumerate(new) if t in ends), len(new))] for new in out]
@@ -174,13 +115,15 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
 
     Prompts are batched by length (``batch_size`` a batch) and left-padded with ``pad_id``; each
     batch runs once over its prompts (positions counted from each row's first real token, logits of
-    the last position only), then one token at a time with the KV cache (:func:`reserved_cache`), taking
+    the last position only), then one token at a time with the KV cache (a ``DynamicCache``), taking
     the argmax, for at most ``max_new_tokens`` tokens. A row that produced an end token leaves the
     batch (its cache rows are dropped): the tokens are those of ``model.generate(do_sample=False)``,
     without its per-token overhead and without computing rows that already ended. Returns one list
     of new token ids per prompt, in the order of ``prompts``.
     """
     _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
     device = model_device(model)
     ends = torch.tensor(sorted(set(end_ids)), device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -189,7 +132,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, pad_id: int,
         chunk = order[start : start + batch_size]
         ids, attention = left_padded([prompts[i] for i in chunk], pad_id, max(len(prompts[i]) for i in chunk))
         ids, attention = ids.to(device), attention.to(device)
-        cache = reserved_cache(model, max_new_tokens)
+        cache = DynamicCache(config=getattr(model, "config", None))
         kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, **kwargs).logits[:, -1]
@@ -214,6 +157,8 @@ def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: in
     Returns ``(summed target NLL, number of targets, new tokens per item cut before the first end token)``.
     """
     _check_generative(model, end_ids)
+    from transformers import DynamicCache
+
     device = model_device(model)
     ends = torch.tensor(sorted(set(end_ids)), device=device)
     order = sorted(range(len(items)), key=lambda i: (items[i].n_prompt, len(items[i].ids)))
@@ -239,7 +184,7 @@ def score_and_generate(model: nn.Module, items: Sequence[Encoded], *, pad_id: in
         needed[W - 1] = True  # the context's last column predicts the first new token
         keep = needed.nonzero().squeeze(1)
         ids, attention = ids.to(device), attention.to(device)
-        cache = reserved_cache(model, max_new_tokens)
+        cache = DynamicCache(config=getattr(model, "config", None))
         kwargs = {"logits_to_keep": keep.to(device)} if accepts_logits_to_keep(model) else {}
         logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, **kwargs).logits
@@ -271,8 +216,7 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
     ``torch.bfloat16``: each adapted layer (a Linear or Conv1D residual, dense, half or 4-bit, dequantized)
     is replaced by a :class:`CastLinear` holding ``W_res + s B A`` formed in float32 and rounded to
     bfloat16; so are the other plain linear layers and the output head (a bfloat16 copy of its weight,
-    also when it is tied to the input embedding, whose lookup is left as it is); sibling layers that read one
-    input (q/k/v, gate/up) multiply it by their stacked weights once (:class:`StackedProduct`). Only these matmuls run in
+    also when it is tied to the input embedding, whose lookup is left as it is). Only these matmuls run in
     bfloat16 (about 2x float32's speed on CPUs with AVX512-BF16 or AMX, and on GPUs); the norms, attention,
     the residual stream and the loss stay in the model's dtype. The outputs move by bfloat16 rounding (a
     relative 2^-9 per weight), so greedy tokens can differ where two logits nearly tie. Costs 2 bytes per
@@ -293,9 +237,7 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
             yield False  # no whole weight to merge in this process
             return
         with torch.no_grad():
-            casts = [(name, old, _cast_copy(old, dtype)) for name, old in _linear_layers(model)]
-            _stack_siblings({name: new for name, _, new in casts})
-            swaps = list(casts)
+            swaps = [(name, old, _cast_copy(old, dtype)) for name, old in _linear_layers(model)]
     else:
         raise PissaError(f"`eval_dtype` must be float32 or bfloat16, got {dtype}")
     try:
@@ -310,75 +252,20 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
 class CastLinear(nn.Module):
     """A frozen linear layer whose matmul runs in its weight's dtype:
     ``y = (x.to(W.dtype) @ W^T).to(x.dtype) + b`` with ``W (out, in)`` and the bias (kept in its own
-    dtype) added in ``x``'s dtype. :func:`merged_for_inference` puts it in place of a layer for a while.
-
-    Sibling layers that read the same input (``q_proj``, ``k_proj``, ``v_proj``; ``gate_proj``, ``up_proj``)
-    share a :class:`StackedProduct`: ``W`` is then a row block of the siblings' stacked weight, and the first
-    sibling called with an input computes ``x @ [W_1; W_2; ...]^T`` once (one cast of ``x``, one larger
-    matmul) from which each sibling called with that same input takes its columns."""
+    dtype) added in ``x``'s dtype. :func:`merged_for_inference` puts it in place of a layer for a while."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.stacked: tuple[StackedProduct, int] | None = None  # (the shared product, first output column)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.stacked is None:
-            y = F.linear(x.to(self.weight.dtype), self.weight)
-        else:
-            shared, start = self.stacked
-            y = shared.of(x)[..., start : start + self.out_features]
-        y = y.to(x.dtype)
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
-
-
-class StackedProduct:
-    """``x @ W^T`` for the stacked weight ``W (sum of outs, in)`` of sibling :class:`CastLinear` layers,
-    computed once per input: kept (with the input and its version counter) until another input comes, so
-    siblings called with the very same, unmodified tensor reuse it. Nothing else is cached: a sibling called
-    with any other tensor gets a new product."""
-
-    def __init__(self, weight: Tensor) -> None:
-        self.weight = weight
-        self._input: Tensor | None = None
-        self._version = -1
-        self._product: Tensor | None = None
-
-    def of(self, x: Tensor) -> Tensor:
-        if self._product is None or self._input is not x or self._version != x._version:
-            self._product = product = F.linear(x.to(self.weight.dtype), self.weight)
-            self._input, self._version = x, x._version
-            return product
-        return self._product
-
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-"""Names of layers that one module calls on the same input (Llama, Mistral, Qwen, OPT, ...; BERT)."""
-
-
-def _stack_siblings(layers: dict[str, CastLinear]) -> None:
-    """Give each complete group of :data:`SIBLINGS` under one parent (same input width and dtype) a shared
-    :class:`StackedProduct`; each member's weight becomes a view of the stacked weight (no extra memory)."""
-    for name in layers:
-        parent, _, leaf = name.rpartition(".")
-        group = next((g for g in SIBLINGS if g[0] == leaf), None)
-        if group is None:
-            continue
-        found = [layers.get(f"{parent}.{n}" if parent else n) for n in group]
-        members = [m for m in found if m is not None]
-        if len(members) < len(group) or len({(m.in_features, m.weight.dtype) for m in members}) != 1:
-            continue
-        stacked = torch.cat([m.weight for m in members])
-        shared, start = StackedProduct(stacked), 0
-        for m in members:
-            m.weight = nn.Parameter(stacked[start : start + m.out_features], requires_grad=False)
-            m.stacked = (shared, start)
-            start += m.out_features
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -127,30 +127,3 @@ def test_eval_dtype_option() -> None:
     model = _model(tied=True)
     with pytest.raises(PissaError, match="`eval_dtype`"), merged_for_inference(model, torch.float16):
         pass
-
-
-@torch.no_grad()
-def test_bfloat16_siblings_share_one_product_of_the_very_same_input() -> None:
-    """q/k/v and gate/up read one stacked weight: a sibling reuses the product only for the same unmodified
-    input tensor, and every output equals its own layer's bfloat16 matmul."""
-    model = _model(tied=True)
-    with merged_for_inference(model, torch.bfloat16):
-        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-        assert q.stacked[0] is k.stacked[0] is v.stacked[0] and mlp.gate_proj.stacked[0] is mlp.up_proj.stacked[0]
-        assert attn.o_proj.stacked is None and mlp.down_proj.stacked is None
-        assert k.weight.data_ptr() == q.weight.data_ptr() + q.weight.numel() * q.weight.element_size()  # views
-
-        def alone(layer, x):
-            return torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight).float()
-
-        def same(got, want):  # to bfloat16 rounding (the stacked matmul may block differently)
-            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
-
-        x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
-        same(q(x), alone(q, x))
-        same(k(other), alone(k, other))  # another tensor: its own product
-        same(v(x), alone(v, x))
-        x.mul_(2)  # modified in place: the version counter moves, the product is recomputed
-        same(v(x), alone(v, x))
-        same(mlp.up_proj(x), alone(mlp.up_proj, x))

@@ -18,7 +18,7 @@ from pissa.data.datasets import Example, Message
 from pissa.data.encoding import encode_all
 from pissa.data.tasks import arithmetic_rows
 from pissa.errors import PissaError
-from pissa.inference.decoding import generate, merged_for_inference, reserved_layer_class, score_and_generate
+from pissa.inference.decoding import generate, merged_for_inference, score_and_generate
 from pissa.training.evaluation import choose_eval, evaluate, evaluate_generation
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -185,30 +185,6 @@ def test_batched_generation_equals_a_greedy_loop_one_prompt_at_a_time() -> None:
                 ids.append(t)
                 new.append(t)
             assert out == new
-
-
-def test_reserved_cache_layers_hold_what_dynamic_layers_hold() -> None:
-    """A ReservedLayer (decoding's KV cache layer: positions written into room kept ahead) returns the keys and
-    values a transformers DynamicLayer returns, through a prefill, crop, dropped rows and growth past its room."""
-    from transformers.cache_utils import DynamicLayer
-
-    reserved, dynamic = reserved_layer_class()(3), DynamicLayer()
-    g = torch.Generator().manual_seed(0)
-    steps = [("update", 6), ("crop", -2), ("update", 1), ("select", [0, 2]), *[("update", 1)] * 5, ("update", 4)]
-    batch = 4
-    for op, arg in steps:
-        if op == "update":
-            k, v = torch.randn(batch, 2, arg, 8, generator=g), torch.randn(batch, 2, arg, 5, generator=g)
-            for got, want in zip(reserved.update(k, v), dynamic.update(k, v), strict=True):
-                assert torch.equal(got, want)
-        elif op == "crop":
-            reserved.crop(arg), dynamic.crop(arg)
-        else:
-            batch = len(arg)
-            reserved.batch_select_indices(torch.tensor(arg)), dynamic.batch_select_indices(torch.tensor(arg))
-        assert reserved.get_seq_length() == dynamic.get_seq_length()
-        assert torch.equal(reserved.keys, dynamic.keys) and torch.equal(reserved.values, dynamic.values)
-    assert reserved.get_seq_length() == 6 - 2 + 1 + 5 + 4 and reserved.buffers[0].shape[-2] > reserved.get_seq_length()
 
 
 def test_generation_eval_scores_exact_match_of_the_generated_answers(tok, monkeypatch) -> None:
