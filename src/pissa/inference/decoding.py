@@ -23,8 +23,8 @@ and again for generation); decoding is a plain loop over ``DynamicCache`` in whi
 ended leave the batch; and in float32 the adapted layers are swapped for merged copies while it
 runs (:func:`merged_for_inference`: one matmul per layer instead of three). None of it changes
 the greedy tokens beyond float32 rounding (tested against ``generate`` and the separate loss pass).
-With ``--eval-dtype bfloat16`` the merged layers and the head multiply in bfloat16 instead (about
-2x faster where the CPU or GPU has bfloat16 matmuls); tokens may then differ where logits nearly tie.
+With ``--eval-dtype bfloat16`` the merged model computes in bfloat16 instead (about 2x faster where
+the CPU or GPU has bfloat16 matmuls); tokens may then differ where logits nearly tie.
 There is no token budget derived from the references: every row decodes until its end token or
 ``max_new_tokens``.
 
@@ -216,11 +216,13 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
     ``torch.bfloat16``: each adapted layer (a Linear or Conv1D residual, dense, half or 4-bit, dequantized)
     is replaced by a :class:`CastLinear` holding ``W_res + s B A`` formed in float32 and rounded to
     bfloat16; so are the other plain linear layers and the output head (a bfloat16 copy of its weight,
-    also when it is tied to the input embedding, whose lookup is left as it is). Only these matmuls run in
-    bfloat16 (about 2x float32's speed on CPUs with AVX512-BF16 or AMX, and on GPUs); the norms, attention,
-    the residual stream and the loss stay in the model's dtype. The outputs move by bfloat16 rounding (a
-    relative 2^-9 per weight), so greedy tokens can differ where two logits nearly tie. Costs 2 bytes per
-    weight of the replaced layers while it lasts: half of the float32 merge's copies.
+    also when it is tied to the input embedding), and every other floating parameter (embeddings, norms)
+    holds a bfloat16 copy while the block lasts. So the whole forward runs in bfloat16, as a bfloat16
+    model would: matmuls, attention, norms, the residual stream and the KV cache (about 2x float32's speed
+    on CPUs with AVX512-BF16 or AMX, and on GPUs); buffers (rotary frequencies) are left as they are, and
+    callers take the loss in float32 from the bfloat16 logits. The outputs move by bfloat16 rounding (8
+    significant bits), so greedy tokens can differ where two logits nearly tie. Costs 2 bytes per weight
+    while it lasts: half of the float32 merge's copies.
 
     Either way a model holding FSDP shards (DTensor parameters) is left as it is (yields False).
     """
@@ -240,19 +242,27 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
             swaps = [(name, old, _cast_copy(old, dtype)) for name, old in _linear_layers(model)]
     else:
         raise PissaError(f"`eval_dtype` must be float32 or bfloat16, got {dtype}")
+    recast: list[tuple[nn.Parameter, Tensor]] = []  # (parameter, its own data) of the parameters given bf16 copies
     try:
         for name, _, new in swaps:
             set_module(model, name, new)
+        if dtype != torch.float32:
+            for param in model.parameters():  # what the swaps left: embeddings, norms, ... (each tied one once)
+                if param.is_floating_point() and param.dtype != dtype:
+                    recast.append((param, param.data))
+                    param.data = param.data.to(dtype)
         yield True
     finally:
+        for param, data in recast:
+            param.data = data
         for name, old, _ in swaps:
             set_module(model, name, old)
 
 
 class CastLinear(nn.Module):
-    """A frozen linear layer whose matmul runs in its weight's dtype:
-    ``y = (x.to(W.dtype) @ W^T).to(x.dtype) + b`` with ``W (out, in)`` and the bias (kept in its own
-    dtype) added in ``x``'s dtype. :func:`merged_for_inference` puts it in place of a layer for a while."""
+    """A frozen linear layer that computes in its weight's dtype: ``y = x.to(W.dtype) @ W^T + b`` with
+    ``W (out, in)``, ``y`` in ``W``'s dtype (the bias cast to it). :func:`merged_for_inference` puts it in
+    place of a layer for a while."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -261,8 +271,8 @@ class CastLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"

@@ -56,10 +56,14 @@ def test_bfloat16_merge_is_close_to_float32_and_puts_everything_back(tied: bool)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear | CastLinear)]
         assert linears and all(isinstance(m, CastLinear) and m.weight.dtype == torch.bfloat16 for m in linears)
         assert isinstance(model.lm_head, CastLinear)  # the head too (a copy of the tied embedding when tied)
-        assert model.model.embed_tokens.weight.dtype == torch.float32  # the lookup stays float32
+        floats = [p for p in model.parameters() if p.is_floating_point()]
+        assert floats and all(p.dtype == torch.bfloat16 for p in floats)  # embedding and norms too: all bfloat16
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are left as they are
+        with torch.no_grad():
+            assert model(input_ids=_ids()).logits.dtype == torch.bfloat16
         inside = _logits(model)
-    assert inside.dtype == torch.float32 and not torch.equal(inside, before)  # it did run in bfloat16
-    _close(inside, before, rel=0.01)  # bfloat16 keeps 8 significant bits: 2^-9 per weight, averaged in the sums
+    assert not torch.equal(inside, before)  # it did run in bfloat16
+    _close(inside, before, rel=0.015)  # bfloat16 keeps 8 significant bits, in the weights and in every activation
     assert torch.equal(_logits(model), before)  # bit-identical after the block
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(m is modules[n] for n, m in model.named_modules())  # the very same modules again
