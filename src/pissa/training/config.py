@@ -82,11 +82,12 @@ class RunConfig:
     reads the weights once for all of them (benchmarks/results/generation_eval.md). Lower it when evaluation
     runs out of memory."""
     eval_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the evaluations' matmuls. float32: the exact scores of the model as it trains. bfloat16: while
-    scoring, each adapted layer is merged (W_res + s B A formed in float32, then rounded to bfloat16) and it,
-    the other linear layers and the output head (a copy, also of a tied embedding) multiply in bfloat16, about 2x
-    faster on CPUs with AVX512-BF16 or AMX and on GPUs; norms, attention, the residual stream and the loss keep
-    --dtype. The copies take 2 bytes per weight while scoring; greedy answers may differ where logits nearly tie
+    """Dtype of the evaluations' forward passes. float32: the exact scores of the model as it trains. bfloat16:
+    while scoring, each adapted layer is merged (W_res + s B A formed in float32, then rounded to bfloat16) and
+    the whole model computes in bfloat16 on copies (the other linear layers, the output head, embeddings and
+    norms; attention and the KV cache follow), about 2x faster on CPUs with AVX512-BF16 or AMX and on GPUs; the
+    loss is taken in float32 from the bfloat16 logits. The copies take 2 bytes per weight while scoring; greedy
+    answers may differ where logits nearly tie
     (accuracy within its sampling error on arithmetic: benchmarks/results/generation_eval.md). Not with
     --objective dpo."""
     warmup: int = 10
