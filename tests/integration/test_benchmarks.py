@@ -307,7 +307,8 @@ def test_default_lr_sweeps_seeds_then_compares_at_the_method_records(tiny: Path,
     [row] = [r for r in diffs if r[0] == "test loss after"]
     expected = [p - q for p, q in zip(after["pissa", "test loss after"], after["lora", "test loss after"], strict=True)]
     assert [float(x) for x in row[2:4]] == pytest.approx(expected, abs=2e-4)
-    assert row[4] == f"{sum(d < 0 for d in expected)} of 2"
+    ahead = int(row[4].removesuffix(" of 2"))  # counted on unrounded losses: a difference within rounding may go either way
+    assert sum(d < -2e-4 for d in expected) <= ahead <= sum(d < 2e-4 for d in expected)
 
     refused = subprocess.run([*cmd, "--grid", f"pissa={pissa_lr * 10:g}"], env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and "differs from the chosen" in refused.stderr and not out.exists()
