@@ -261,18 +261,17 @@ def merged_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32) -
 
 class CastLinear(nn.Module):
     """A frozen linear layer that computes in its weight's dtype: ``y = x.to(W.dtype) @ W^T + b`` with
-    ``W (out, in)``, ``y`` in ``W``'s dtype (the bias cast to it). :func:`merged_for_inference` puts it in
+    ``W (out, in)`` and the bias held in ``W``'s dtype, ``y`` in it too. :func:`merged_for_inference` puts it in
     place of a layer for a while."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-        return F.linear(x.to(self.weight.dtype), self.weight, bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
